@@ -1,0 +1,13 @@
+//! `lpo`: step-level preference optimization (LPO) of diffusion models with a noise-aware
+//! latent reward model (LRM), driven by Rhai scripts.
+//!
+//! The compiled core (tensors, models, sampler, losses, optimizer, checkpoints) knows nothing
+//! of scripts; `script` registers thin bindings over it.
+
+pub mod control;
+pub mod fsutil;
+pub mod models;
+pub mod repl;
+pub mod run;
+pub mod script;
+pub mod tensor;

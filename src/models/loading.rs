@@ -1,0 +1,146 @@
+//! Weights from the diffusers folder layout: `<stem>.safetensors`, the `<stem>.fp16.safetensors`
+//! variant, or shards listed in `<stem>.safetensors.index.json`. Stored f16/bf16 weights are
+//! converted to the compute dtype. Weights load **frozen** (plain tensors: no graph, inference
+//! memory stays at weight size) or **trainable** (candle `Var`s collected in a `VarMap`).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightMode {
+    Frozen,
+    Trainable,
+}
+
+/// The loaded tensors of one model folder.
+pub struct Weights {
+    pub files: Vec<PathBuf>,
+    pub tensors: HashMap<String, Tensor>,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+/// The files holding a model's weights, in the order diffusers prefers.
+pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
+    let single = dir.join(format!("{stem}.safetensors"));
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let fp16 = dir.join(format!("{stem}.fp16.safetensors"));
+    if fp16.is_file() {
+        return Ok(vec![fp16]);
+    }
+    for index_name in [
+        format!("{stem}.safetensors.index.json"),
+        format!("{stem}.safetensors.index.fp16.json"),
+    ] {
+        let index = dir.join(&index_name);
+        if !index.is_file() {
+            continue;
+        }
+        let text = std::fs::read_to_string(&index)
+            .with_context(|| format!("cannot read {}", index.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: invalid JSON", index.display()))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .with_context(|| format!("{}: no `weight_map` object", index.display()))?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(|v| v.as_str())
+            .map(|f| dir.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        if let Some(missing) = files.iter().find(|f| !f.is_file()) {
+            bail!("{}: shard {} is missing", index.display(), missing.display());
+        }
+        return Ok(files);
+    }
+    bail!(
+        "no weights in {}: expected {stem}.safetensors, {stem}.fp16.safetensors or {stem}.safetensors.index.json",
+        dir.display()
+    )
+}
+
+impl Weights {
+    /// Load every tensor of the model in `dir`, converted to `dtype` on `device`.
+    /// Integer buffers (e.g. `position_ids`) are kept as they are.
+    pub fn load(dir: &Path, stem: &str, dtype: DType, device: &Device) -> Result<Self> {
+        let files = weight_files(dir, stem)?;
+        let mut tensors = HashMap::new();
+        for file in &files {
+            let loaded = candle_core::safetensors::load(file, &Device::Cpu).with_context(|| {
+                format!("cannot read weights {} (truncated or not safetensors?)", file.display())
+            })?;
+            for (name, t) in loaded {
+                let t = if t.dtype().is_float() { t.to_dtype(dtype)? } else { t };
+                tensors.insert(name, t.to_device(device)?);
+            }
+        }
+        Ok(Self {
+            files,
+            tensors,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        self.files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Strip `prefix` from every key that has it (e.g. transformers' `text_model.`).
+    pub fn strip_prefix(mut self, prefix: &str) -> Self {
+        self.tensors = self
+            .tensors
+            .into_iter()
+            .map(|(k, v)| match k.strip_prefix(prefix) {
+                Some(rest) => (rest.to_string(), v),
+                None => (k, v),
+            })
+            .collect();
+        self
+    }
+
+    /// A var builder over these weights: frozen gives plain tensors, trainable gives `Var`s
+    /// gathered in the returned map (the optimizer's parameter list).
+    pub fn into_var_builder(self, mode: WeightMode) -> Result<(VarBuilder<'static>, Option<VarMap>)> {
+        match mode {
+            WeightMode::Frozen => Ok((
+                VarBuilder::from_tensors(self.tensors, self.dtype, &self.device),
+                None,
+            )),
+            WeightMode::Trainable => {
+                let varmap = VarMap::new();
+                {
+                    let mut data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+                    for (name, t) in self.tensors {
+                        if t.dtype().is_float() {
+                            data.insert(name, Var::from_tensor(&t)?);
+                        }
+                    }
+                }
+                let vb = VarBuilder::from_varmap(&varmap, self.dtype, &self.device);
+                Ok((vb, Some(varmap)))
+            }
+        }
+    }
+}
+
+/// Names of `VarMap` entries sorted, for stable listings and optimizer order.
+pub fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+    let mut vars: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}

@@ -1,0 +1,6 @@
+//! Stable Diffusion's networks, owned here so they train with correct gradients: UNet,
+//! CLIP text encoders, VAE, tokenizers, LoRA. Models know nothing of scripts.
+
+pub mod config;
+pub mod loading;
+pub mod nn;

@@ -1,0 +1,63 @@
+//! Files: safetensors maps of tensors, JSON values.
+
+use rhai::plugin::*;
+
+#[export_module]
+pub mod io_api {
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    use candle_core::Tensor;
+    use rhai::{Dynamic, Map};
+
+    use crate::script::error::{OrScriptError, ScriptResult};
+    use crate::script::Host;
+    use crate::tensor::io;
+
+    /// Every tensor of a safetensors file, as a map name -> tensor.
+    #[rhai_fn(return_raw, volatile)]
+    pub fn load_safetensors(ctx: NativeCallContext, path: &str) -> ScriptResult<Map> {
+        let tensors = io::load_safetensors(Path::new(path), &Host::of(&ctx).device).or_script(&ctx)?;
+        Ok(tensors.into_iter().map(|(k, v)| (k.into(), Dynamic::from(v))).collect())
+    }
+
+    /// Write a map name -> tensor as a safetensors file (atomically).
+    #[rhai_fn(return_raw)]
+    pub fn save_safetensors(ctx: NativeCallContext, tensors: Map, path: &str) -> ScriptResult<()> {
+        let mut out = HashMap::new();
+        for (k, v) in tensors {
+            let t = v
+                .try_cast::<Tensor>()
+                .ok_or_else(|| format!("save_safetensors: entry `{k}` is not a tensor"))
+                .or_script(&ctx)?;
+            out.insert(k.to_string(), t);
+        }
+        io::save_safetensors(&out, Path::new(path)).or_script(&ctx)
+    }
+
+    /// True when a file or folder exists at `path`.
+    #[rhai_fn(volatile)]
+    pub fn path_exists(path: &str) -> bool {
+        Path::new(path).exists()
+    }
+
+    /// A value read from a JSON file (objects become maps, arrays arrays).
+    #[rhai_fn(return_raw, volatile)]
+    pub fn read_json(ctx: NativeCallContext, path: &str) -> ScriptResult<Dynamic> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {path}: {e}"))
+            .or_script(&ctx)?;
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| format!("{path}: invalid JSON: {e}"))
+            .or_script(&ctx)?;
+        rhai::serde::to_dynamic(value).or_script(&ctx)
+    }
+
+    /// Write a value as pretty JSON (atomically).
+    #[rhai_fn(return_raw)]
+    pub fn write_json(ctx: NativeCallContext, value: Dynamic, path: &str) -> ScriptResult<()> {
+        let json: serde_json::Value = rhai::serde::from_dynamic(&value).or_script(&ctx)?;
+        let text = serde_json::to_string_pretty(&json).or_script(&ctx)?;
+        crate::fsutil::atomic_write(Path::new(path), text.as_bytes()).or_script(&ctx)
+    }
+}

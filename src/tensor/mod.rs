@@ -1,0 +1,11 @@
+//! Tensor helpers shared by the core and the script bindings: the seeded generator,
+//! device/dtype parsing, PyTorch-compatible ops candle lacks, and printing.
+
+pub mod device;
+pub mod format;
+pub mod io;
+pub mod ops;
+pub mod rng;
+
+pub use device::{dtype_name, parse_device, parse_dtype};
+pub use rng::SeededRng;
