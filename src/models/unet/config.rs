@@ -28,6 +28,13 @@ impl IntOrList {
     }
 }
 
+/// `null` in a config reads as the default (real SDXL configs say `"upcast_attention": null`).
+fn null_default<'de, D: serde::Deserializer<'de>, T: Default + Deserialize<'de>>(
+    d: D,
+) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
 fn default_in_channels() -> usize {
     4
 }
@@ -107,11 +114,11 @@ pub struct UNetConfig {
     pub in_channels: usize,
     #[serde(default = "default_in_channels")]
     pub out_channels: usize,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub center_input_sample: bool,
     #[serde(default = "default_true")]
     pub flip_sin_to_cos: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub freq_shift: f64,
     #[serde(default = "default_down")]
     pub down_block_types: Vec<String>,
@@ -146,9 +153,9 @@ pub struct UNetConfig {
     pub attention_head_dim: IntOrList,
     #[serde(default)]
     pub num_attention_heads: Option<IntOrList>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub dual_cross_attention: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub use_linear_projection: bool,
     #[serde(default)]
     pub class_embed_type: Option<String>,
@@ -158,11 +165,11 @@ pub struct UNetConfig {
     pub addition_time_embed_dim: Option<usize>,
     #[serde(default)]
     pub num_class_embeds: Option<usize>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub upcast_attention: bool,
     #[serde(default = "default_time_shift")]
     pub resnet_time_scale_shift: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub resnet_skip_time_act: bool,
     #[serde(default = "default_one_f")]
     pub resnet_out_scale_factor: f64,
