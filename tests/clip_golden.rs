@@ -386,7 +386,7 @@ fn gradients_reach_every_parameter_and_match_finite_differences() {
             let rows = gr
                 .index_select(&Tensor::new(used_ids.as_slice(), &Device::Cpu).unwrap(), 0)
                 .unwrap();
-            for r in 0..used_ids.len() {
+            for (r, id) in used_ids.iter().enumerate() {
                 let n = rows
                     .get(r)
                     .unwrap()
@@ -396,7 +396,7 @@ fn gradients_reach_every_parameter_and_match_finite_differences() {
                     .unwrap()
                     .to_scalar::<f64>()
                     .unwrap();
-                assert!(n > 0.0, "token row {} has no gradient", used_ids[r]);
+                assert!(n > 0.0, "token row {} has no gradient", id);
             }
             rows
         } else {

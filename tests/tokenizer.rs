@@ -173,8 +173,7 @@ fn missing_merges_is_a_clear_error() {
     let script = format!("load_tokenizer({:?})", tmp.path().display().to_string());
     let err = engine
         .eval::<rhai::Dynamic>(&script)
-        .err()
-        .expect("must fail");
+        .expect_err("must fail");
     assert!(err.to_string().contains("merges.txt"), "{err}");
 
     // A missing folder and a corrupt tokenizer.json are errors too.

@@ -98,7 +98,7 @@ impl SpecialConfig {
             cfg.unk = get("unk_token").or(cfg.unk);
             if let Some(n) = v.get("model_max_length").and_then(|n| n.as_f64()) {
                 // Some configs store a huge sentinel (1e30) meaning "no limit": CLIP's is 77.
-                if n >= 1.0 && n <= 1e6 {
+                if (1.0..=1e6).contains(&n) {
                     cfg.max_length = Some(n as usize);
                 }
             }

@@ -589,7 +589,11 @@ impl AutoencoderKL {
         if dims.len() != 4 || dims[1] != channels {
             bail!("VAE {what}: expected [batch, {channels}, height, width], got shape {dims:?}");
         }
-        if dims[2] % multiple != 0 || dims[3] % multiple != 0 || dims[2] == 0 || dims[3] == 0 {
+        if !dims[2].is_multiple_of(multiple)
+            || !dims[3].is_multiple_of(multiple)
+            || dims[2] == 0
+            || dims[3] == 0
+        {
             bail!(
                 "VAE {what}: height and width must be positive multiples of {multiple}, got {}x{}",
                 dims[2],
