@@ -535,3 +535,23 @@ fn bad_input_is_a_clear_error() {
         .encode(&Tensor::zeros(5, DType::I64, &Device::Cpu).unwrap())
         .is_err());
 }
+
+/// Weights loaded in f16 / bf16 (the dtype option) run and stay near the f32 reference.
+#[test]
+fn half_precision_load_runs_close_to_reference() {
+    let g = golden("clip_text.safetensors");
+    let ids = g["input_ids"].narrow(0, 0, 2).unwrap();
+    let reference = g["last_hidden_state"].narrow(0, 0, 2).unwrap();
+    for (dtype, tol) in [(DType::F16, 2e-2), (DType::BF16, 1e-1)] {
+        let m = ClipTextModel::load(&te_dir(), dtype, &Device::Cpu, WeightMode::Frozen).unwrap();
+        let out = m.encode(&ids).unwrap();
+        assert_eq!(out.hidden.dtype(), dtype);
+        assert_close(
+            &out.hidden,
+            &reference,
+            tol,
+            tol,
+            &format!("{dtype:?} hidden"),
+        );
+    }
+}
