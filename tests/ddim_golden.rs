@@ -9,7 +9,10 @@ use lpo::script::{build_engine, EngineOptions, Host, ScriptEngine};
 use rhai::{Dynamic, Map};
 
 fn engine() -> ScriptEngine {
-    build_engine(Host::new(RunControl::new(), Device::Cpu, 0), &EngineOptions::default())
+    build_engine(
+        Host::new(RunControl::new(), Device::Cpu, 0),
+        &EngineOptions::default(),
+    )
 }
 
 fn eval_map(script: &str) -> Map {
@@ -28,7 +31,9 @@ fn eval_err(script: &str) -> String {
 
 fn f(m: &Map, k: &str) -> f64 {
     let v = m.get(k).unwrap_or_else(|| panic!("no key {k}"));
-    v.as_float().or_else(|_| v.as_int().map(|i| i as f64)).unwrap_or_else(|_| panic!("{k} = {v} is not a number"))
+    v.as_float()
+        .or_else(|_| v.as_int().map(|i| i as f64))
+        .unwrap_or_else(|_| panic!("{k} = {v} is not a number"))
 }
 
 const SD: &str = "tests/fixtures/tiny-sd";
@@ -86,13 +91,28 @@ fn schedule_tables_match_golden() {
     // torch's vectorized linspace differs from the scalar formula by an ulp or two
     assert!(f(&m, "betas") < 1e-8, "betas {}", f(&m, "betas"));
     assert!(f(&m, "ac") < 1e-6, "alphas_cumprod f32 {}", f(&m, "ac"));
-    assert!(f(&m, "ac64") < 1e-6, "alphas_cumprod vs f64 {}", f(&m, "ac64"));
+    assert!(
+        f(&m, "ac64") < 1e-6,
+        "alphas_cumprod vs f64 {}",
+        f(&m, "ac64")
+    );
     assert!(f(&m, "final_ac").abs() < 1e-9);
-    for k in ["variance", "variance64", "std", "std_int_eta", "std_half", "one_t"] {
+    for k in [
+        "variance",
+        "variance64",
+        "std",
+        "std_int_eta",
+        "std_half",
+        "one_t",
+    ] {
         assert!(f(&m, k) < 1e-6, "{k}: {}", f(&m, k));
     }
     // LPO's table has 4 decimals
-    assert!(f(&m, "sigma_table") < 6e-5, "sigma table {}", f(&m, "sigma_table"));
+    assert!(
+        f(&m, "sigma_table") < 6e-5,
+        "sigma table {}",
+        f(&m, "sigma_table")
+    );
     assert_eq!(m["pred"].clone().into_string().unwrap(), "epsilon");
     assert_eq!(f(&m, "n"), 20.0);
 }
@@ -125,13 +145,29 @@ fn logprob_case(prefix: &str, dir: &str) {
         }}
     "#
     ));
-    for k in ["mean", "std", "lp", "lp_int_eta", "lp64", "lp_ref", "rebuilt"] {
+    for k in [
+        "mean",
+        "std",
+        "lp",
+        "lp_int_eta",
+        "lp64",
+        "lp_ref",
+        "rebuilt",
+    ] {
         assert!(f(&m, k) < 1e-4, "{prefix} {k}: {}", f(&m, k));
     }
     // f64 arithmetic on the f32 alphas_cumprod: only the table rounding separates it from f64
-    assert!(f(&m, "lp_f64_input") < 1e-5, "{prefix} f64 log_prob: {}", f(&m, "lp_f64_input"));
+    assert!(
+        f(&m, "lp_f64_input") < 1e-5,
+        "{prefix} f64 log_prob: {}",
+        f(&m, "lp_f64_input")
+    );
     assert_eq!(m["shape"].clone().into_array().unwrap().len(), 1);
-    let expected = if prefix == "eps_" { "epsilon" } else { "v_prediction" };
+    let expected = if prefix == "eps_" {
+        "epsilon"
+    } else {
+        "v_prediction"
+    };
     assert_eq!(m["pred"].clone().into_string().unwrap(), expected);
 }
 
@@ -185,22 +221,56 @@ fn step_and_candidates_follow_the_step_distribution() {
         }}
     "#
     ));
-    let shape: Vec<i64> = m["shape"].clone().into_array().unwrap().iter().map(|v| v.as_int().unwrap()).collect();
+    let shape: Vec<i64> = m["shape"]
+        .clone()
+        .into_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_int().unwrap())
+        .collect();
     assert_eq!(shape, vec![1000, 2, 4, 8, 8]);
     let n = 1000.0 * 512.0;
     // standardized draws: mean 0 and std 1 within 6 standard errors
-    assert!(f(&m, "z_mean").abs() < 6.0 / f64::sqrt(n), "z mean {}", f(&m, "z_mean"));
-    assert!((f(&m, "z_std") - 1.0).abs() < 6.0 * f64::sqrt(0.5 / n), "z std {}", f(&m, "z_std"));
+    assert!(
+        f(&m, "z_mean").abs() < 6.0 / f64::sqrt(n),
+        "z mean {}",
+        f(&m, "z_mean")
+    );
+    assert!(
+        (f(&m, "z_std") - 1.0).abs() < 6.0 * f64::sqrt(0.5 / n),
+        "z std {}",
+        f(&m, "z_std")
+    );
     for k in ["z0_std", "z1_std"] {
-        assert!((f(&m, k) - 1.0).abs() < 6.0 * f64::sqrt(1.0 / n), "{k} {}", f(&m, k));
+        assert!(
+            (f(&m, k) - 1.0).abs() < 6.0 * f64::sqrt(1.0 / n),
+            "{k} {}",
+            f(&m, k)
+        );
     }
     // per-element sample means: max over 512 elements of |N(0, sd^2/K)| < 5 sd/sqrt(K)
     let k = 1000f64;
-    assert!(f(&m, "mean_err") < 5.0 * f(&m, "sd0") / k.sqrt(), "mean err {}", f(&m, "mean_err"));
-    assert!(f(&m, "mean_err_row1") < 5.0 * f(&m, "sd1") / k.sqrt(), "row 1 mean err {}", f(&m, "mean_err_row1"));
+    assert!(
+        f(&m, "mean_err") < 5.0 * f(&m, "sd0") / k.sqrt(),
+        "mean err {}",
+        f(&m, "mean_err")
+    );
+    assert!(
+        f(&m, "mean_err_row1") < 5.0 * f(&m, "sd1") / k.sqrt(),
+        "row 1 mean err {}",
+        f(&m, "mean_err_row1")
+    );
     let n_step = 1000.0 * 256.0;
-    assert!(f(&m, "zs_mean").abs() < 6.0 / f64::sqrt(n_step), "step z mean {}", f(&m, "zs_mean"));
-    assert!((f(&m, "zs_std") - 1.0).abs() < 6.0 * f64::sqrt(0.5 / n_step), "step z std {}", f(&m, "zs_std"));
+    assert!(
+        f(&m, "zs_mean").abs() < 6.0 / f64::sqrt(n_step),
+        "step z mean {}",
+        f(&m, "zs_mean")
+    );
+    assert!(
+        (f(&m, "zs_std") - 1.0).abs() < 6.0 * f64::sqrt(0.5 / n_step),
+        "step z std {}",
+        f(&m, "zs_std")
+    );
     assert!(f(&m, "step_mean_err") < 5.0 * f(&m, "sd0") / k.sqrt());
     assert_eq!(f(&m, "eta0"), 0.0);
     assert_eq!(f(&m, "c_eta0"), 0.0);
@@ -258,14 +328,23 @@ fn log_prob_gradient_matches_finite_differences() {
         s.set_timesteps(20).unwrap();
         let t = &g["timesteps"];
         let x = g["sample"].to_dtype(DType::F64).unwrap();
-        let prev = g[&format!("{prefix}prev_sample")].to_dtype(DType::F64).unwrap();
-        let m0 = g[&format!("{prefix}model_output")].to_dtype(DType::F64).unwrap();
+        let prev = g[&format!("{prefix}prev_sample")]
+            .to_dtype(DType::F64)
+            .unwrap();
+        let m0 = g[&format!("{prefix}model_output")]
+            .to_dtype(DType::F64)
+            .unwrap();
         let var = Var::from_tensor(&m0).unwrap();
         let lp = s.log_prob(var.as_tensor(), t, &x, &prev, 1.0).unwrap();
         let grads = lp.sum_all().unwrap().backward().unwrap();
-        let grad = grads.get(var.as_tensor()).expect("model_output has a gradient");
+        let grad = grads
+            .get(var.as_tensor())
+            .expect("model_output has a gradient");
         let grad_flat = grad.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        assert!(grad_flat.iter().any(|v| v.abs() > 1e-6), "gradient is all zero");
+        assert!(
+            grad_flat.iter().any(|v| v.abs() > 1e-6),
+            "gradient is all zero"
+        );
         let base = m0.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let h = 1e-5;
         for idx in [0usize, 77, 300, 511, 640, 1023] {
@@ -273,18 +352,29 @@ fn log_prob_gradient_matches_finite_differences() {
                 let mut v = base.clone();
                 v[idx] += delta;
                 let mo = Tensor::from_vec(v, m0.shape().clone(), &device).unwrap();
-                s.log_prob(&mo, t, &x, &prev, 1.0).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+                s.log_prob(&mo, t, &x, &prev, 1.0)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
             };
             let fd = (eval(h) - eval(-h)) / (2.0 * h);
             let an = grad_flat[idx];
-            assert!((fd - an).abs() <= 1e-6 + 1e-5 * an.abs(), "{pred} idx {idx}: fd {fd} vs autograd {an}");
+            assert!(
+                (fd - an).abs() <= 1e-6 + 1e-5 * an.abs(),
+                "{pred} idx {idx}: fd {fd} vs autograd {an}"
+            );
         }
     }
 }
 
 #[test]
 fn spacings_and_add_noise_through_script() {
-    let trailing = config_dir(&[("timestep_spacing", "trailing".into()), ("steps_offset", 0.into())]);
+    let trailing = config_dir(&[
+        ("timestep_spacing", "trailing".into()),
+        ("steps_offset", 0.into()),
+    ]);
     let linspace = config_dir(&[("timestep_spacing", "linspace".into())]);
     let m = eval_map(&format!(
         r#"
@@ -311,7 +401,14 @@ fn spacings_and_add_noise_through_script() {
         trailing.path().display(),
         linspace.path().display()
     ));
-    let ints = |k: &str| -> Vec<i64> { m[k].clone().into_array().unwrap().iter().map(|v| v.as_int().unwrap()).collect() };
+    let ints = |k: &str| -> Vec<i64> {
+        m[k].clone()
+            .into_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_int().unwrap())
+            .collect()
+    };
     let tr = ints("trailing");
     assert_eq!(tr.len(), 20);
     assert_eq!((tr[0], tr[1], tr[19]), (999, 949, 49));
@@ -326,26 +423,48 @@ fn spacings_and_add_noise_through_script() {
 fn bad_input_gives_clear_errors() {
     let bad = config_dir(&[("beta_schedule", "squaredcos_cap_v2".into())]);
     let err = eval_err(&format!(r#"load_scheduler("{}")"#, bad.path().display()));
-    assert!(err.contains("squaredcos_cap_v2") && err.contains("scheduler_config.json"), "{err}");
+    assert!(
+        err.contains("squaredcos_cap_v2") && err.contains("scheduler_config.json"),
+        "{err}"
+    );
     let err = eval_err(r#"load_scheduler("tests/fixtures/nowhere")"#);
     assert!(err.contains("nowhere"), "{err}");
     let bad_pred = config_dir(&[("prediction_type", "flow".into())]);
-    let err = eval_err(&format!(r#"load_scheduler("{}")"#, bad_pred.path().display()));
-    assert!(err.contains("prediction_type") && err.contains("flow"), "{err}");
+    let err = eval_err(&format!(
+        r#"load_scheduler("{}")"#,
+        bad_pred.path().display()
+    ));
+    assert!(
+        err.contains("prediction_type") && err.contains("flow"),
+        "{err}"
+    );
 
     let pre = format!(r#"let s = load_scheduler("{SD}"); let x = zeros([2, 4, 8, 8]); "#);
     let err = eval_err(&format!("{pre} s.std_dev(tensor([951, 1]), 1.0)"));
     assert!(err.contains("set_timesteps"), "{err}");
     let pre = format!("{pre} s.set_timesteps(20); ");
-    let err = eval_err(&format!("{pre} s.log_prob(x, tensor([951, 1]), x, zeros([2, 4, 8, 4]), 1.0)"));
+    let err = eval_err(&format!(
+        "{pre} s.log_prob(x, tensor([951, 1]), x, zeros([2, 4, 8, 4]), 1.0)"
+    ));
     assert!(err.contains("[2, 4, 8, 4]"), "{err}");
-    let err = eval_err(&format!("{pre} s.step(zeros([2, 4, 4, 4]), tensor([951, 1]), x, 1.0, rng(1))"));
+    let err = eval_err(&format!(
+        "{pre} s.step(zeros([2, 4, 4, 4]), tensor([951, 1]), x, 1.0, rng(1))"
+    ));
     assert!(err.contains("[2, 4, 4, 4]"), "{err}");
-    let err = eval_err(&format!("{pre} s.step(x, tensor([951, 1, 1]), x, 1.0, rng(1))"));
+    let err = eval_err(&format!(
+        "{pre} s.step(x, tensor([951, 1, 1]), x, 1.0, rng(1))"
+    ));
     assert!(err.contains("3 entries") && err.contains("2 rows"), "{err}");
-    let err = eval_err(&format!("{pre} s.step(x, tensor([951, 1000]), x, 1.0, rng(1))"));
-    assert!(err.contains("1000") && err.contains("out of range"), "{err}");
-    let err = eval_err(&format!("{pre} s.step(x, tensor([951.0, 1.0]), x, 1.0, rng(1))"));
+    let err = eval_err(&format!(
+        "{pre} s.step(x, tensor([951, 1000]), x, 1.0, rng(1))"
+    ));
+    assert!(
+        err.contains("1000") && err.contains("out of range"),
+        "{err}"
+    );
+    let err = eval_err(&format!(
+        "{pre} s.step(x, tensor([951.0, 1.0]), x, 1.0, rng(1))"
+    ));
     assert!(err.contains("int tensor"), "{err}");
     let err = eval_err(&format!("{pre} s.candidates(x, 951, x, 0, 1.0, rng(1))"));
     assert!(err.contains("k must be"), "{err}");

@@ -97,9 +97,14 @@ impl StepDist {
         }
         let mut dims = vec![k];
         dims.extend_from_slice(self.mean.dims());
-        let noise = rng.randn(dims, self.mean.device())?.to_dtype(self.mean.dtype())?;
+        let noise = rng
+            .randn(dims, self.mean.device())?
+            .to_dtype(self.mean.dtype())?;
         let std = rows(&self.std, &self.mean)?.unsqueeze(0)?;
-        Ok(self.mean.unsqueeze(0)?.broadcast_add(&std.broadcast_mul(&noise)?)?)
+        Ok(self
+            .mean
+            .unsqueeze(0)?
+            .broadcast_add(&std.broadcast_mul(&noise)?)?)
     }
 }
 
@@ -122,7 +127,9 @@ impl std::fmt::Debug for DdimScheduler {
             "DdimScheduler({}, {} train steps, {} inference steps)",
             self.cfg.prediction_type.as_str(),
             self.cfg.num_train_timesteps,
-            self.num_inference_steps().map(|n| n.to_string()).unwrap_or_else(|| "no".into())
+            self.num_inference_steps()
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "no".into())
         )
     }
 }
@@ -244,10 +251,16 @@ impl DdimScheduler {
     /// clamped into range elsewhere (no device round trip).
     pub fn rows_t(&self, t: &Tensor, batch: Option<usize>, device: &Device) -> Result<Tensor> {
         if !matches!(t.dtype(), DType::I64 | DType::U32 | DType::U8) {
-            bail!("timesteps must be an int tensor, got {}", t.dtype().as_str());
+            bail!(
+                "timesteps must be an int tensor, got {}",
+                t.dtype().as_str()
+            );
         }
         if t.rank() > 1 {
-            bail!("timesteps must be a 1-D tensor (one per row), got shape {:?}", t.dims());
+            bail!(
+                "timesteps must be a 1-D tensor (one per row), got shape {:?}",
+                t.dims()
+            );
         }
         let mut t = t.flatten_all()?.to_dtype(DType::I64)?;
         let len = t.elem_count();
@@ -332,7 +345,10 @@ impl DdimScheduler {
         let min = idx.min(0)?.to_scalar::<i64>()?;
         if min < 0 {
             let ts = t.to_vec1::<i64>()?;
-            let bad: Vec<i64> = ts.into_iter().filter(|v| !s.timesteps.contains(v)).collect();
+            let bad: Vec<i64> = ts
+                .into_iter()
+                .filter(|v| !s.timesteps.contains(v))
+                .collect();
             bail!(
                 "timestep(s) {bad:?} are not among the scheduler's {} timesteps {:?}",
                 s.n,
@@ -351,7 +367,10 @@ impl DdimScheduler {
             );
         }
         if sample.rank() < 1 || sample.dim(0)? == 0 {
-            bail!("sample must have a batch dim, got shape {:?}", sample.dims());
+            bail!(
+                "sample must have a batch dim, got shape {:?}",
+                sample.dims()
+            );
         }
         if !sample.dtype().is_float() || !model_output.dtype().is_float() {
             bail!("model_output and sample must be float tensors");
@@ -360,7 +379,12 @@ impl DdimScheduler {
     }
 
     /// (x0, eps) from the model output, in the compute dtype, with per-row a_t.
-    fn x0_eps(&self, model_output: &Tensor, t: &Tensor, sample: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn x0_eps(
+        &self,
+        model_output: &Tensor,
+        t: &Tensor,
+        sample: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         self.check_pair(model_output, sample)?;
         let cd = compute_dtype(sample);
         let t = self.rows_t(t, Some(sample.dim(0)?), sample.device())?;
@@ -393,18 +417,40 @@ impl DdimScheduler {
     }
 
     /// The model's estimate of x0 (clipped when the config says `clip_sample`).
-    pub fn pred_original_sample(&self, model_output: &Tensor, t: &Tensor, sample: &Tensor) -> Result<Tensor> {
-        Ok(self.x0_eps(model_output, t, sample)?.0.to_dtype(sample.dtype())?)
+    pub fn pred_original_sample(
+        &self,
+        model_output: &Tensor,
+        t: &Tensor,
+        sample: &Tensor,
+    ) -> Result<Tensor> {
+        Ok(self
+            .x0_eps(model_output, t, sample)?
+            .0
+            .to_dtype(sample.dtype())?)
     }
 
     /// The model's estimate of the noise.
-    pub fn pred_epsilon(&self, model_output: &Tensor, t: &Tensor, sample: &Tensor) -> Result<Tensor> {
-        Ok(self.x0_eps(model_output, t, sample)?.1.to_dtype(sample.dtype())?)
+    pub fn pred_epsilon(
+        &self,
+        model_output: &Tensor,
+        t: &Tensor,
+        sample: &Tensor,
+    ) -> Result<Tensor> {
+        Ok(self
+            .x0_eps(model_output, t, sample)?
+            .1
+            .to_dtype(sample.dtype())?)
     }
 
     /// The step's Gaussian: mean = sqrt(a_prev) x0 + sqrt(1 - a_prev - std^2) eps, std = eta
     /// sqrt(variance). Computed in f32 (f64 for f64 input); differentiable w.r.t. model_output.
-    pub fn step_dist(&self, model_output: &Tensor, t: &Tensor, sample: &Tensor, eta: f64) -> Result<StepDist> {
+    pub fn step_dist(
+        &self,
+        model_output: &Tensor,
+        t: &Tensor,
+        sample: &Tensor,
+        eta: f64,
+    ) -> Result<StepDist> {
         if !eta.is_finite() || eta < 0.0 {
             bail!("eta must be a finite number >= 0, got {eta}");
         }
@@ -421,12 +467,28 @@ impl DdimScheduler {
     }
 
     /// The noise-free part of the step (diffusers' prev_sample with variance_noise = 0).
-    pub fn prev_sample_mean(&self, model_output: &Tensor, t: &Tensor, sample: &Tensor, eta: f64) -> Result<Tensor> {
-        Ok(self.step_dist(model_output, t, sample, eta)?.mean.to_dtype(sample.dtype())?)
+    pub fn prev_sample_mean(
+        &self,
+        model_output: &Tensor,
+        t: &Tensor,
+        sample: &Tensor,
+        eta: f64,
+    ) -> Result<Tensor> {
+        Ok(self
+            .step_dist(model_output, t, sample, eta)?
+            .mean
+            .to_dtype(sample.dtype())?)
     }
 
     /// x_{t-1}: one seeded DDIM step (no noise is drawn when eta is 0).
-    pub fn step(&self, model_output: &Tensor, t: &Tensor, sample: &Tensor, eta: f64, rng: &mut SeededRng) -> Result<Tensor> {
+    pub fn step(
+        &self,
+        model_output: &Tensor,
+        t: &Tensor,
+        sample: &Tensor,
+        eta: f64,
+        rng: &mut SeededRng,
+    ) -> Result<Tensor> {
         let d = self.step_dist(model_output, t, sample, eta)?;
         let out = if eta == 0.0 { d.mean } else { d.sample(rng)? };
         Ok(out.to_dtype(sample.dtype())?)
@@ -464,7 +526,8 @@ impl DdimScheduler {
                 sample.dims()
             );
         }
-        self.step_dist(model_output, t, sample, eta)?.log_prob(prev_sample)
+        self.step_dist(model_output, t, sample, eta)?
+            .log_prob(prev_sample)
     }
 
     /// Forward diffusion: sqrt(a_t) x0 + sqrt(1 - a_t) noise.

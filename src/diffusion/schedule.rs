@@ -166,8 +166,8 @@ impl DdimConfig {
         let file = source
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "<scheduler config>".into());
-        let raw: RawConfig =
-            serde_json::from_str(text).with_context(|| format!("invalid scheduler config {file}"))?;
+        let raw: RawConfig = serde_json::from_str(text)
+            .with_context(|| format!("invalid scheduler config {file}"))?;
         let bad = |key: &str, value: &str, accepted: &str| -> anyhow::Error {
             anyhow::anyhow!(
                 "scheduler config {file}: unsupported {key} `{value}` (supported: {accepted})"
@@ -182,13 +182,25 @@ impl DdimConfig {
             "epsilon" => PredictionType::Epsilon,
             "v_prediction" => PredictionType::VPrediction,
             "sample" => PredictionType::Sample,
-            other => return Err(bad("prediction_type", other, "epsilon, v_prediction, sample")),
+            other => {
+                return Err(bad(
+                    "prediction_type",
+                    other,
+                    "epsilon, v_prediction, sample",
+                ))
+            }
         };
         let timestep_spacing = match raw.timestep_spacing.as_str() {
             "leading" => TimestepSpacing::Leading,
             "trailing" => TimestepSpacing::Trailing,
             "linspace" => TimestepSpacing::Linspace,
-            other => return Err(bad("timestep_spacing", other, "leading, trailing, linspace")),
+            other => {
+                return Err(bad(
+                    "timestep_spacing",
+                    other,
+                    "leading, trailing, linspace",
+                ))
+            }
         };
         if raw.thresholding {
             return Err(bad("thresholding", "true", "false"));
@@ -244,13 +256,17 @@ impl DdimConfig {
             return b.iter().map(|&v| v as f32).collect();
         }
         match self.beta_schedule {
-            BetaSchedule::Linear => torch_linspace_f32(self.beta_start as f32, self.beta_end as f32, n),
-            BetaSchedule::ScaledLinear => {
-                torch_linspace_f32(self.beta_start.sqrt() as f32, self.beta_end.sqrt() as f32, n)
-                    .into_iter()
-                    .map(|v| v * v)
-                    .collect()
+            BetaSchedule::Linear => {
+                torch_linspace_f32(self.beta_start as f32, self.beta_end as f32, n)
             }
+            BetaSchedule::ScaledLinear => torch_linspace_f32(
+                self.beta_start.sqrt() as f32,
+                self.beta_end.sqrt() as f32,
+                n,
+            )
+            .into_iter()
+            .map(|v| v * v)
+            .collect(),
         }
     }
 
@@ -288,12 +304,17 @@ impl DdimConfig {
         let ts: Vec<i64> = match self.timestep_spacing {
             TimestepSpacing::Leading => {
                 let ratio = (big / n) as i64;
-                (0..n as i64).rev().map(|i| i * ratio + self.steps_offset).collect()
+                (0..n as i64)
+                    .rev()
+                    .map(|i| i * ratio + self.steps_offset)
+                    .collect()
             }
             TimestepSpacing::Trailing => {
                 let ratio = big as f64 / n as f64;
                 // np.round(np.arange(N, 0, -ratio)) - 1, n entries
-                (0..n).map(|i| round_half_even(big as f64 - i as f64 * ratio) as i64 - 1).collect()
+                (0..n)
+                    .map(|i| round_half_even(big as f64 - i as f64 * ratio) as i64 - 1)
+                    .collect()
             }
             TimestepSpacing::Linspace => {
                 let last = (big - 1) as f64;
@@ -385,6 +406,9 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("/x/scheduler_config.json") && err.contains("squaredcos_cap_v2"), "{err}");
+        assert!(
+            err.contains("/x/scheduler_config.json") && err.contains("squaredcos_cap_v2"),
+            "{err}"
+        );
     }
 }

@@ -58,7 +58,8 @@ pub fn stable_softplus(z: &Tensor) -> Result<Tensor> {
 /// log of clamp(exp(d), 1 - eps, 1 + eps), with gradient 1 inside the bounds and 0 outside.
 fn clamped_log_ratio(d: &Tensor, eps: f64) -> Result<Tensor> {
     let (lo, hi) = ((1.0 - eps).ln(), (1.0 + eps).ln());
-    let inside = (d.ge(&d.ones_like()?.affine(lo, 0.0)?)? * d.le(&d.ones_like()?.affine(hi, 0.0)?)?)?;
+    let inside =
+        (d.ge(&d.ones_like()?.affine(lo, 0.0)?)? * d.le(&d.ones_like()?.affine(hi, 0.0)?)?)?;
     let bounded = d.clamp(lo, hi)?.detach();
     Ok(inside.where_cond(d, &bounded)?)
 }
@@ -66,10 +67,16 @@ fn clamped_log_ratio(d: &Tensor, eps: f64) -> Result<Tensor> {
 fn check_inputs(names: [&str; 4], ts: [&Tensor; 4]) -> Result<()> {
     for (n, t) in names.iter().zip(ts.iter()) {
         if t.rank() != 1 {
-            bail!("lpo_loss: {n} must be a 1-D tensor [B], got shape {:?}", t.dims());
+            bail!(
+                "lpo_loss: {n} must be a 1-D tensor [B], got shape {:?}",
+                t.dims()
+            );
         }
         if !t.dtype().is_float() {
-            bail!("lpo_loss: {n} must be a float tensor, got {}", t.dtype().as_str());
+            bail!(
+                "lpo_loss: {n} must be a float tensor, got {}",
+                t.dtype().as_str()
+            );
         }
     }
     for (n, t) in names.iter().zip(ts.iter()).skip(1) {
@@ -96,14 +103,21 @@ pub fn lpo_loss(
     lp_l_ref: &Tensor,
     cfg: LpoLossConfig,
 ) -> Result<LpoLossOutput> {
-    check_inputs(["lp_w", "lp_w_ref", "lp_l", "lp_l_ref"], [lp_w, lp_w_ref, lp_l, lp_l_ref])?;
+    check_inputs(
+        ["lp_w", "lp_w_ref", "lp_l", "lp_l_ref"],
+        [lp_w, lp_w_ref, lp_l, lp_l_ref],
+    )?;
     if !(cfg.eps > 0.0 && cfg.eps < 1.0) {
         bail!("lpo_loss: eps must be in (0, 1), got {}", cfg.eps);
     }
     if !cfg.beta.is_finite() {
         bail!("lpo_loss: beta must be finite, got {}", cfg.beta);
     }
-    let cd = if lp_w.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+    let cd = if lp_w.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
     let d_w = (lp_w.to_dtype(cd)? - lp_w_ref.detach().to_dtype(cd)?)?;
     let d_l = (lp_l.to_dtype(cd)? - lp_l_ref.detach().to_dtype(cd)?)?;
     let log_r_w = clamped_log_ratio(&d_w, cfg.eps)?;

@@ -37,19 +37,34 @@ pub mod loss_api {
     /// (default 0.1). Returns `#{loss, loss_per_pair, implicit_acc, margin, ratio_w, ratio_l,
     /// logits}` (tensors; `loss` is differentiable w.r.t. lp_w and lp_l).
     #[rhai_fn(return_raw)]
-    pub fn lpo_loss(ctx: NativeCallContext, lp_w: Tensor, lp_w_ref: Tensor, lp_l: Tensor, lp_l_ref: Tensor, opts: Map) -> ScriptResult<Map> {
+    pub fn lpo_loss(
+        ctx: NativeCallContext,
+        lp_w: Tensor,
+        lp_w_ref: Tensor,
+        lp_l: Tensor,
+        lp_l_ref: Tensor,
+        opts: Map,
+    ) -> ScriptResult<Map> {
         let o = Options::new(&opts, "lpo_loss", &["beta", "eps"]).or_script(&ctx)?;
         let d = LpoLossConfig::default();
         let cfg = LpoLossConfig {
             beta: o.f64("beta", d.beta).or_script(&ctx)?,
             eps: o.f64("eps", d.eps).or_script(&ctx)?,
         };
-        core_lpo_loss(&lp_w, &lp_w_ref, &lp_l, &lp_l_ref, cfg).map(to_map).or_script(&ctx)
+        core_lpo_loss(&lp_w, &lp_w_ref, &lp_l, &lp_l_ref, cfg)
+            .map(to_map)
+            .or_script(&ctx)
     }
 
     /// `lpo_loss` with the paper's beta 500 and eps 0.1.
     #[rhai_fn(name = "lpo_loss", return_raw)]
-    pub fn lpo_loss_default(ctx: NativeCallContext, lp_w: Tensor, lp_w_ref: Tensor, lp_l: Tensor, lp_l_ref: Tensor) -> ScriptResult<Map> {
+    pub fn lpo_loss_default(
+        ctx: NativeCallContext,
+        lp_w: Tensor,
+        lp_w_ref: Tensor,
+        lp_l: Tensor,
+        lp_l_ref: Tensor,
+    ) -> ScriptResult<Map> {
         core_lpo_loss(&lp_w, &lp_w_ref, &lp_l, &lp_l_ref, LpoLossConfig::default())
             .map(to_map)
             .or_script(&ctx)

@@ -16,7 +16,7 @@ pub fn register_all(engine: &mut Engine) {
     engine.register_global_module(exported_module!(rng::rng_api).into());
     engine.register_global_module(exported_module!(io::io_api).into());
     engine.register_global_module(exported_module!(system::system_api).into());
-    engine.register_type_with_name::<crate::diffusion::DdimScheduler>("Scheduler");
+    engine.register_type_with_name::<diffusion::Scheduler>("Scheduler");
     engine.register_global_module(exported_module!(diffusion::diffusion_api).into());
     engine.register_global_module(exported_module!(loss::loss_api).into());
 }
