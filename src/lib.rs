@@ -5,7 +5,9 @@
 //! of scripts; `script` registers thin bindings over it.
 
 pub mod control;
+pub mod diffusion;
 pub mod fsutil;
+pub mod lpo;
 pub mod models;
 pub mod repl;
 pub mod run;

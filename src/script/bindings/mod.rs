@@ -2,7 +2,9 @@
 
 use rhai::{exported_module, Engine};
 
+pub mod diffusion;
 pub mod io;
+pub mod loss;
 pub mod rng;
 pub mod system;
 pub mod tensor;
@@ -24,4 +26,7 @@ pub fn register_all(engine: &mut Engine) {
     engine.register_type_with_name::<vae::ScriptVae>("Vae");
     engine.register_global_module(exported_module!(text::text_api).into());
     engine.register_global_module(exported_module!(vae::vae_api).into());
+    engine.register_type_with_name::<diffusion::Scheduler>("Scheduler");
+    engine.register_global_module(exported_module!(diffusion::diffusion_api).into());
+    engine.register_global_module(exported_module!(loss::loss_api).into());
 }
