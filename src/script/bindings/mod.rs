@@ -6,6 +6,7 @@ pub mod io;
 pub mod rng;
 pub mod system;
 pub mod tensor;
+pub mod train;
 
 pub fn register_all(engine: &mut Engine) {
     engine.register_type_with_name::<candle_core::Tensor>("Tensor");
@@ -14,4 +15,7 @@ pub fn register_all(engine: &mut Engine) {
     engine.register_global_module(exported_module!(rng::rng_api).into());
     engine.register_global_module(exported_module!(io::io_api).into());
     engine.register_global_module(exported_module!(system::system_api).into());
+    engine.register_type_with_name::<crate::train::Params>("Params");
+    engine.register_type_with_name::<train::ScriptOptimizer>("AdamW");
+    engine.register_global_module(exported_module!(train::train_api).into());
 }
