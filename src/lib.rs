@@ -13,3 +13,4 @@ pub mod repl;
 pub mod run;
 pub mod script;
 pub mod tensor;
+pub mod train;

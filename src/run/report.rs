@@ -21,6 +21,15 @@ pub fn print_parse_error(file: &str, source: &str, err: &ParseError) {
     eprintln!("error: {}", format_at(file, source, err.position(), &err.err_type().to_string()));
 }
 
+/// `line:col` of a position (Rhai's own Display says "line 3, position 7").
+fn line_col(pos: Position) -> String {
+    match (pos.line(), pos.position()) {
+        (Some(l), Some(c)) => format!("{l}:{c}"),
+        (Some(l), None) => format!("{l}"),
+        _ => "?".to_string(),
+    }
+}
+
 /// The innermost error and the file it happened in (errors inside imported modules and
 /// script functions are wrapped).
 fn innermost<'a>(file: &str, err: &'a EvalAltResult) -> (String, &'a EvalAltResult, Vec<String>) {
@@ -30,12 +39,12 @@ fn innermost<'a>(file: &str, err: &'a EvalAltResult) -> (String, &'a EvalAltResu
     loop {
         match current {
             EvalAltResult::ErrorInModule(name, inner, pos) => {
-                trail.push(format!("in module `{name}` imported at {current_file}:{pos}"));
+                trail.push(format!("in module `{name}` imported at {current_file}:{}", line_col(*pos)));
                 current_file = name.clone();
                 current = inner;
             }
             EvalAltResult::ErrorInFunctionCall(name, src, inner, pos) => {
-                trail.push(format!("in call to `{name}` at {current_file}:{pos}"));
+                trail.push(format!("in call to `{name}` at {current_file}:{}", line_col(*pos)));
                 if !src.is_empty() {
                     current_file = src.clone();
                 }

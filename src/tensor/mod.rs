@@ -9,3 +9,4 @@ pub mod rng;
 
 pub use device::{dtype_name, parse_device, parse_dtype};
 pub use rng::SeededRng;
+pub mod grad;

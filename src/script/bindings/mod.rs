@@ -11,6 +11,7 @@ pub mod tensor;
 pub mod unet;
 pub mod text;
 pub mod vae;
+pub mod train;
 
 pub fn register_all(engine: &mut Engine) {
     engine.register_type_with_name::<candle_core::Tensor>("Tensor");
@@ -29,4 +30,7 @@ pub fn register_all(engine: &mut Engine) {
     engine.register_type_with_name::<diffusion::Scheduler>("Scheduler");
     engine.register_global_module(exported_module!(diffusion::diffusion_api).into());
     engine.register_global_module(exported_module!(loss::loss_api).into());
+    engine.register_type_with_name::<crate::train::Params>("Params");
+    engine.register_type_with_name::<train::ScriptOptimizer>("AdamW");
+    engine.register_global_module(exported_module!(train::train_api).into());
 }

@@ -1,0 +1,383 @@
+//! Training from scripts: `Params` (named trainable tensors) and the AdamW optimizer.
+//!
+//! ```text
+//! let p = params_from(#{w: zeros([3, 1]), b: zeros([1])});
+//! let opt = adamw(p, #{lr: 1e-2, warmup_steps: 10});
+//! let info = opt.backward_step(loss);   // #{grad_norm, lr, step}
+//! ```
+
+use std::sync::{Arc, Mutex};
+
+use rhai::plugin::*;
+
+use crate::train::AdamW;
+
+/// The optimizer as a script value (every clone drives the same optimizer).
+pub type ScriptOptimizer = Arc<Mutex<AdamW>>;
+
+mod helpers {
+    use std::collections::HashMap;
+
+    use candle_core::{DType, Tensor};
+    use rhai::{Array, Dynamic, Map};
+
+    use super::ScriptOptimizer;
+    use crate::script::options::{dynamic_f64, Options};
+    use crate::train::{AdamW, AdamWConfig, GradClip, Schedule, StepInfo};
+
+    pub(super) fn lock(o: &ScriptOptimizer) -> std::sync::MutexGuard<'_, AdamW> {
+        o.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A script map of tensors as name -> tensor; ints and floats become 0-d i64 / f64
+    /// tensors when `scalars` is set.
+    pub(super) fn tensor_map(
+        map: &Map,
+        func: &str,
+        scalars: bool,
+    ) -> Result<HashMap<String, Tensor>, String> {
+        let mut out = HashMap::new();
+        for (k, v) in map {
+            let t = if let Some(t) = v.clone().try_cast::<Tensor>() {
+                t
+            } else if scalars && v.is_int() {
+                Tensor::new(v.as_int().unwrap(), &candle_core::Device::Cpu)
+                    .map_err(|e| e.to_string())?
+            } else if scalars && v.is_float() {
+                Tensor::new(v.as_float().unwrap(), &candle_core::Device::Cpu)
+                    .map_err(|e| e.to_string())?
+            } else {
+                return Err(format!(
+                    "{func}: entry `{k}` is a {}, not a tensor",
+                    v.type_name()
+                ));
+            };
+            out.insert(k.to_string(), t);
+        }
+        Ok(out)
+    }
+
+    pub(super) fn to_script_map(items: Vec<(String, Tensor)>) -> Map {
+        items
+            .into_iter()
+            .map(|(k, t)| (k.into(), Dynamic::from(t)))
+            .collect()
+    }
+
+    pub(super) fn info_map(info: StepInfo) -> Map {
+        let mut m = Map::new();
+        m.insert("grad_norm".into(), Dynamic::from(info.grad_norm));
+        m.insert("lr".into(), Dynamic::from(info.lr));
+        m.insert("step".into(), Dynamic::from(info.step as i64));
+        m
+    }
+
+    pub(super) const ADAMW_KEYS: &[&str] = &[
+        "lr",
+        "betas",
+        "eps",
+        "weight_decay",
+        "max_grad_norm",
+        "warmup_steps",
+        "schedule",
+        "total_steps",
+    ];
+
+    pub(super) fn adamw_config(opts: &Map) -> Result<AdamWConfig, String> {
+        let o = Options::new(opts, "adamw", ADAMW_KEYS)?;
+        let d = AdamWConfig::default();
+        let (beta1, beta2) = match o.opt_typed::<Array>("betas", "an array [beta1, beta2]")? {
+            None => (d.beta1, d.beta2),
+            Some(b) => {
+                let vals: Vec<f64> = b.iter().filter_map(dynamic_f64).collect();
+                if b.len() != 2 || vals.len() != 2 {
+                    return Err(format!(
+                        "adamw: option `betas` must be two numbers [beta1, beta2], got {b:?}"
+                    ));
+                }
+                (vals[0], vals[1])
+            }
+        };
+        let warmup_steps = o.usize("warmup_steps", 0)? as u64;
+        let schedule = match o
+            .choice("schedule", "constant", &["constant", "cosine", "linear"])?
+            .as_str()
+        {
+            "constant" => Schedule::Constant,
+            s => {
+                let Some(total) = o.opt_i64("total_steps")? else {
+                    return Err(format!("adamw: schedule `{s}` needs option `total_steps`"));
+                };
+                if total < 1 {
+                    return Err(format!("adamw: total_steps must be >= 1, got {total}"));
+                }
+                if s == "cosine" {
+                    Schedule::Cosine {
+                        total_steps: total as u64,
+                    }
+                } else {
+                    Schedule::Linear {
+                        total_steps: total as u64,
+                    }
+                }
+            }
+        };
+        let cfg = AdamWConfig {
+            lr: o.f64("lr", d.lr)?,
+            beta1,
+            beta2,
+            eps: o.f64("eps", d.eps)?,
+            weight_decay: o.f64("weight_decay", d.weight_decay)?,
+            clip: GradClip::from_option(o.opt_f64("max_grad_norm")?)
+                .map_err(|e| format!("adamw: {e}"))?,
+            warmup_steps,
+            schedule,
+        };
+        cfg.validate().map_err(|e| e.to_string())?;
+        Ok(cfg)
+    }
+
+    pub(super) fn float_param(t: Tensor) -> Result<Tensor, String> {
+        if crate::tensor::ops::is_float(t.dtype()) {
+            Ok(t)
+        } else {
+            t.to_dtype(DType::F32).map_err(|e| e.to_string())
+        }
+    }
+}
+
+#[export_module]
+pub mod train_api {
+    use super::helpers::*;
+    use super::ScriptOptimizer;
+    use candle_core::Tensor;
+    use rhai::{Array, Dynamic, Map};
+
+    use crate::script::convert::tensor_from_dynamic;
+    use crate::script::error::{OrScriptError, ScriptResult};
+    use crate::script::options::dynamic_f64;
+    use crate::script::Host;
+    use crate::train::{AdamW, AdamWConfig, Params};
+
+    // ---- Params ----
+
+    /// Fresh trainable variables from a map name -> tensor (or nested array; int values become
+    /// f32), in name order. For toy problems and tests; models expose their own Params.
+    #[rhai_fn(return_raw)]
+    pub fn params_from(ctx: NativeCallContext, tensors: Map) -> ScriptResult<Params> {
+        let device = Host::of(&ctx).device;
+        let mut items = Vec::new();
+        for (k, v) in &tensors {
+            let t = tensor_from_dynamic(v, &device)
+                .map_err(|e| format!("params_from: entry `{k}`: {e}"))
+                .and_then(float_param)
+                .or_script(&ctx)?;
+            items.push((k.to_string(), t));
+        }
+        Params::from_tensors(items).or_script(&ctx)
+    }
+
+    /// Parameter names, in order.
+    #[rhai_fn(pure)]
+    pub fn names(p: &mut Params) -> Array {
+        p.names().into_iter().map(Dynamic::from).collect()
+    }
+
+    /// The live tensor of parameter `name` (use it in the loss: gradients flow to it).
+    #[rhai_fn(return_raw, pure, name = "get")]
+    pub fn get_param(ctx: NativeCallContext, p: &mut Params, name: &str) -> ScriptResult<Tensor> {
+        p.get(name)
+            .map(|v| v.as_tensor().clone())
+            .ok_or_else(|| {
+                format!(
+                    "params: no parameter `{name}` (have: {})",
+                    p.names().join(", ")
+                )
+            })
+            .or_script(&ctx)
+    }
+
+    /// Total number of elements over every parameter.
+    #[rhai_fn(get = "numel", pure)]
+    pub fn params_numel(p: &mut Params) -> i64 {
+        p.numel() as i64
+    }
+
+    /// Number of parameter tensors.
+    #[rhai_fn(get = "len", pure)]
+    pub fn params_len(p: &mut Params) -> i64 {
+        p.len() as i64
+    }
+
+    /// Detached copies of the current values, name -> tensor (for checkpoints).
+    #[rhai_fn(return_raw, pure)]
+    pub fn to_map(ctx: NativeCallContext, p: &mut Params) -> ScriptResult<Map> {
+        p.to_map().map(to_script_map).or_script(&ctx)
+    }
+
+    /// Set every parameter in place from a map name -> tensor; an error names a missing or
+    /// mis-shaped key and changes nothing.
+    #[rhai_fn(return_raw, pure)]
+    pub fn load_map(ctx: NativeCallContext, p: &mut Params, values: Map) -> ScriptResult<()> {
+        let m = tensor_map(&values, "load_map", false).or_script(&ctx)?;
+        p.load_map(&m).or_script(&ctx)
+    }
+
+    #[rhai_fn(global, name = "to_string", name = "to_debug", pure)]
+    pub fn params_to_string(p: &mut Params) -> String {
+        format!("Params({} tensors, {} elements)", p.len(), p.numel())
+    }
+
+    // ---- AdamW ----
+
+    /// AdamW with default settings (lr 1e-5, betas [0.9, 0.999], eps 1e-8, weight_decay 1e-4,
+    /// no clipping, no warmup, constant schedule).
+    #[rhai_fn(return_raw, name = "adamw")]
+    pub fn adamw_default(ctx: NativeCallContext, params: Params) -> ScriptResult<ScriptOptimizer> {
+        let opt = AdamW::new(params, AdamWConfig::default()).or_script(&ctx)?;
+        Ok(std::sync::Arc::new(std::sync::Mutex::new(opt)))
+    }
+
+    /// AdamW (decoupled weight decay) over `params`. Options and defaults: `lr` 1e-5,
+    /// `betas` [0.9, 0.999], `eps` 1e-8, `weight_decay` 1e-4, `max_grad_norm` () = off (the
+    /// official LPO code's clip is a no-op), `warmup_steps` 0 (step k uses lr*k/warmup),
+    /// `schedule` "constant" | "cosine" | "linear" (the last two need `total_steps`).
+    #[rhai_fn(return_raw, name = "adamw")]
+    pub fn adamw(
+        ctx: NativeCallContext,
+        params: Params,
+        options: Map,
+    ) -> ScriptResult<ScriptOptimizer> {
+        let cfg = adamw_config(&options).or_script(&ctx)?;
+        let opt = AdamW::new(params, cfg).or_script(&ctx)?;
+        Ok(std::sync::Arc::new(std::sync::Mutex::new(opt)))
+    }
+
+    /// Backpropagate a scalar loss and accumulate its gradients.
+    #[rhai_fn(return_raw, name = "backward")]
+    pub fn backward(
+        ctx: NativeCallContext,
+        opt: &mut ScriptOptimizer,
+        loss: Tensor,
+    ) -> ScriptResult<()> {
+        Host::of(&ctx).check().or_script(&ctx)?;
+        lock(opt).backward(&loss, 1.0).or_script(&ctx)
+    }
+
+    /// Backpropagate a scalar loss and accumulate `scale` times its gradients (e.g. 1/n for
+    /// n micro-batches of a mean loss).
+    #[rhai_fn(return_raw, name = "backward")]
+    pub fn backward_scaled(
+        ctx: NativeCallContext,
+        opt: &mut ScriptOptimizer,
+        loss: Tensor,
+        scale: Dynamic,
+    ) -> ScriptResult<()> {
+        let s = dynamic_f64(&scale)
+            .ok_or("backward: scale must be a number")
+            .or_script(&ctx)?;
+        Host::of(&ctx).check().or_script(&ctx)?;
+        lock(opt).backward(&loss, s).or_script(&ctx)
+    }
+
+    /// Apply the accumulated gradients, then zero them: `#{grad_norm, lr, step}` (grad_norm
+    /// before clipping, the lr this step used, steps taken).
+    #[rhai_fn(return_raw, name = "step")]
+    pub fn step(ctx: NativeCallContext, opt: &mut ScriptOptimizer) -> ScriptResult<Map> {
+        lock(opt).step().map(info_map).or_script(&ctx)
+    }
+
+    /// `backward(loss)` then `step()`.
+    #[rhai_fn(return_raw)]
+    pub fn backward_step(
+        ctx: NativeCallContext,
+        opt: &mut ScriptOptimizer,
+        loss: Tensor,
+    ) -> ScriptResult<Map> {
+        Host::of(&ctx).check().or_script(&ctx)?;
+        let mut o = lock(opt);
+        o.backward(&loss, 1.0).or_script(&ctx)?;
+        o.step().map(info_map).or_script(&ctx)
+    }
+
+    /// Drop the accumulated gradients.
+    pub fn zero_grad(opt: &mut ScriptOptimizer) {
+        lock(opt).zero_grad();
+    }
+
+    /// The base learning rate (before warmup and schedule).
+    #[rhai_fn(get = "lr", pure)]
+    pub fn get_lr(opt: &mut ScriptOptimizer) -> f64 {
+        lock(opt).lr()
+    }
+
+    /// Set the base learning rate.
+    #[rhai_fn(set = "lr", return_raw)]
+    pub fn set_lr(
+        ctx: NativeCallContext,
+        opt: &mut ScriptOptimizer,
+        lr: Dynamic,
+    ) -> ScriptResult<()> {
+        let v = dynamic_f64(&lr)
+            .ok_or("lr must be a number")
+            .or_script(&ctx)?;
+        lock(opt).set_lr(v).or_script(&ctx)
+    }
+
+    /// The learning rate the next step will use (warmup and schedule applied).
+    #[rhai_fn(get = "current_lr", pure)]
+    pub fn current_lr(opt: &mut ScriptOptimizer) -> f64 {
+        lock(opt).current_lr()
+    }
+
+    /// Optimizer steps taken.
+    #[rhai_fn(get = "step_count", pure)]
+    pub fn step_count(opt: &mut ScriptOptimizer) -> i64 {
+        lock(opt).step_count() as i64
+    }
+
+    /// The parameters this optimizer updates.
+    #[rhai_fn(get = "params", pure)]
+    pub fn opt_params(opt: &mut ScriptOptimizer) -> Params {
+        lock(opt).params().clone()
+    }
+
+    /// Names of parameters with no accumulated gradient since the last step.
+    #[rhai_fn(pure)]
+    pub fn missing_grads(opt: &mut ScriptOptimizer) -> Array {
+        lock(opt)
+            .missing_grads()
+            .into_iter()
+            .map(Dynamic::from)
+            .collect()
+    }
+
+    /// The state as a map of tensors (`step`, `lr`, `exp_avg.NAME`, `exp_avg_sq.NAME`,
+    /// `steps.NAME`, `master.NAME` for half-precision params): `save_safetensors` it.
+    #[rhai_fn(return_raw, pure)]
+    pub fn state(ctx: NativeCallContext, opt: &mut ScriptOptimizer) -> ScriptResult<Map> {
+        lock(opt).state().map(to_script_map).or_script(&ctx)
+    }
+
+    /// Restore a state from `opt.state()` (or `load_safetensors` of it); resumes exactly.
+    #[rhai_fn(return_raw)]
+    pub fn load_state(
+        ctx: NativeCallContext,
+        opt: &mut ScriptOptimizer,
+        state: Map,
+    ) -> ScriptResult<()> {
+        let m = tensor_map(&state, "load_state", true).or_script(&ctx)?;
+        lock(opt).load_state(&m).or_script(&ctx)
+    }
+
+    #[rhai_fn(global, name = "to_string", name = "to_debug", pure)]
+    pub fn opt_to_string(opt: &mut ScriptOptimizer) -> String {
+        let o = lock(opt);
+        format!(
+            "AdamW(lr={}, step={}, {} params)",
+            o.lr(),
+            o.step_count(),
+            o.params().len()
+        )
+    }
+}
