@@ -9,5 +9,6 @@ pub mod fsutil;
 pub mod models;
 pub mod repl;
 pub mod run;
+pub mod schedule;
 pub mod script;
 pub mod tensor;
