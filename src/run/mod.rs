@@ -127,7 +127,13 @@ pub fn run_script(opts: RunOptions, control: std::sync::Arc<RunControl>) -> i32 
         }
         Err(err) => {
             let failure = classify(&err, &control);
-            log::report(&format!("error: {}", report::format_eval_error(&name, &source, &err)));
+            let text = match failure {
+                Failure::Stopped(reason) => {
+                    report::format_at(&name, &source, err.position(), &format!("stopped: {}", reason.describe()))
+                }
+                _ => report::format_eval_error(&name, &source, &err),
+            };
+            log::report(&format!("error: {text}"));
             failure.exit_code()
         }
     }

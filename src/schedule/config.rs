@@ -116,7 +116,8 @@ impl Schedule {
             let at = e.span().map(|s| format!(":{}", line_of(text, s.start))).unwrap_or_default();
             Invalid(format!("{name}{at}: {}", e.message().trim()))
         })?;
-        let base = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+        let base = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
         let mut jobs = Vec::new();
         let mut after_lines = HashMap::new();
         for (job_name, j) in raw.jobs {

@@ -184,7 +184,8 @@ impl Scheduler {
         match &job.trigger {
             Trigger::Cron(cron, _) => {
                 let occurrence = cron.find_previous_occurrence(&now, true).ok()?;
-                if occurrence < created {
+                // Occurrences in the second the schedule was first seen count.
+                if occurrence < chrono::SubsecRound::trunc_subsecs(created, 0) {
                     return None;
                 }
                 let slot = occurrence.to_rfc3339();
