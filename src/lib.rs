@@ -11,6 +11,7 @@ pub mod lpo;
 pub mod models;
 pub mod repl;
 pub mod run;
+pub mod schedule;
 pub mod script;
 pub mod tensor;
 pub mod train;

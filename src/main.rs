@@ -4,7 +4,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use lpo::control::{install_signal_handlers, RunControl};
-use lpo::run::{check_script, parse_set, run_script, RunOptions};
+use lpo::run::headless::Headless;
+use lpo::run::{check_script, parse_set};
 use lpo::script::{build_engine, EngineOptions, Host, Limits};
 
 #[derive(Parser)]
@@ -63,25 +64,64 @@ impl SessionArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a script headless.
+    /// Run a script headless, in a run folder (exit codes: 0 ok, 1 runtime error, 2 usage,
+    /// 3 safety limit, 65 parse error, 66 not found, 75 run folder locked by another process,
+    /// 124 deadline, 130 SIGINT, 143 SIGTERM).
     Run {
-        script: PathBuf,
+        /// The script (omit with --resume).
+        #[arg(required_unless_present = "resume", conflicts_with = "resume")]
+        script: Option<PathBuf>,
         /// Script parameter, typed (int, float, bool, string); repeatable. Reaches the script as `params`.
-        #[arg(long = "set", value_name = "KEY=VALUE")]
+        #[arg(long = "set", value_name = "KEY=VALUE", conflicts_with = "resume")]
         set: Vec<String>,
+        /// Params as a JSON object (`--set` values override its keys).
+        #[arg(long, value_name = "JSON", hide = true, conflicts_with = "resume")]
+        params_json: Option<String>,
         /// Stop with exit code 124 after this many seconds.
         #[arg(long)]
         timeout: Option<f64>,
+        /// The run folder (default: runs/<script stem>-<YYYYmmdd-HHMMSS>).
+        #[arg(long, value_name = "DIR", conflicts_with = "resume")]
+        run_dir: Option<PathBuf>,
+        /// Continue RUN_DIR with its stored script and params (`params.resume` is true and
+        /// `checkpoint_latest()` gives the last checkpoint).
+        #[arg(long, value_name = "RUN_DIR")]
+        resume: Option<PathBuf>,
+        /// How many checkpoints `checkpoint_save` keeps (0 = all).
+        #[arg(long, default_value_t = 3)]
+        keep_checkpoints: usize,
+        /// Metric keys whose non-finite value halts the run (repeatable; default `loss`).
+        #[arg(long, value_name = "KEY", default_values_t = vec!["loss".to_string()])]
+        halt_on_nonfinite: Vec<String>,
+        /// Seconds a script that polls `should_stop()` gets after a signal before it is stopped by force.
+        #[arg(long, default_value_t = 60.0)]
+        stop_grace: f64,
         #[command(flatten)]
         session: SessionArgs,
+    },
+    /// Run the jobs of a schedule file (TOML) when they are due.
+    Schedule {
+        file: PathBuf,
+        /// Run what is due now, wait for it, and exit (for crontab or a systemd timer).
+        #[arg(long)]
+        once: bool,
+        /// Pretend the clock started at this time (RFC 3339), for tests.
+        #[arg(long, hide = true)]
+        now: Option<String>,
+        /// Stop the foreground loop after this many seconds (for tests).
+        #[arg(long, hide = true)]
+        stop_after: Option<f64>,
     },
     /// Compile a script and report every parse error.
     Check { script: PathBuf },
     /// List every registered function with its signature and doc comment.
     Fns {
         /// Rhai's metadata as JSON.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "markdown")]
         json: bool,
+        /// The API reference as Markdown (docs/API.md is made with this).
+        #[arg(long)]
+        markdown: bool,
         /// Only functions whose name contains this text.
         filter: Option<String>,
     },
@@ -95,7 +135,9 @@ enum Command {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LPO_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(lpo::run::log::TeeWriter::make);
     match format {
         LogFormat::Text => builder.with_target(false).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
         LogFormat::Json => builder.json().init(),
@@ -106,8 +148,29 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let code = match cli.command {
-        Command::Run { script, set, timeout, session } => {
+        Command::Run {
+            script,
+            set,
+            params_json,
+            timeout,
+            run_dir,
+            resume,
+            keep_checkpoints,
+            halt_on_nonfinite,
+            stop_grace,
+            session,
+        } => {
             let mut params = rhai::Map::new();
+            if let Some(json) = params_json {
+                let value: Result<serde_json::Value, _> = serde_json::from_str(&json);
+                match value.ok().and_then(|v| rhai::serde::to_dynamic(v).ok()).and_then(|d| d.try_cast::<rhai::Map>()) {
+                    Some(m) => params = m,
+                    None => {
+                        eprintln!("error: --params-json: not a JSON object");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
             for s in &set {
                 match parse_set(s) {
                     Ok((k, v)) => {
@@ -119,37 +182,48 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            let device = match lpo::tensor::parse_device(&session.device) {
-                Ok(d) => d,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    return ExitCode::from(2);
-                }
-            };
-            if !script.is_file() {
-                eprintln!("error: script not found: {}", script.display());
-                return ExitCode::from(66);
+            if !(stop_grace.is_finite() && stop_grace >= 0.0) || timeout.is_some_and(|t| !(t.is_finite() && t >= 0.0)) {
+                eprintln!("error: --timeout and --stop-grace take a number of seconds >= 0");
+                return ExitCode::from(2);
             }
-            let control = RunControl::new();
-            if let Err(e) = install_signal_handlers(control.clone()) {
-                eprintln!("warning: cannot install signal handlers: {e}");
-            }
-            run_script(
-                RunOptions {
-                    script,
-                    params,
-                    device,
-                    seed: session.seed,
-                    limits: session.limits(),
-                    timeout: timeout.map(std::time::Duration::from_secs_f64),
-                },
-                control,
-            )
+            lpo::run::headless::run(Headless {
+                script,
+                resume,
+                params,
+                device: session.device.clone(),
+                seed: session.seed,
+                limits: session.limits(),
+                timeout: timeout.map(std::time::Duration::from_secs_f64),
+                run_dir,
+                keep_checkpoints,
+                halt_on_nonfinite,
+                stop_grace: std::time::Duration::from_secs_f64(stop_grace),
+            })
         }
+        Command::Schedule {
+            file,
+            once,
+            now,
+            stop_after,
+        } => lpo::schedule::main(&file, once, now.as_deref(), stop_after),
         Command::Check { script } => check_script(&script),
-        Command::Fns { json, filter } => {
+        Command::Fns { json, markdown, filter } => {
             let se = build_engine(Host::new(RunControl::new(), candle_core::Device::Cpu, 0), &EngineOptions::default());
-            print_functions(&se.engine, json, filter.as_deref())
+            if markdown {
+                match lpo::repl::markdown::api_reference(&se) {
+                    Ok(text) => {
+                        use std::io::Write;
+                        let _ = std::io::stdout().write_all(text.as_bytes());
+                        0
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        1
+                    }
+                }
+            } else {
+                print_functions(&se.engine, json, filter.as_deref())
+            }
         }
         Command::Repl { session } => {
             let device = match lpo::tensor::parse_device(&session.device) {

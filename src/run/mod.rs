@@ -1,7 +1,11 @@
 //! Headless runs: compile a script, run it with `params`, and turn the outcome into an exit
 //! code and a readable error report.
 
+pub mod dir;
+pub mod headless;
+pub mod log;
 pub mod report;
+pub mod signals;
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +22,27 @@ pub struct RunOptions {
     pub seed: u64,
     pub limits: Limits,
     pub timeout: Option<std::time::Duration>,
+    /// The run folder (checkpoints, metrics, `run_dir()`); None runs without one.
+    pub run: Option<std::sync::Arc<dir::RunDir>>,
+    /// The name errors and relative imports use for the script (default: `script` itself;
+    /// a resumed run reads the stored copy but keeps the original name).
+    pub source_name: Option<PathBuf>,
+}
+
+impl RunOptions {
+    /// Options with no run folder, the default limits and no deadline.
+    pub fn new(script: PathBuf, params: Map) -> Self {
+        Self {
+            script,
+            params,
+            device: candle_core::Device::Cpu,
+            seed: 0,
+            limits: Limits::default(),
+            timeout: None,
+            run: None,
+            source_name: None,
+        }
+    }
 }
 
 /// Parse `key=value` with a typed value: int, float, bool, else string.
@@ -68,13 +93,20 @@ pub fn run_script(opts: RunOptions, control: std::sync::Arc<RunControl>) -> i32 
     if let Some(timeout) = opts.timeout {
         control.set_timeout(timeout);
     }
-    let host = Host::new(control.clone(), opts.device, opts.seed);
-    let se = engine_for(&opts.script, host, opts.limits);
-    let name = opts.script.display().to_string();
+    let mut host = Host::new(control.clone(), opts.device, opts.seed);
+    if let Some(run) = &opts.run {
+        host = host.with_run_dir(run.clone());
+    }
+    let name_path = opts.source_name.clone().unwrap_or_else(|| opts.script.clone());
+    let se = engine_for(&name_path, host, opts.limits);
+    let name = name_path.display().to_string();
     let mut ast = match se.engine.compile(&source) {
         Ok(ast) => ast,
         Err(e) => {
-            report::print_parse_error(&name, &source, &e);
+            log::report(&format!(
+                "error: {}",
+                report::format_at(&name, &source, e.position(), &e.err_type().to_string())
+            ));
             return Failure::Parse.exit_code();
         }
     };
@@ -82,10 +114,26 @@ pub fn run_script(opts: RunOptions, control: std::sync::Arc<RunControl>) -> i32 
     let mut scope = Scope::new();
     scope.push_constant("params", opts.params);
     match se.engine.run_ast_with_scope(&mut scope, &ast) {
-        Ok(()) => 0,
+        Ok(()) => {
+            // A script that stopped at a safe point after a signal still reports the signal.
+            let soft = opts.run.as_ref().and_then(|r| r.soft_stop());
+            match soft.or_else(|| control.stop_reason()) {
+                Some(reason) => {
+                    log::report(&format!("stopped at a safe point: {}", reason.describe()));
+                    reason.exit_code()
+                }
+                None => 0,
+            }
+        }
         Err(err) => {
             let failure = classify(&err, &control);
-            report::print_eval_error(&name, &source, &err);
+            let text = match failure {
+                Failure::Stopped(reason) => {
+                    report::format_at(&name, &source, err.position(), &format!("stopped: {}", reason.describe()))
+                }
+                _ => report::format_eval_error(&name, &source, &err),
+            };
+            log::report(&format!("error: {text}"));
             failure.exit_code()
         }
     }

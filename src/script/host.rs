@@ -13,6 +13,8 @@ pub struct Host {
     pub control: Arc<RunControl>,
     pub device: Device,
     pub seed: u64,
+    /// The run folder of `lpo run` (None in the REPL and in bare engines).
+    pub run: Option<Arc<crate::run::dir::RunDir>>,
 }
 
 impl Host {
@@ -21,7 +23,14 @@ impl Host {
             control,
             device,
             seed,
+            run: None,
         }
+    }
+
+    /// The same host writing into `run` (checkpoints, metrics, `run_dir()`).
+    pub fn with_run_dir(mut self, run: Arc<crate::run::dir::RunDir>) -> Self {
+        self.run = Some(run);
+        self
     }
 
     /// The host of the engine that made this call (a CPU default when none was set, e.g. in

@@ -6,6 +6,7 @@ pub mod diffusion;
 pub mod io;
 pub mod loss;
 pub mod rng;
+pub mod run;
 pub mod system;
 pub mod tensor;
 pub mod unet;
@@ -17,6 +18,7 @@ pub fn register_all(engine: &mut Engine) {
     engine.register_type_with_name::<candle_core::Tensor>("Tensor");
     engine.register_type_with_name::<rng::ScriptRng>("Rng");
     engine.register_type_with_name::<unet::ScriptUNet>("UNet");
+    engine.register_type_with_name::<run::Progress>("Progress");
     engine.register_global_module(exported_module!(tensor::tensor_api).into());
     engine.register_global_module(exported_module!(rng::rng_api).into());
     engine.register_global_module(exported_module!(io::io_api).into());
@@ -33,4 +35,5 @@ pub fn register_all(engine: &mut Engine) {
     engine.register_type_with_name::<crate::train::Params>("Params");
     engine.register_type_with_name::<train::ScriptOptimizer>("AdamW");
     engine.register_global_module(exported_module!(train::train_api).into());
+    engine.register_global_module(exported_module!(run::run_api).into());
 }

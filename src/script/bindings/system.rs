@@ -19,12 +19,6 @@ pub mod system_api {
         Host::of(&ctx).seed as i64
     }
 
-    /// True once the run was asked to stop (signal or deadline): loops end at a safe point.
-    #[rhai_fn(volatile)]
-    pub fn should_stop(ctx: NativeCallContext) -> bool {
-        Host::of(&ctx).control.should_stop()
-    }
-
     /// Seconds since the Unix epoch, as a float (for timing).
     #[rhai_fn(volatile)]
     pub fn now() -> f64 {

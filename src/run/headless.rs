@@ -1,0 +1,217 @@
+//! `lpo run`: a run folder per run, its lock, params and log, signals, and `--resume`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rhai::{Dynamic, Map};
+
+use super::dir::{Locked, RunDir, EXIT_LOCKED};
+use super::{engine_for, log, report, run_script, RunOptions};
+use crate::control::RunControl;
+use crate::script::{Failure, Host, Limits};
+
+/// What `lpo run` was asked to do.
+pub struct Headless {
+    /// The script of a fresh run (None with `resume`).
+    pub script: Option<PathBuf>,
+    /// Continue this run folder with its stored script and params.
+    pub resume: Option<PathBuf>,
+    pub params: Map,
+    pub device: String,
+    pub seed: u64,
+    pub limits: Limits,
+    pub timeout: Option<Duration>,
+    /// `--run-dir`: the run folder (default `runs/<stem>-<YYYYmmdd-HHMMSS>`).
+    pub run_dir: Option<PathBuf>,
+    pub keep_checkpoints: usize,
+    pub halt_on_nonfinite: Vec<String>,
+    /// How long a cooperative script gets after a signal before it is stopped by force.
+    pub stop_grace: Duration,
+}
+
+/// The part of `params.json` a resumed run reads back.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredParams {
+    script: String,
+    params: serde_json::Value,
+    seed: u64,
+    device: String,
+    max_operations: u64,
+    max_call_levels: usize,
+    max_string_size: usize,
+    max_array_size: usize,
+    max_map_size: usize,
+    timeout_seconds: Option<f64>,
+    keep_checkpoints: usize,
+    halt_on_nonfinite: Vec<String>,
+    started: String,
+    lpo_version: String,
+}
+
+const SCRIPT_COPY: &str = "script.rhai";
+
+/// Run `h` to completion; returns the process exit code (see `lpo run --help`).
+pub fn run(mut h: Headless) -> i32 {
+    let (script, run_path, stored) = if let Some(dir) = &h.resume {
+        match read_stored(dir) {
+            Ok(stored) => (dir.join(SCRIPT_COPY), dir.clone(), Some(stored)),
+            Err(e) => {
+                log::report(&format!("error: cannot resume {}: {e:#}", dir.display()));
+                return Failure::NotFound.exit_code();
+            }
+        }
+    } else {
+        let Some(script) = h.script.clone() else {
+            log::report("error: give a SCRIPT or --resume RUN_DIR");
+            return 2;
+        };
+        let path = h.run_dir.clone().unwrap_or_else(|| RunDir::default_path(Path::new("runs"), &script));
+        (script, path, None)
+    };
+    if !script.is_file() {
+        log::report(&format!("error: script not found: {}", script.display()));
+        return Failure::NotFound.exit_code();
+    }
+    let source = match std::fs::read_to_string(&script) {
+        Ok(s) => s,
+        Err(e) => {
+            log::report(&format!("error: cannot read script {}: {e}", script.display()));
+            return Failure::NotFound.exit_code();
+        }
+    };
+    let original = stored.as_ref().map(|s| PathBuf::from(&s.script)).unwrap_or_else(|| script.clone());
+    if let Some(stored) = &stored {
+        h.params = match rhai::serde::to_dynamic(&stored.params).map(|d| d.try_cast::<Map>()) {
+            Ok(Some(m)) => m,
+            _ => {
+                log::report(&format!("error: {}: `params` is not a map", run_path.join("params.json").display()));
+                return 1;
+            }
+        };
+        h.seed = stored.seed;
+        h.device = stored.device.clone();
+        h.limits = Limits {
+            max_operations: stored.max_operations,
+            max_call_levels: stored.max_call_levels,
+            max_string_size: stored.max_string_size,
+            max_array_size: stored.max_array_size,
+            max_map_size: stored.max_map_size,
+            ..Limits::default()
+        };
+        if h.timeout.is_none() {
+            h.timeout = stored.timeout_seconds.map(Duration::from_secs_f64);
+        }
+        h.keep_checkpoints = stored.keep_checkpoints;
+        h.halt_on_nonfinite = stored.halt_on_nonfinite.clone();
+    }
+    let device = match crate::tensor::parse_device(&h.device) {
+        Ok(d) => d,
+        Err(e) => {
+            log::report(&format!("error: {e:#}"));
+            return 2;
+        }
+    };
+    // Parse errors are reported before a run folder is made.
+    {
+        let se = engine_for(&original, Host::new(RunControl::new(), candle_core::Device::Cpu, 0), h.limits.clone());
+        if let Err(e) = se.engine.compile(&source) {
+            let name = original.display().to_string();
+            log::report(&format!(
+                "error: {}",
+                report::format_at(&name, &source, e.position(), &e.err_type().to_string())
+            ));
+            return Failure::Parse.exit_code();
+        }
+    }
+    let mut run = match RunDir::open(&run_path) {
+        Ok(r) => r,
+        Err(e) => {
+            log::report(&format!("error: {e:#}"));
+            return if e.downcast_ref::<Locked>().is_some() { EXIT_LOCKED } else { 1 };
+        }
+    };
+    run.keep_checkpoints = h.keep_checkpoints;
+    run.halt_on_nonfinite = h.halt_on_nonfinite.clone();
+    let run = Arc::new(run);
+    if let Err(e) = log::tee_to(&run_path.join("run.log")) {
+        tracing::warn!("cannot write {}: {e}", run_path.join("run.log").display());
+    }
+    let resuming = stored.is_some();
+    if !resuming && run_path.join("params.json").exists() {
+        log::report(&format!(
+            "error: run folder {} already holds a run; continue it with `lpo run --resume {}` or choose another --run-dir",
+            run_path.display(),
+            run_path.display()
+        ));
+        return 1;
+    }
+    if !resuming {
+        h.params.entry("resume".into()).or_insert(Dynamic::FALSE);
+        if let Err(e) = write_stored(&run_path, &script, &source, &h) {
+            log::report(&format!("error: cannot write the run folder {}: {e:#}", run_path.display()));
+            return 1;
+        }
+        tracing::info!("run folder {}", run_path.display());
+    } else {
+        h.params.insert("resume".into(), Dynamic::TRUE);
+        let latest = super::dir::list_checkpoints(&run.checkpoints_dir()).into_iter().map(|(s, _)| s).max();
+        tracing::info!(
+            "resuming {} ({})",
+            run_path.display(),
+            latest.map(|s| format!("latest checkpoint: step {s}")).unwrap_or_else(|| "no checkpoint yet".into())
+        );
+    }
+    let control = RunControl::new();
+    if let Err(e) = super::signals::install(control.clone(), run.clone(), h.stop_grace) {
+        tracing::warn!("cannot install signal handlers: {e}");
+    }
+    let code = run_script(
+        RunOptions {
+            script: script.clone(),
+            params: h.params,
+            device,
+            seed: h.seed,
+            limits: h.limits,
+            timeout: h.timeout,
+            run: Some(run.clone()),
+            source_name: Some(original),
+        },
+        control,
+    );
+    tracing::info!("run {} ended with exit code {code}", run_path.display());
+    code
+}
+
+fn read_stored(dir: &Path) -> anyhow::Result<StoredParams> {
+    use anyhow::Context;
+    if !dir.is_dir() {
+        anyhow::bail!("no such run folder");
+    }
+    let path = dir.join("params.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not a params file of lpo", path.display()))
+}
+
+fn write_stored(dir: &Path, script: &Path, source: &str, h: &Headless) -> anyhow::Result<()> {
+    crate::fsutil::atomic_write(&dir.join(SCRIPT_COPY), source.as_bytes())?;
+    let params: serde_json::Value = rhai::serde::from_dynamic(&Dynamic::from_map(h.params.clone()))
+        .map_err(|e| anyhow::anyhow!("params: {e}"))?;
+    let stored = StoredParams {
+        script: std::path::absolute(script).unwrap_or_else(|_| script.to_path_buf()).display().to_string(),
+        params,
+        seed: h.seed,
+        device: h.device.clone(),
+        max_operations: h.limits.max_operations,
+        max_call_levels: h.limits.max_call_levels,
+        max_string_size: h.limits.max_string_size,
+        max_array_size: h.limits.max_array_size,
+        max_map_size: h.limits.max_map_size,
+        timeout_seconds: h.timeout.map(|t| t.as_secs_f64()),
+        keep_checkpoints: h.keep_checkpoints,
+        halt_on_nonfinite: h.halt_on_nonfinite.clone(),
+        started: chrono::Local::now().to_rfc3339(),
+        lpo_version: env!("CARGO_PKG_VERSION").into(),
+    };
+    crate::fsutil::atomic_write(&dir.join("params.json"), serde_json::to_string_pretty(&stored)?.as_bytes())
+}
