@@ -5,9 +5,12 @@
 //! of scripts; `script` registers thin bindings over it.
 
 pub mod control;
+pub mod eval;
 pub mod fsutil;
+pub mod image_io;
 pub mod models;
 pub mod repl;
 pub mod run;
 pub mod script;
+pub mod shapes;
 pub mod tensor;
