@@ -17,7 +17,10 @@ fn dist(a: [f32; 3], b: [f32; 3]) -> f32 {
 #[test]
 fn palette_is_well_separated() {
     for (i, (name, rgb)) in COLOURS.iter().enumerate() {
-        assert!(dist(*rgb, BACKGROUND) > 0.75, "{name} too close to background");
+        assert!(
+            dist(*rgb, BACKGROUND) > 0.75,
+            "{name} too close to background"
+        );
         for (other, rgb2) in &COLOURS[i + 1..] {
             let d = dist(*rgb, *rgb2);
             assert!(d >= 0.5, "{name} and {other} are only {d} apart");
@@ -163,6 +166,23 @@ fn judge_survives_pixel_noise() {
     let (ok, total) = accuracy(&ShapesWorld::default(), 0.1, 120, 13);
     let acc = ok as f64 / total as f64;
     assert!(acc >= 0.99, "noise 0.1: aligned {ok}/{total} = {acc}");
+    // noisy renders are not aligned with any wrong prompt either
+    let (world, judge) = (ShapesWorld::default(), Judge::default());
+    let mut rng = SeededRng::new(14);
+    let all = world.prompts();
+    for k in 0..540 {
+        let p = all[k % all.len()];
+        let mut px = to_signed(world.render_pixels(p, &mut rng));
+        for (v, z) in px.iter_mut().zip(rng.normal_vec(768)) {
+            *v += 0.1 * z;
+        }
+        for q in all.iter().filter(|q| **q != p) {
+            assert!(
+                !judge.judge_pixels(&px, 16, 16, *q).unwrap().aligned,
+                "noisy {p} judged as {q}"
+            );
+        }
+    }
 }
 
 #[test]

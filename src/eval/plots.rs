@@ -23,8 +23,10 @@ struct GlyphBackend<'a> {
 
 type BitmapError<'a> = <BitMapBackend<'a> as DrawingBackend>::ErrorType;
 
+/// Glyph magnification for a font size; plotters' own (font-less) text layout estimates about
+/// 0.45 * size pixels per character, which an 8 px glyph matches at size 18.
 fn glyph_scale(size: f64) -> i32 {
-    ((size / 9.0).round() as i32).max(1)
+    ((size / 18.0).round() as i32).max(1)
 }
 
 fn glyph(ch: char) -> [u8; 8] {
@@ -278,11 +280,18 @@ pub fn render_line_plot(opts: &LinePlot, series: &[(String, Vec<(f64, f64)>)]) -
             inner: BitMapBackend::with_buffer(&mut buf, (w, h)),
         };
         let root = backend.into_drawing_area();
+        // 16 px glyphs when the title fits, else 8 px
+        let caption_size = if 16 * opts.title.chars().count() as u32 + 24 <= w {
+            32
+        } else {
+            18
+        };
         let err = |e: &dyn std::fmt::Display| anyhow!("line_plot `{}`: {e}", opts.title);
         root.fill(&WHITE).map_err(|e| err(&e))?;
         let mut chart = ChartBuilder::on(&root)
-            .caption(&opts.title, ("sans-serif", 18))
+            .caption(&opts.title, ("sans-serif", caption_size))
             .margin(12)
+            .margin_right(36)
             .x_label_area_size(if opts.x_label.is_empty() { 24 } else { 40 })
             .y_label_area_size(if opts.y_label.is_empty() { 70 } else { 86 })
             .build_cartesian_2d(x0..x1, y0..y1)
@@ -293,7 +302,7 @@ pub fn render_line_plot(opts: &LinePlot, series: &[(String, Vec<(f64, f64)>)]) -
             .y_desc(opts.y_label.as_str())
             .x_labels(6)
             .y_labels(6)
-            .label_style(("sans-serif", 9))
+            .label_style(("sans-serif", 18))
             .light_line_style(RGBColor(235, 235, 235))
             .draw()
             .map_err(|e| err(&e))?;
@@ -318,7 +327,7 @@ pub fn render_line_plot(opts: &LinePlot, series: &[(String, Vec<(f64, f64)>)]) -
         if !clean.is_empty() {
             chart
                 .configure_series_labels()
-                .label_font(("sans-serif", 9))
+                .label_font(("sans-serif", 18))
                 .background_style(WHITE.mix(0.85))
                 .border_style(BLACK)
                 .position(SeriesLabelPosition::UpperRight)

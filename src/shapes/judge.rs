@@ -4,10 +4,14 @@
 //! 1. Foreground mask: the background colour is the mean of the darkest quarter of the
 //!    pixels; a pixel's strength is its largest channel excess over that background; the mask
 //!    keeps pixels above half the image's 95th-percentile strength (at least 0.2), and only its
-//!    largest 8-connected component (stray noise pixels must not stretch the bounding box).
-//! 2. Colour: the nearest palette entry to the mean of the component's core pixels.
-//! 3. Shape: the best IoU of the component against templates of each shape filling its
-//!    bounding box (triangles in all four orientations, though the world renders them up).
+//!    largest 8-connected component (stray noise pixels are dropped).
+//! 2. Colour: the nearest palette entry to the mean of the component's core pixels (none when
+//!    farther than `max_colour_dist`).
+//! 3. Shape: each pixel's soft coverage is its projection onto the foreground colour (so
+//!    anti-aliased edges count fractionally); for each shape the template with the same area and
+//!    centroid is rendered (4x4 supersampled; triangles in all four orientations, though the
+//!    world renders them apex up) and compared by soft IoU. The best wins if its IoU is at least
+//!    `min_iou` and beats the runner-up by `min_shape_margin`; ambiguous images get no shape.
 //!
 //! The graded `score` in [0, 1] is relative to the prompt: half a Gaussian similarity of the
 //! mean colour to the prompt's palette colour, half the IoU with the prompt shape's template.
