@@ -3,10 +3,12 @@
 use rhai::{exported_module, Engine};
 
 pub mod diffusion;
+pub mod eval;
 pub mod io;
 pub mod loss;
 pub mod rng;
 pub mod run;
+pub mod shapes;
 pub mod system;
 pub mod tensor;
 pub mod unet;
@@ -19,6 +21,7 @@ pub fn register_all(engine: &mut Engine) {
     engine.register_type_with_name::<rng::ScriptRng>("Rng");
     engine.register_type_with_name::<unet::ScriptUNet>("UNet");
     engine.register_type_with_name::<run::Progress>("Progress");
+    engine.register_type_with_name::<shapes::ScriptWorld>("ShapesWorld");
     engine.register_global_module(exported_module!(tensor::tensor_api).into());
     engine.register_global_module(exported_module!(rng::rng_api).into());
     engine.register_global_module(exported_module!(io::io_api).into());
@@ -36,4 +39,6 @@ pub fn register_all(engine: &mut Engine) {
     engine.register_type_with_name::<train::ScriptOptimizer>("AdamW");
     engine.register_global_module(exported_module!(train::train_api).into());
     engine.register_global_module(exported_module!(run::run_api).into());
+    engine.register_global_module(exported_module!(shapes::shapes_api).into());
+    engine.register_global_module(exported_module!(eval::eval_api).into());
 }

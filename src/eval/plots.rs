@@ -1,0 +1,349 @@
+//! Line plots as PNG with plotters' bitmap backend.
+//!
+//! Text needs no system fonts: a thin backend wrapper draws every label with the public-domain
+//! 8x8 bitmap font of the `font8x8` crate (ASCII; other characters show as `?`), so plots render
+//! identically on any machine.
+
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Result};
+use image::ImageEncoder;
+use plotters::prelude::*;
+use plotters_backend::text_anchor::{HPos, VPos};
+use plotters_backend::{
+    BackendColor, BackendCoord, BackendStyle, BackendTextStyle, DrawingErrorKind,
+};
+
+use crate::fsutil::atomic_write;
+
+/// A bitmap backend whose text is drawn with an embedded 8x8 font.
+struct GlyphBackend<'a> {
+    inner: BitMapBackend<'a>,
+}
+
+type BitmapError<'a> = <BitMapBackend<'a> as DrawingBackend>::ErrorType;
+
+/// Glyph magnification for a font size; plotters' own (font-less) text layout estimates about
+/// 0.45 * size pixels per character, which an 8 px glyph matches at size 18.
+fn glyph_scale(size: f64) -> i32 {
+    ((size / 18.0).round() as i32).max(1)
+}
+
+fn glyph(ch: char) -> [u8; 8] {
+    let code = if ch.is_ascii() && !ch.is_ascii_control() {
+        ch as usize
+    } else {
+        b'?' as usize
+    };
+    font8x8::legacy::BASIC_LEGACY[code]
+}
+
+impl<'a> DrawingBackend for GlyphBackend<'a> {
+    type ErrorType = BitmapError<'a>;
+
+    fn get_size(&self) -> (u32, u32) {
+        self.inner.get_size()
+    }
+
+    fn ensure_prepared(&mut self) -> Result<(), DrawingErrorKind<Self::ErrorType>> {
+        self.inner.ensure_prepared()
+    }
+
+    fn present(&mut self) -> Result<(), DrawingErrorKind<Self::ErrorType>> {
+        self.inner.present()
+    }
+
+    fn draw_pixel(
+        &mut self,
+        point: BackendCoord,
+        color: BackendColor,
+    ) -> Result<(), DrawingErrorKind<Self::ErrorType>> {
+        self.inner.draw_pixel(point, color)
+    }
+
+    fn draw_line<S: BackendStyle>(
+        &mut self,
+        from: BackendCoord,
+        to: BackendCoord,
+        style: &S,
+    ) -> Result<(), DrawingErrorKind<Self::ErrorType>> {
+        self.inner.draw_line(from, to, style)
+    }
+
+    fn draw_rect<S: BackendStyle>(
+        &mut self,
+        upper_left: BackendCoord,
+        bottom_right: BackendCoord,
+        style: &S,
+        fill: bool,
+    ) -> Result<(), DrawingErrorKind<Self::ErrorType>> {
+        self.inner.draw_rect(upper_left, bottom_right, style, fill)
+    }
+
+    fn draw_path<S: BackendStyle, I: IntoIterator<Item = BackendCoord>>(
+        &mut self,
+        path: I,
+        style: &S,
+    ) -> Result<(), DrawingErrorKind<Self::ErrorType>> {
+        self.inner.draw_path(path, style)
+    }
+
+    fn draw_circle<S: BackendStyle>(
+        &mut self,
+        center: BackendCoord,
+        radius: u32,
+        style: &S,
+        fill: bool,
+    ) -> Result<(), DrawingErrorKind<Self::ErrorType>> {
+        self.inner.draw_circle(center, radius, style, fill)
+    }
+
+    fn fill_polygon<S: BackendStyle, I: IntoIterator<Item = BackendCoord>>(
+        &mut self,
+        vert: I,
+        style: &S,
+    ) -> Result<(), DrawingErrorKind<Self::ErrorType>> {
+        self.inner.fill_polygon(vert, style)
+    }
+
+    fn blit_bitmap(
+        &mut self,
+        pos: BackendCoord,
+        size: (u32, u32),
+        src: &[u8],
+    ) -> Result<(), DrawingErrorKind<Self::ErrorType>> {
+        self.inner.blit_bitmap(pos, size, src)
+    }
+
+    fn estimate_text_size<S: BackendTextStyle>(
+        &self,
+        text: &str,
+        style: &S,
+    ) -> Result<(u32, u32), DrawingErrorKind<Self::ErrorType>> {
+        let s = glyph_scale(style.size());
+        Ok(((8 * s * text.chars().count() as i32) as u32, (8 * s) as u32))
+    }
+
+    fn draw_text<S: BackendTextStyle>(
+        &mut self,
+        text: &str,
+        style: &S,
+        pos: BackendCoord,
+    ) -> Result<(), DrawingErrorKind<Self::ErrorType>> {
+        let color = style.color();
+        if color.alpha == 0.0 {
+            return Ok(());
+        }
+        let s = glyph_scale(style.size());
+        let width = 8 * s * text.chars().count() as i32;
+        let height = 8 * s;
+        let anchor = style.anchor();
+        let dx = match anchor.h_pos {
+            HPos::Left => 0,
+            HPos::Right => -width,
+            HPos::Center => -width / 2,
+        };
+        let dy = match anchor.v_pos {
+            VPos::Top => 0,
+            VPos::Center => -height / 2,
+            VPos::Bottom => -height,
+        };
+        let trans = style.transform();
+        let (w, h) = self.get_size();
+        for (k, ch) in text.chars().enumerate() {
+            let rows = glyph(ch);
+            for (r, bits) in rows.iter().enumerate() {
+                for c in 0..8 {
+                    if bits & (1 << c) == 0 {
+                        continue;
+                    }
+                    for sy in 0..s {
+                        for sx in 0..s {
+                            let lx = k as i32 * 8 * s + c * s + sx + dx;
+                            let ly = r as i32 * s + sy + dy;
+                            let (tx, ty) = trans.transform(lx, ly);
+                            let (x, y) = (pos.0 + tx, pos.1 + ty);
+                            if x >= 0 && y >= 0 && x < w as i32 && y < h as i32 {
+                                self.inner.draw_pixel((x, y), color)?;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Options of [`line_plot_with`].
+#[derive(Debug, Clone)]
+pub struct LinePlot {
+    pub title: String,
+    pub x_label: String,
+    pub y_label: String,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl LinePlot {
+    pub fn new(title: &str) -> Self {
+        Self {
+            title: title.to_string(),
+            x_label: String::new(),
+            y_label: String::new(),
+            width: 640,
+            height: 400,
+        }
+    }
+}
+
+const SERIES_COLOURS: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+];
+
+fn padded_range(lo: f64, hi: f64, frac: f64) -> (f64, f64) {
+    if !lo.is_finite() || !hi.is_finite() {
+        return (0.0, 1.0);
+    }
+    if hi - lo < 1e-12 {
+        let pad = if lo.abs() > 1e-12 {
+            lo.abs() * 0.1
+        } else {
+            0.5
+        };
+        return (lo - pad, hi + pad);
+    }
+    let pad = (hi - lo) * frac;
+    (lo - pad, hi + pad)
+}
+
+/// A line plot of named series of (x, y) points, written as a PNG (640x400) at `path`.
+/// Non-finite points are skipped; empty series are allowed (an empty frame).
+pub fn line_plot(path: &Path, title: &str, series: &[(String, Vec<(f64, f64)>)]) -> Result<()> {
+    line_plot_with(path, &LinePlot::new(title), series)
+}
+
+/// [`line_plot`] with axis labels and size.
+pub fn line_plot_with(
+    path: &Path,
+    opts: &LinePlot,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<()> {
+    let png = render_line_plot(opts, series)?;
+    atomic_write(path, &png)
+}
+
+/// The plot as PNG bytes.
+pub fn render_line_plot(opts: &LinePlot, series: &[(String, Vec<(f64, f64)>)]) -> Result<Vec<u8>> {
+    let (w, h) = (opts.width, opts.height);
+    if !(64..=8192).contains(&w) || !(64..=8192).contains(&h) {
+        bail!("line_plot: size {w}x{h} out of range 64..8192");
+    }
+    let clean: Vec<(String, Vec<(f64, f64)>)> = series
+        .iter()
+        .map(|(n, pts)| {
+            (
+                n.clone(),
+                pts.iter()
+                    .copied()
+                    .filter(|(x, y)| x.is_finite() && y.is_finite())
+                    .collect(),
+            )
+        })
+        .collect();
+    let all = clean.iter().flat_map(|(_, p)| p.iter());
+    let (mut x0, mut x1, mut y0, mut y1) = (
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    );
+    for &(x, y) in all {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    let (x0, x1) = padded_range(x0, x1, 0.0);
+    let (y0, y1) = padded_range(y0, y1, 0.05);
+
+    let mut buf = vec![0u8; (w * h * 3) as usize];
+    {
+        let backend = GlyphBackend {
+            inner: BitMapBackend::with_buffer(&mut buf, (w, h)),
+        };
+        let root = backend.into_drawing_area();
+        // 16 px glyphs when the title fits, else 8 px
+        let caption_size = if 16 * opts.title.chars().count() as u32 + 24 <= w {
+            32
+        } else {
+            18
+        };
+        let err = |e: &dyn std::fmt::Display| anyhow!("line_plot `{}`: {e}", opts.title);
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(&opts.title, ("sans-serif", caption_size))
+            .margin(12)
+            .margin_right(36)
+            .x_label_area_size(if opts.x_label.is_empty() { 24 } else { 40 })
+            .y_label_area_size(if opts.y_label.is_empty() { 70 } else { 86 })
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc(opts.x_label.as_str())
+            .y_desc(opts.y_label.as_str())
+            .x_labels(6)
+            .y_labels(6)
+            .label_style(("sans-serif", 18))
+            .light_line_style(RGBColor(235, 235, 235))
+            .draw()
+            .map_err(|e| err(&e))?;
+        for (i, (name, pts)) in clean.iter().enumerate() {
+            let colour = SERIES_COLOURS[i % SERIES_COLOURS.len()];
+            chart
+                .draw_series(LineSeries::new(
+                    pts.iter().copied(),
+                    Color::stroke_width(&colour, 2),
+                ))
+                .map_err(|e| err(&e))?
+                .label(name.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], Color::stroke_width(&colour, 2))
+                });
+            if pts.len() == 1 {
+                chart
+                    .draw_series(std::iter::once(Circle::new(pts[0], 3, colour.filled())))
+                    .map_err(|e| err(&e))?;
+            }
+        }
+        if !clean.is_empty() {
+            chart
+                .configure_series_labels()
+                .label_font(("sans-serif", 18))
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .position(SeriesLabelPosition::UpperRight)
+                .draw()
+                .map_err(|e| err(&e))?;
+        }
+        root.present().map_err(|e| err(&e))?;
+    }
+    encode_rgb_png(&buf, w, h)
+}
+
+/// RGB8 bytes as PNG bytes.
+pub fn encode_rgb_png(rgb: &[u8], w: u32, h: u32) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut out)
+        .write_image(rgb, w, h, image::ExtendedColorType::Rgb8)
+        .map_err(|e| anyhow!("PNG encoding failed: {e}"))?;
+    Ok(out)
+}
