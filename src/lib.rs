@@ -8,6 +8,7 @@ pub mod control;
 pub mod fsutil;
 pub mod models;
 pub mod repl;
+pub mod reward;
 pub mod run;
 pub mod script;
 pub mod tensor;

@@ -8,7 +8,11 @@ use lpo::run::{check_script, parse_set, run_script, RunOptions};
 use lpo::script::{build_engine, EngineOptions, Host, Limits};
 
 #[derive(Parser)]
-#[command(name = "lpo", version, about = "Step-level preference optimization of diffusion models, scripted in Rhai")]
+#[command(
+    name = "lpo",
+    version,
+    about = "Step-level preference optimization of diffusion models, scripted in Rhai"
+)]
 struct Cli {
     /// Log output format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -95,9 +99,14 @@ enum Command {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LPO_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.with_target(false).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Text => builder
+            .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
         LogFormat::Json => builder.json().init(),
     }
 }
@@ -106,7 +115,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let code = match cli.command {
-        Command::Run { script, set, timeout, session } => {
+        Command::Run {
+            script,
+            set,
+            timeout,
+            session,
+        } => {
             let mut params = rhai::Map::new();
             for s in &set {
                 match parse_set(s) {
@@ -148,7 +162,10 @@ fn main() -> ExitCode {
         }
         Command::Check { script } => check_script(&script),
         Command::Fns { json, filter } => {
-            let se = build_engine(Host::new(RunControl::new(), candle_core::Device::Cpu, 0), &EngineOptions::default());
+            let se = build_engine(
+                Host::new(RunControl::new(), candle_core::Device::Cpu, 0),
+                &EngineOptions::default(),
+            );
             print_functions(&se.engine, json, filter.as_deref())
         }
         Command::Repl { session } => {
