@@ -1,5 +1,6 @@
 //! The Latent Reward Model: a diffusion UNet's down and mid blocks score a noisy latent x_t
 //! against a prompt at timestep t.
 
+pub mod data;
 pub mod pair_loss;
 pub mod projections;
