@@ -2,5 +2,6 @@
 //! against a prompt at timestep t.
 
 pub mod data;
+pub mod lrm;
 pub mod pair_loss;
 pub mod projections;
