@@ -3,4 +3,6 @@
 
 pub mod config;
 pub mod loading;
+pub mod lora;
 pub mod nn;
+pub mod unet;

@@ -6,12 +6,15 @@ pub mod io;
 pub mod rng;
 pub mod system;
 pub mod tensor;
+pub mod unet;
 
 pub fn register_all(engine: &mut Engine) {
     engine.register_type_with_name::<candle_core::Tensor>("Tensor");
     engine.register_type_with_name::<rng::ScriptRng>("Rng");
+    engine.register_type_with_name::<unet::ScriptUNet>("UNet");
     engine.register_global_module(exported_module!(tensor::tensor_api).into());
     engine.register_global_module(exported_module!(rng::rng_api).into());
     engine.register_global_module(exported_module!(io::io_api).into());
     engine.register_global_module(exported_module!(system::system_api).into());
+    engine.register_global_module(exported_module!(unet::unet_api).into());
 }

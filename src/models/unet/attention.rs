@@ -1,0 +1,267 @@
+//! Cross-attention, the GEGLU feed-forward, `BasicTransformerBlock` and `Transformer2DModel`.
+//! Softmax is candle_nn::ops::softmax (has a backward) and LayerNorm is ours (differentiable).
+
+use std::sync::Arc;
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+
+use crate::models::lora::{LoraHub, LoraLinear};
+use crate::models::nn::LayerNorm;
+
+/// Multi-head attention (`attn1` self, `attn2` cross); projections can carry LoRA adapters.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    to_q: Arc<LoraLinear>,
+    to_k: Arc<LoraLinear>,
+    to_v: Arc<LoraLinear>,
+    to_out: Arc<LoraLinear>,
+    heads: usize,
+    head_dim: usize,
+    upcast: bool,
+}
+
+impl Attention {
+    pub fn new(
+        vb: VarBuilder,
+        hub: &LoraHub,
+        query_dim: usize,
+        context_dim: Option<usize>,
+        heads: usize,
+        head_dim: usize,
+        upcast: bool,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        let ctx = context_dim.unwrap_or(query_dim);
+        Ok(Self {
+            to_q: hub.linear(query_dim, inner, false, vb.pp("to_q"))?,
+            to_k: hub.linear(ctx, inner, false, vb.pp("to_k"))?,
+            to_v: hub.linear(ctx, inner, false, vb.pp("to_v"))?,
+            to_out: hub.linear(inner, query_dim, true, vb.pp("to_out.0"))?,
+            heads,
+            head_dim,
+            upcast,
+        })
+    }
+
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        x.reshape((b, n, self.heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    /// `x: [B, N, C]`, `context: [B, M, Cc]` (None = self-attention) -> `[B, N, C]`.
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let ctx = context.unwrap_or(x);
+        let (b, n, _) = x.dims3()?;
+        let dtype = x.dtype();
+        let mut q = self.split_heads(&self.to_q.forward(x)?)?;
+        let mut k = self.split_heads(&self.to_k.forward(ctx)?)?;
+        let mut v = self.split_heads(&self.to_v.forward(ctx)?)?;
+        let half = matches!(dtype, DType::F16 | DType::BF16);
+        if half && self.upcast {
+            q = q.to_dtype(DType::F32)?;
+            k = k.to_dtype(DType::F32)?;
+            v = v.to_dtype(DType::F32)?;
+        }
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+        let probs = if half {
+            candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
+                .to_dtype(v.dtype())?
+        } else {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        };
+        let out = probs.matmul(&v)?.to_dtype(dtype)?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, n, self.heads * self.head_dim))?;
+        self.to_out.forward(&out)
+    }
+}
+
+/// GEGLU feed-forward: `net.2(h * gelu(gate))` with `[h, gate] = net.0.proj(x)`.
+#[derive(Debug, Clone)]
+pub struct FeedForward {
+    proj: Linear,
+    out: Linear,
+    inner: usize,
+}
+
+impl FeedForward {
+    pub fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            proj: candle_nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            inner,
+        })
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.proj.forward(x)?;
+        let a = h.narrow(D::Minus1, 0, self.inner)?;
+        let gate = h.narrow(D::Minus1, self.inner, self.inner)?;
+        self.out.forward(&(a * gate.gelu_erf()?)?)
+    }
+}
+
+/// Self-attention, cross-attention and feed-forward, each pre-LayerNorm with a residual.
+#[derive(Debug, Clone)]
+pub struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    pub fn new(
+        vb: VarBuilder,
+        hub: &LoraHub,
+        dim: usize,
+        heads: usize,
+        head_dim: usize,
+        cross: usize,
+        upcast: bool,
+    ) -> Result<Self> {
+        Ok(Self {
+            norm1: LayerNorm::new(dim, 1e-5, vb.pp("norm1"))?,
+            attn1: Attention::new(vb.pp("attn1"), hub, dim, None, heads, head_dim, upcast)?,
+            norm2: LayerNorm::new(dim, 1e-5, vb.pp("norm2"))?,
+            attn2: Attention::new(
+                vb.pp("attn2"),
+                hub,
+                dim,
+                Some(cross),
+                heads,
+                head_dim,
+                upcast,
+            )?,
+            norm3: LayerNorm::new(dim, 1e-5, vb.pp("norm3"))?,
+            ff: FeedForward::new(vb.pp("ff"), dim)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
+        let x = (self
+            .attn2
+            .forward(&self.norm2.forward(&x)?, Some(context))?
+            + &x)?;
+        self.ff.forward(&self.norm3.forward(&x)?)? + &x
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Proj {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+/// `Transformer2DModel` (continuous input): GroupNorm(eps 1e-6) -> proj_in (1x1 conv, or linear
+/// with `use_linear_projection`) -> transformer blocks over the H*W tokens -> proj_out -> + input.
+#[derive(Debug, Clone)]
+pub struct Transformer2DModel {
+    norm: GroupNorm,
+    proj_in: Proj,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Proj,
+    inner: usize,
+}
+
+pub struct TransformerCfg {
+    pub heads: usize,
+    pub layers: usize,
+    pub cross: usize,
+    pub groups: usize,
+    pub linear: bool,
+    pub upcast: bool,
+}
+
+impl Transformer2DModel {
+    pub fn new(
+        vb: VarBuilder,
+        hub: &LoraHub,
+        channels: usize,
+        cfg: &TransformerCfg,
+    ) -> Result<Self> {
+        let head_dim = channels / cfg.heads;
+        let inner = cfg.heads * head_dim;
+        let (proj_in, proj_out) = if cfg.linear {
+            (
+                Proj::Linear(candle_nn::linear(channels, inner, vb.pp("proj_in"))?),
+                Proj::Linear(candle_nn::linear(inner, channels, vb.pp("proj_out"))?),
+            )
+        } else {
+            (
+                Proj::Conv(super::resnet::conv(
+                    vb.pp("proj_in"),
+                    channels,
+                    inner,
+                    1,
+                    1,
+                    0,
+                )?),
+                Proj::Conv(super::resnet::conv(
+                    vb.pp("proj_out"),
+                    inner,
+                    channels,
+                    1,
+                    1,
+                    0,
+                )?),
+            )
+        };
+        let blocks = (0..cfg.layers)
+            .map(|i| {
+                BasicTransformerBlock::new(
+                    vb.pp(format!("transformer_blocks.{i}")),
+                    hub,
+                    inner,
+                    cfg.heads,
+                    head_dim,
+                    cfg.cross,
+                    cfg.upcast,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            norm: candle_nn::group_norm(cfg.groups, channels, 1e-6, vb.pp("norm"))?,
+            proj_in,
+            blocks,
+            proj_out,
+            inner,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let normed = self.norm.forward(x)?;
+        let tokens = |t: &Tensor, ch: usize| -> Result<Tensor> {
+            t.permute((0, 2, 3, 1))?.reshape((b, h * w, ch))
+        };
+        let mut hs = match &self.proj_in {
+            Proj::Conv(conv) => tokens(&conv.forward(&normed)?, self.inner)?,
+            Proj::Linear(lin) => lin.forward(&tokens(&normed, c)?)?,
+        };
+        for block in &self.blocks {
+            hs = block.forward(&hs, context)?;
+        }
+        let spatial = |t: &Tensor, ch: usize| -> Result<Tensor> {
+            t.reshape((b, h, w, ch))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()
+        };
+        let out = match &self.proj_out {
+            Proj::Conv(conv) => conv.forward(&spatial(&hs, self.inner)?)?,
+            Proj::Linear(lin) => spatial(&lin.forward(&hs)?, c)?,
+        };
+        out + x
+    }
+}

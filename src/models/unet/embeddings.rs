@@ -1,0 +1,70 @@
+//! Timestep embeddings: diffusers' `Timesteps` (sinusoidal) and `TimestepEmbedding` (MLP).
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+/// Sinusoidal projection of scalar timesteps, computed in f32 exactly as diffusers'
+/// `get_timestep_embedding` (exponent = -ln(10000) * i / (half - freq_shift)); the output is
+/// `[sin, cos]`, or `[cos, sin]` with `flip_sin_to_cos`, cast to the compute dtype.
+#[derive(Debug, Clone)]
+pub struct Timesteps {
+    pub dim: usize,
+    pub flip_sin_to_cos: bool,
+    pub freq_shift: f64,
+}
+
+impl Timesteps {
+    pub fn new(dim: usize, flip_sin_to_cos: bool, freq_shift: f64) -> Self {
+        Self {
+            dim,
+            flip_sin_to_cos,
+            freq_shift,
+        }
+    }
+
+    /// `t`: any-dtype 1-D tensor of timesteps -> `[len, dim]` in `dtype`.
+    pub fn forward(&self, t: &Tensor, dtype: DType) -> Result<Tensor> {
+        let ts: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        let half = self.dim / 2;
+        let ln = -(10000f64.ln() as f32);
+        let denom = (half as f64 - self.freq_shift) as f32;
+        let freqs: Vec<f32> = (0..half).map(|i| ((ln * i as f32) / denom).exp()).collect();
+        let mut out = Vec::with_capacity(ts.len() * self.dim);
+        for &tv in &ts {
+            let args: Vec<f32> = freqs.iter().map(|f| tv * f).collect();
+            let sin = args.iter().map(|a| a.sin());
+            let cos = args.iter().map(|a| a.cos());
+            if self.flip_sin_to_cos {
+                out.extend(cos.chain(sin));
+            } else {
+                out.extend(sin.chain(cos));
+            }
+            if self.dim % 2 == 1 {
+                out.push(0.0);
+            }
+        }
+        Tensor::from_vec(out, (ts.len(), self.dim), t.device())?.to_dtype(dtype)
+    }
+}
+
+/// `linear_2(silu(linear_1(x)))`.
+#[derive(Debug, Clone)]
+pub struct TimestepEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    pub fn new(vb: VarBuilder, in_dim: usize, time_embed_dim: usize) -> Result<Self> {
+        Ok(Self {
+            linear_1: candle_nn::linear(in_dim, time_embed_dim, vb.pp("linear_1"))?,
+            linear_2: candle_nn::linear(time_embed_dim, time_embed_dim, vb.pp("linear_2"))?,
+        })
+    }
+}
+
+impl Module for TimestepEmbedding {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
+    }
+}

@@ -1,0 +1,127 @@
+//! `ResnetBlock2D`, `Downsample2D` and `Upsample2D` as diffusers builds them for SD UNets.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+
+pub(crate) fn conv(
+    vb: VarBuilder,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    candle_nn::conv2d(cin, cout, k, cfg, vb)
+}
+
+/// norm1 -> silu -> conv1 -> + time_emb_proj(silu(temb)) -> norm2 -> silu -> conv2, plus the
+/// (1x1-projected when channels change) input, divided by `output_scale_factor`.
+#[derive(Debug, Clone)]
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Linear,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    pub fn new(
+        vb: VarBuilder,
+        cin: usize,
+        cout: usize,
+        temb: usize,
+        groups: usize,
+        eps: f64,
+        output_scale_factor: f64,
+    ) -> Result<Self> {
+        Ok(Self {
+            norm1: candle_nn::group_norm(groups, cin, eps, vb.pp("norm1"))?,
+            conv1: conv(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
+            time_emb_proj: candle_nn::linear(temb, cout, vb.pp("time_emb_proj"))?,
+            norm2: candle_nn::group_norm(groups, cout, eps, vb.pp("norm2"))?,
+            conv2: conv(vb.pp("conv2"), cout, cout, 3, 1, 1)?,
+            conv_shortcut: if cin != cout {
+                Some(conv(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?)
+            } else {
+                None
+            },
+            output_scale_factor,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let t = self
+            .time_emb_proj
+            .forward(&temb.silu()?)?
+            .unsqueeze(2)?
+            .unsqueeze(3)?;
+        let h = h.broadcast_add(&t)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let skip = match &self.conv_shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        let out = (skip + h)?;
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            out / self.output_scale_factor
+        }
+    }
+}
+
+/// 3x3 stride-2 conv (`downsamplers.0.conv`); padding 0 pads right/bottom by one like diffusers.
+#[derive(Debug, Clone)]
+pub struct Downsample2D {
+    conv: Conv2d,
+    padding: usize,
+}
+
+impl Downsample2D {
+    pub fn new(vb: VarBuilder, channels: usize, padding: usize) -> Result<Self> {
+        Ok(Self {
+            conv: conv(vb.pp("conv"), channels, channels, 3, 2, padding)?,
+            padding,
+        })
+    }
+}
+
+impl Module for Downsample2D {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.padding == 0 {
+            let x = x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
+            self.conv.forward(&x)
+        } else {
+            self.conv.forward(x)
+        }
+    }
+}
+
+/// Nearest upsampling (x2, or to the skip connection's size) then a 3x3 conv (`upsamplers.0.conv`).
+#[derive(Debug, Clone)]
+pub struct Upsample2D {
+    conv: Conv2d,
+}
+
+impl Upsample2D {
+    pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
+        Ok(Self {
+            conv: conv(vb.pp("conv"), channels, channels, 3, 1, 1)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+        self.conv.forward(&x.upsample_nearest2d(th, tw)?)
+    }
+}

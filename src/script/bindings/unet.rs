@@ -1,0 +1,351 @@
+//! The UNet in scripts: `let unet = load_unet(dir); unet.forward(x, t, ehs)`,
+//! `unet.features(...)`, LoRA (`add_lora`, `lora_enabled`, `save_lora`, `load_lora`, `merge_lora`).
+
+use std::sync::Arc;
+
+use rhai::plugin::*;
+
+use crate::models::unet::UNet2DConditionModel;
+
+/// A shared handle on one UNet (clones are the same model).
+pub type ScriptUNet = Arc<UNet2DConditionModel>;
+
+mod helpers {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use candle_core::{DType, Tensor};
+    use rhai::{Dynamic, Map, NativeCallContext};
+
+    use super::ScriptUNet;
+    use crate::models::loading::WeightMode;
+    use crate::models::unet::{AddedCond, UNet2DConditionModel, UNetConfig, UNetFeatures};
+    use crate::script::error::{OrScriptError, ScriptResult};
+    use crate::script::options::Options;
+    use crate::script::Host;
+    use crate::tensor::parse_dtype;
+
+    fn dtype_mode(
+        ctx: &NativeCallContext,
+        opts: &Map,
+        func: &str,
+        extra: &[&str],
+    ) -> ScriptResult<(DType, WeightMode)> {
+        let mut accepted = vec!["dtype", "trainable"];
+        accepted.extend_from_slice(extra);
+        let o = Options::new(opts, func, &accepted).or_script(ctx)?;
+        let dtype = parse_dtype(&o.string("dtype", "f32").or_script(ctx)?).or_script(ctx)?;
+        let mode = if o.bool("trainable", false).or_script(ctx)? {
+            WeightMode::Trainable
+        } else {
+            WeightMode::Frozen
+        };
+        Ok((dtype, mode))
+    }
+
+    pub(super) fn load(ctx: &NativeCallContext, dir: &str, opts: &Map) -> ScriptResult<ScriptUNet> {
+        let (dtype, mode) = dtype_mode(ctx, opts, "load_unet", &[])?;
+        let host = Host::of(ctx);
+        host.check().or_script(ctx)?;
+        let path = Path::new(dir);
+        let path = if path.join("unet").join("config.json").is_file() {
+            path.join("unet")
+        } else {
+            path.to_path_buf()
+        };
+        UNet2DConditionModel::load(&path, dtype, &host.device, mode)
+            .map(Arc::new)
+            .or_script(ctx)
+    }
+
+    pub(super) fn random(
+        ctx: &NativeCallContext,
+        config: &str,
+        opts: &Map,
+    ) -> ScriptResult<ScriptUNet> {
+        let (dtype, mode) = dtype_mode(ctx, opts, "random_unet", &["seed"])?;
+        let o =
+            Options::new(opts, "random_unet", &["dtype", "trainable", "seed"]).or_script(ctx)?;
+        let host = Host::of(ctx);
+        let seed = o.i64("seed", host.seed as i64).or_script(ctx)? as u64;
+        let path = Path::new(config);
+        let file = if path.is_dir() {
+            path.join("config.json")
+        } else {
+            path.to_path_buf()
+        };
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| format!("random_unet: cannot read {}: {e}", file.display()))
+            .or_script(ctx)?;
+        let cfg = UNetConfig::from_json(&text, &file.display().to_string()).or_script(ctx)?;
+        UNet2DConditionModel::random(cfg, seed, dtype, &host.device, mode)
+            .map(Arc::new)
+            .or_script(ctx)
+    }
+
+    pub(super) fn added(ctx: &NativeCallContext, map: &Map) -> ScriptResult<AddedCond> {
+        let o = Options::new(map, "UNet added conditioning", &["text_embeds", "time_ids"])
+            .or_script(ctx)?;
+        let text_embeds = o
+            .opt_typed::<Tensor>("text_embeds", "a tensor")
+            .or_script(ctx)?;
+        let time_ids = o
+            .opt_typed::<Tensor>("time_ids", "a tensor")
+            .or_script(ctx)?;
+        match (text_embeds, time_ids) {
+            (Some(text_embeds), Some(time_ids)) => Ok(AddedCond {
+                text_embeds,
+                time_ids,
+            }),
+            _ => Err("UNet added conditioning needs both `text_embeds` and `time_ids`")
+                .or_script(ctx),
+        }
+    }
+
+    pub(super) fn forward(
+        ctx: &NativeCallContext,
+        u: &ScriptUNet,
+        x: &Tensor,
+        t: &Tensor,
+        ehs: &Tensor,
+        add: Option<&Map>,
+    ) -> ScriptResult<Tensor> {
+        Host::of(ctx).check().or_script(ctx)?;
+        let add = add.map(|m| added(ctx, m)).transpose()?;
+        u.forward(x, t, ehs, add.as_ref()).or_script(ctx)
+    }
+
+    pub(super) fn features(
+        ctx: &NativeCallContext,
+        u: &ScriptUNet,
+        x: &Tensor,
+        t: &Tensor,
+        ehs: &Tensor,
+        add: Option<&Map>,
+    ) -> ScriptResult<Map> {
+        Host::of(ctx).check().or_script(ctx)?;
+        let add = add.map(|m| added(ctx, m)).transpose()?;
+        let UNetFeatures { mid, down } = u.features(x, t, ehs, add.as_ref()).or_script(ctx)?;
+        let mut out = Map::new();
+        out.insert("mid".into(), Dynamic::from(mid));
+        out.insert(
+            "down".into(),
+            Dynamic::from_array(down.into_iter().map(Dynamic::from).collect()),
+        );
+        Ok(out)
+    }
+}
+
+#[export_module]
+pub mod unet_api {
+    use super::helpers;
+    use super::ScriptUNet;
+    use candle_core::Tensor;
+    use rhai::{Array, Dynamic, Map};
+
+    use crate::models::lora::LoraConfig;
+    use crate::script::error::{OrScriptError, ScriptResult};
+    use crate::script::options::Options;
+    use crate::script::Host;
+
+    /// Load a diffusers UNet2DConditionModel folder (`config.json` + `diffusion_pytorch_model*.safetensors`;
+    /// a pipeline folder with `unet/` also works), frozen, f32.
+    #[rhai_fn(return_raw, volatile)]
+    pub fn load_unet(ctx: NativeCallContext, dir: &str) -> ScriptResult<ScriptUNet> {
+        helpers::load(&ctx, dir, &Map::new())
+    }
+
+    /// Load a UNet with options `#{dtype: "f32"|"f64"|"f16"|"bf16", trainable: false}`
+    /// (trainable: every base weight becomes a trainable variable).
+    #[rhai_fn(name = "load_unet", return_raw, volatile)]
+    pub fn load_unet_opts(
+        ctx: NativeCallContext,
+        dir: &str,
+        opts: Map,
+    ) -> ScriptResult<ScriptUNet> {
+        helpers::load(&ctx, dir, &opts)
+    }
+
+    /// A UNet with seeded random weights from a config.json (file or folder):
+    /// `random_unet(path, #{seed, dtype, trainable})`.
+    #[rhai_fn(return_raw, volatile)]
+    pub fn random_unet(
+        ctx: NativeCallContext,
+        config: &str,
+        opts: Map,
+    ) -> ScriptResult<ScriptUNet> {
+        helpers::random(&ctx, config, &opts)
+    }
+
+    /// Noise prediction for sample `x` [B, C, H, W], int timesteps `t` [B] (or one value), and
+    /// encoder hidden states `ehs` [B, tokens, dim].
+    #[rhai_fn(return_raw)]
+    pub fn forward(
+        ctx: NativeCallContext,
+        unet: &mut ScriptUNet,
+        x: Tensor,
+        t: Tensor,
+        ehs: Tensor,
+    ) -> ScriptResult<Tensor> {
+        helpers::forward(&ctx, unet, &x, &t, &ehs, None)
+    }
+
+    /// Noise prediction with SDXL's added conditioning `#{text_embeds, time_ids}`.
+    #[rhai_fn(name = "forward", return_raw)]
+    pub fn forward_added(
+        ctx: NativeCallContext,
+        unet: &mut ScriptUNet,
+        x: Tensor,
+        t: Tensor,
+        ehs: Tensor,
+        added: Map,
+    ) -> ScriptResult<Tensor> {
+        helpers::forward(&ctx, unet, &x, &t, &ehs, Some(&added))
+    }
+
+    /// Encoder-only pass: `#{mid, down}` = mid-block output and every down-block residual
+    /// (conv_in output first), without running the up blocks.
+    #[rhai_fn(return_raw)]
+    pub fn features(
+        ctx: NativeCallContext,
+        unet: &mut ScriptUNet,
+        x: Tensor,
+        t: Tensor,
+        ehs: Tensor,
+    ) -> ScriptResult<Map> {
+        helpers::features(&ctx, unet, &x, &t, &ehs, None)
+    }
+
+    /// Encoder-only pass with SDXL's added conditioning `#{text_embeds, time_ids}`.
+    #[rhai_fn(name = "features", return_raw)]
+    pub fn features_added(
+        ctx: NativeCallContext,
+        unet: &mut ScriptUNet,
+        x: Tensor,
+        t: Tensor,
+        ehs: Tensor,
+        added: Map,
+    ) -> ScriptResult<Map> {
+        helpers::features(&ctx, unet, &x, &t, &ehs, Some(&added))
+    }
+
+    /// Attach LoRA adapters: `#{rank: 4, alpha: 4.0, targets: ["to_q", "to_k", "to_v", "to_out.0"], seed}`
+    /// (A ~ N(0, 1/rank^2) from the seeded rng, B = 0; the model must be loaded frozen).
+    /// Returns the number of adapted layers.
+    #[rhai_fn(return_raw, volatile)]
+    pub fn add_lora(ctx: NativeCallContext, unet: &mut ScriptUNet, opts: Map) -> ScriptResult<i64> {
+        let o = Options::new(&opts, "add_lora", &["rank", "alpha", "targets", "seed"])
+            .or_script(&ctx)?;
+        let rank = o.usize("rank", 4).or_script(&ctx)?;
+        let alpha = o.f64("alpha", rank as f64).or_script(&ctx)?;
+        let targets = match o
+            .opt_typed::<Array>("targets", "an array of strings")
+            .or_script(&ctx)?
+        {
+            None => LoraConfig::default_targets(),
+            Some(a) => a
+                .into_iter()
+                .map(|v| {
+                    v.into_string().map_err(|t| {
+                        format!("add_lora: `targets` entries must be strings, got {t}")
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .or_script(&ctx)?,
+        };
+        let seed = o.i64("seed", Host::of(&ctx).seed as i64).or_script(&ctx)? as u64;
+        let n = unet
+            .add_lora(&LoraConfig {
+                rank,
+                alpha,
+                targets,
+                seed,
+            })
+            .or_script(&ctx)?;
+        Ok(n as i64)
+    }
+
+    /// Whether the LoRA adapters are applied.
+    #[rhai_fn(get = "lora_enabled", pure)]
+    pub fn get_lora_enabled(unet: &mut ScriptUNet) -> bool {
+        unet.lora_enabled()
+    }
+
+    /// Turn every LoRA adapter on/off (off = the base model, bit for bit).
+    #[rhai_fn(set = "lora_enabled")]
+    pub fn set_lora_enabled_prop(unet: &mut ScriptUNet, on: bool) {
+        unet.set_lora_enabled(on)
+    }
+
+    /// Turn every LoRA adapter on/off (off = the base model, bit for bit).
+    pub fn set_lora_enabled(unet: &mut ScriptUNet, on: bool) {
+        unet.set_lora_enabled(on)
+    }
+
+    /// Save the adapters as safetensors with PEFT/diffusers keys (`unet.<module>.lora_A.weight`).
+    #[rhai_fn(return_raw)]
+    pub fn save_lora(
+        ctx: NativeCallContext,
+        unet: &mut ScriptUNet,
+        path: &str,
+    ) -> ScriptResult<()> {
+        unet.save_lora(std::path::Path::new(path)).or_script(&ctx)
+    }
+
+    /// Load adapters from safetensors (PEFT/diffusers keys); returns the number of layers.
+    #[rhai_fn(return_raw, volatile)]
+    pub fn load_lora(
+        ctx: NativeCallContext,
+        unet: &mut ScriptUNet,
+        path: &str,
+    ) -> ScriptResult<i64> {
+        unet.load_lora(std::path::Path::new(path))
+            .map(|n| n as i64)
+            .or_script(&ctx)
+    }
+
+    /// Fold the adapters into the base weights (adapters removed); returns the number merged.
+    #[rhai_fn(return_raw)]
+    pub fn merge_lora(ctx: NativeCallContext, unet: &mut ScriptUNet) -> ScriptResult<i64> {
+        unet.merge_lora().map(|n| n as i64).or_script(&ctx)
+    }
+
+    /// Number of base parameters (elements; adapters excluded).
+    #[rhai_fn(get = "param_count", pure)]
+    pub fn param_count(unet: &mut ScriptUNet) -> i64 {
+        unet.param_count() as i64
+    }
+
+    /// Number of LoRA parameters (elements).
+    #[rhai_fn(get = "lora_param_count", pure)]
+    pub fn lora_param_count(unet: &mut ScriptUNet) -> i64 {
+        unet.lora_param_count() as i64
+    }
+
+    /// Names of the tensors an optimizer would train (LoRA vars when adapters exist), sorted.
+    #[rhai_fn(pure)]
+    pub fn trainable_names(unet: &mut ScriptUNet) -> Array {
+        unet.trainable_vars()
+            .into_iter()
+            .map(|(n, _)| Dynamic::from(n))
+            .collect()
+    }
+
+    /// The model's config as a map (diffusers keys, defaults filled in).
+    #[rhai_fn(get = "config", pure, return_raw)]
+    pub fn config(ctx: NativeCallContext, unet: &mut ScriptUNet) -> ScriptResult<Dynamic> {
+        rhai::serde::to_dynamic(&unet.config).or_script(&ctx)
+    }
+
+    /// A short description: `UNet(<params> params, dtype, LoRA on/off)`.
+    #[rhai_fn(global, name = "to_string", pure)]
+    pub fn to_string(unet: &mut ScriptUNet) -> String {
+        format!(
+            "UNet({} params, {:?}, {} LoRA params, LoRA {})",
+            unet.param_count(),
+            unet.dtype(),
+            unet.lora_param_count(),
+            if unet.lora_enabled() { "on" } else { "off" }
+        )
+    }
+}
