@@ -1,8 +1,12 @@
 //! Stable Diffusion's networks, owned here so they train with correct gradients: UNet,
 //! CLIP text encoders, VAE, tokenizers, LoRA. Models know nothing of scripts.
 
+pub mod checked_vb;
+pub mod clip_text;
 pub mod config;
 pub mod loading;
 pub mod lora;
 pub mod nn;
 pub mod unet;
+pub mod tokenizer;
+pub mod vae;

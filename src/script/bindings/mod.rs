@@ -7,6 +7,8 @@ pub mod rng;
 pub mod system;
 pub mod tensor;
 pub mod unet;
+pub mod text;
+pub mod vae;
 
 pub fn register_all(engine: &mut Engine) {
     engine.register_type_with_name::<candle_core::Tensor>("Tensor");
@@ -17,4 +19,9 @@ pub fn register_all(engine: &mut Engine) {
     engine.register_global_module(exported_module!(io::io_api).into());
     engine.register_global_module(exported_module!(system::system_api).into());
     engine.register_global_module(exported_module!(unet::unet_api).into());
+    engine.register_type_with_name::<text::ScriptTokenizer>("Tokenizer");
+    engine.register_type_with_name::<text::ScriptTextEncoder>("TextEncoder");
+    engine.register_type_with_name::<vae::ScriptVae>("Vae");
+    engine.register_global_module(exported_module!(text::text_api).into());
+    engine.register_global_module(exported_module!(vae::vae_api).into());
 }
