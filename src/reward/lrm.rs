@@ -562,3 +562,51 @@ impl LatentRewardModel {
         }
     }
 }
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display()))?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("cannot list {}", from.display()))? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            let bytes = std::fs::read(entry.path())?;
+            crate::fsutil::atomic_write(&target, &bytes)?;
+        }
+    }
+    Ok(())
+}
+
+impl LatentRewardModel {
+    /// Write this LRM as a folder `load` reads back: projections.safetensors, the UNet (its
+    /// trained weights, or a copy of the source), text encoder(s), tokenizer(s) and vae/ config.
+    /// Every file is written atomically.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        self.projections().save(dir)?;
+        let same = dir.canonicalize().ok() == self.dir.canonicalize().ok();
+        let unet_vars = self.unet.trainable_vars();
+        if self.options.trainable && !unet_vars.is_empty() && !self.unet.lora().has_adapters() {
+            let unet_dir = dir.join("unet");
+            std::fs::create_dir_all(&unet_dir)?;
+            let map: std::collections::HashMap<String, Tensor> =
+                unet_vars.into_iter().map(|(n, v)| (n, v.as_tensor().detach())).collect();
+            crate::tensor::io::save_safetensors(&map, &unet_dir.join("diffusion_pytorch_model.safetensors"))?;
+            let config = std::fs::read(self.dir.join("unet/config.json"))
+                .with_context(|| format!("cannot read {}/unet/config.json", self.dir.display()))?;
+            crate::fsutil::atomic_write(&unet_dir.join("config.json"), &config)?;
+        } else if !same {
+            copy_dir(&self.dir.join("unet"), &dir.join("unet"))?;
+        }
+        if !same {
+            for sub in ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae"] {
+                let from = self.dir.join(sub);
+                if from.is_dir() {
+                    copy_dir(&from, &dir.join(sub))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -3,6 +3,7 @@
 use rhai::{exported_module, Engine};
 
 pub mod io;
+pub mod lrm;
 pub mod rng;
 pub mod system;
 pub mod tensor;
@@ -24,4 +25,6 @@ pub fn register_all(engine: &mut Engine) {
     engine.register_type_with_name::<vae::ScriptVae>("Vae");
     engine.register_global_module(exported_module!(text::text_api).into());
     engine.register_global_module(exported_module!(vae::vae_api).into());
+    engine.register_type_with_name::<lrm::ScriptLrm>("Lrm");
+    engine.register_global_module(exported_module!(lrm::lrm_api).into());
 }
