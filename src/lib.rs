@@ -12,6 +12,7 @@ pub mod eval;
 pub mod image_io;
 pub mod models;
 pub mod repl;
+pub mod reward;
 pub mod run;
 pub mod schedule;
 pub mod script;

@@ -9,7 +9,11 @@ use lpo::run::{check_script, parse_set};
 use lpo::script::{build_engine, EngineOptions, Host, Limits};
 
 #[derive(Parser)]
-#[command(name = "lpo", version, about = "Step-level preference optimization of diffusion models, scripted in Rhai")]
+#[command(
+    name = "lpo",
+    version,
+    about = "Step-level preference optimization of diffusion models, scripted in Rhai"
+)]
 struct Cli {
     /// Log output format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -138,8 +142,12 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(lpo::run::log::TeeWriter::make);
+        .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.with_target(false).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Text => builder
+            .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
         LogFormat::Json => builder.json().init(),
     }
 }
@@ -219,11 +227,16 @@ fn main() -> ExitCode {
                     Err(e) => {
                         eprintln!("error: {e}");
                         1
-                    }
                 }
             } else {
                 print_functions(&se.engine, json, filter.as_deref())
             }
+        Command::Fns { json, filter } => {
+            let se = build_engine(
+                Host::new(RunControl::new(), candle_core::Device::Cpu, 0),
+                &EngineOptions::default(),
+            );
+            print_functions(&se.engine, json, filter.as_deref())
         }
         Command::Repl { session } => {
             let device = match lpo::tensor::parse_device(&session.device) {

@@ -58,7 +58,11 @@ pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
         files.sort();
         files.dedup();
         if let Some(missing) = files.iter().find(|f| !f.is_file()) {
-            bail!("{}: shard {} is missing", index.display(), missing.display());
+            bail!(
+                "{}: shard {} is missing",
+                index.display(),
+                missing.display()
+            );
         }
         return Ok(files);
     }
@@ -76,10 +80,17 @@ impl Weights {
         let mut tensors = HashMap::new();
         for file in &files {
             let loaded = candle_core::safetensors::load(file, &Device::Cpu).with_context(|| {
-                format!("cannot read weights {} (truncated or not safetensors?)", file.display())
+                format!(
+                    "cannot read weights {} (truncated or not safetensors?)",
+                    file.display()
+                )
             })?;
             for (name, t) in loaded {
-                let t = if t.dtype().is_float() { t.to_dtype(dtype)? } else { t };
+                let t = if t.dtype().is_float() {
+                    t.to_dtype(dtype)?
+                } else {
+                    t
+                };
                 tensors.insert(name, t.to_device(device)?);
             }
         }
@@ -114,7 +125,10 @@ impl Weights {
 
     /// A var builder over these weights: frozen gives plain tensors, trainable gives `Var`s
     /// gathered in the returned map (the optimizer's parameter list).
-    pub fn into_var_builder(self, mode: WeightMode) -> Result<(VarBuilder<'static>, Option<VarMap>)> {
+    pub fn into_var_builder(
+        self,
+        mode: WeightMode,
+    ) -> Result<(VarBuilder<'static>, Option<VarMap>)> {
         match mode {
             WeightMode::Frozen => Ok((
                 VarBuilder::from_tensors(self.tensors, self.dtype, &self.device),

@@ -37,8 +37,12 @@ impl Module for LayerNorm {
         let mean = xf.mean_keepdim(D::Minus1)?;
         let centered = xf.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
-        normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        let normed = centered
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .to_dtype(dtype)?;
+        normed
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
     }
 }
 
@@ -54,7 +58,9 @@ mod tests {
 
     #[test]
     fn layer_norm_normalizes_and_has_gradient() {
-        let x = Var::from_tensor(&Tensor::new(&[[1f32, 2., 4.], [0., -1., 3.]], &Device::Cpu).unwrap()).unwrap();
+        let x =
+            Var::from_tensor(&Tensor::new(&[[1f32, 2., 4.], [0., -1., 3.]], &Device::Cpu).unwrap())
+                .unwrap();
         let ln = LayerNorm::from_tensors(
             Tensor::ones(3, DType::F32, &Device::Cpu).unwrap(),
             Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
@@ -65,7 +71,17 @@ mod tests {
         assert!(m.iter().all(|v| v.abs() < 1e-5));
         let w = Tensor::new(&[[1f32, 0., 0.], [0., 0., 1.]], &Device::Cpu).unwrap();
         let grads = (y * w).unwrap().sum_all().unwrap().backward().unwrap();
-        let g = grads.get(x.as_tensor()).expect("gradient reaches the input");
-        assert!(g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+        let g = grads
+            .get(x.as_tensor())
+            .expect("gradient reaches the input");
+        assert!(
+            g.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        );
     }
 }

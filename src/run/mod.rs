@@ -52,7 +52,9 @@ pub fn parse_set(arg: &str) -> Result<(String, Dynamic), String> {
         .ok_or_else(|| format!("--set `{arg}`: expected key=value"))?;
     let key = key.trim();
     if key.is_empty() || !key.chars().all(|c| c.is_alphanumeric() || c == '_') {
-        return Err(format!("--set `{arg}`: `{key}` is not a valid parameter name"));
+        return Err(format!(
+            "--set `{arg}`: `{key}` is not a valid parameter name"
+        ));
     }
     Ok((key.to_string(), typed_value(value)))
 }
@@ -148,7 +150,11 @@ pub fn check_script(path: &Path) -> i32 {
             return Failure::NotFound.exit_code();
         }
     };
-    let se = engine_for(path, Host::new(RunControl::new(), candle_core::Device::Cpu, 0), Limits::default());
+    let se = engine_for(
+        path,
+        Host::new(RunControl::new(), candle_core::Device::Cpu, 0),
+        Limits::default(),
+    );
     let errors = report::all_parse_errors(&se.engine, &source);
     let name = path.display().to_string();
     for e in &errors {

@@ -18,7 +18,10 @@ pub fn format_at(file: &str, source: &str, pos: Position, message: &str) -> Stri
 }
 
 pub fn print_parse_error(file: &str, source: &str, err: &ParseError) {
-    eprintln!("error: {}", format_at(file, source, err.position(), &err.err_type().to_string()));
+    eprintln!(
+        "error: {}",
+        format_at(file, source, err.position(), &err.err_type().to_string())
+    );
 }
 
 /// `line:col` of a position (Rhai's own Display says "line 3, position 7").
@@ -40,6 +43,9 @@ fn innermost<'a>(file: &str, err: &'a EvalAltResult) -> (String, &'a EvalAltResu
         match current {
             EvalAltResult::ErrorInModule(name, inner, pos) => {
                 trail.push(format!("in module `{name}` imported at {current_file}:{}", line_col(*pos)));
+                trail.push(format!(
+                    "in module `{name}` imported at {current_file}:{pos}"
+                ));
                 current_file = name.clone();
                 current = inner;
             }

@@ -11,8 +11,14 @@ pub fn shape_from_array(shape: &Array) -> Result<Vec<usize>, String> {
         .iter()
         .map(|d| match d.as_int() {
             Ok(n) if n >= 0 => Ok(n as usize),
-            Ok(n) => Err(format!("shape {}: dimension {n} is negative", show_array(shape))),
-            Err(t) => Err(format!("shape {}: dimension of type {t} is not an int", show_array(shape))),
+            Ok(n) => Err(format!(
+                "shape {}: dimension {n} is negative",
+                show_array(shape)
+            )),
+            Err(t) => Err(format!(
+                "shape {}: dimension of type {t} is not an int",
+                show_array(shape)
+            )),
         })
         .collect()
 }
@@ -22,7 +28,13 @@ pub fn shape_to_array(dims: &[usize]) -> Array {
 }
 
 fn show_array(a: &Array) -> String {
-    format!("[{}]", a.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", "))
+    format!(
+        "[{}]",
+        a.iter()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
 }
 
 /// A (possibly nested) array of numbers as a tensor: all ints give i64, any float gives f32.
@@ -35,9 +47,17 @@ pub fn tensor_from_dynamic(value: &Dynamic, device: &Device) -> Result<Tensor, S
     let mut all_int = true;
     flatten(value, 0, &mut dims, &mut values, &mut all_int)?;
     let result = if all_int {
-        Tensor::from_vec(values.iter().map(|&v| v as i64).collect::<Vec<_>>(), dims, device)
+        Tensor::from_vec(
+            values.iter().map(|&v| v as i64).collect::<Vec<_>>(),
+            dims,
+            device,
+        )
     } else {
-        Tensor::from_vec(values.iter().map(|&v| v as f32).collect::<Vec<_>>(), dims, device)
+        Tensor::from_vec(
+            values.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+            dims,
+            device,
+        )
     };
     result.map_err(|e| e.to_string())
 }
@@ -66,7 +86,9 @@ fn flatten(
         return Ok(());
     }
     if depth < dims.len() {
-        return Err(format!("tensor: ragged nested array: a number at depth {depth} where an array was expected"));
+        return Err(format!(
+            "tensor: ragged nested array: a number at depth {depth} where an array was expected"
+        ));
     }
     if let Ok(i) = value.as_int() {
         out.push(i as f64);
@@ -76,7 +98,10 @@ fn flatten(
     } else if let Ok(b) = value.as_bool() {
         out.push(if b { 1.0 } else { 0.0 });
     } else {
-        return Err(format!("tensor: element of type {} is not a number", value.type_name()));
+        return Err(format!(
+            "tensor: element of type {} is not a number",
+            value.type_name()
+        ));
     }
     Ok(())
 }
@@ -102,7 +127,12 @@ pub fn tensor_to_dynamic(t: &Tensor) -> Result<Dynamic, String> {
     }
     fn build(values: &[f64], dims: &[usize], integral: bool) -> Dynamic {
         if dims.len() == 1 {
-            return Dynamic::from_array(values.iter().map(|&v| scalar_dynamic(v, integral)).collect());
+            return Dynamic::from_array(
+                values
+                    .iter()
+                    .map(|&v| scalar_dynamic(v, integral))
+                    .collect(),
+            );
         }
         let stride: usize = dims[1..].iter().product();
         Dynamic::from_array(

@@ -34,13 +34,24 @@ pub fn functions(metadata_json: &str) -> Vec<FunctionDoc> {
     let mut out: Vec<FunctionDoc> = meta
         .functions
         .into_iter()
-        .filter(|f| f.name.chars().next().is_some_and(|c| c.is_alphabetic() || c == '_'))
+        .filter(|f| {
+            f.name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_alphabetic() || c == '_')
+        })
         .map(|f| FunctionDoc {
             doc: f
                 .doc_comments
                 .iter()
                 .flat_map(|c| c.lines())
-                .map(|l| l.trim_start_matches("///").trim_start_matches("/**").trim_end_matches("*/").trim().to_string())
+                .map(|l| {
+                    l.trim_start_matches("///")
+                        .trim_start_matches("/**")
+                        .trim_end_matches("*/")
+                        .trim()
+                        .to_string()
+                })
                 .filter(|l| !l.is_empty())
                 .collect::<Vec<_>>()
                 .join("\n"),

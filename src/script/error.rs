@@ -73,9 +73,8 @@ pub fn classify(err: &EvalAltResult, control: &RunControl) -> Failure {
     match err {
         EvalAltResult::ErrorParsing(..) => Failure::Parse,
         EvalAltResult::ErrorModuleNotFound(..) => Failure::NotFound,
-        EvalAltResult::ErrorInModule(_, inner, _) | EvalAltResult::ErrorInFunctionCall(_, _, inner, _) => {
-            classify(inner, control)
-        }
+        EvalAltResult::ErrorInModule(_, inner, _)
+        | EvalAltResult::ErrorInFunctionCall(_, _, inner, _) => classify(inner, control),
         EvalAltResult::ErrorTooManyOperations(..)
         | EvalAltResult::ErrorStackOverflow(..)
         | EvalAltResult::ErrorDataTooLarge(..)

@@ -23,7 +23,11 @@ impl<'a> Options<'a> {
             return Err(format!(
                 "{func}: unknown option{} {}; accepted: {}",
                 if unknown.len() > 1 { "s" } else { "" },
-                unknown.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", "),
+                unknown
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 accepted.join(", ")
             ));
         }
@@ -75,13 +79,16 @@ impl<'a> Options<'a> {
 
     pub fn usize(&self, key: &str, default: usize) -> Result<usize, String> {
         let v = self.i64(key, default as i64)?;
-        usize::try_from(v).map_err(|_| format!("{}: option `{key}` must be >= 0, got {v}", self.func))
+        usize::try_from(v)
+            .map_err(|_| format!("{}: option `{key}` must be >= 0, got {v}", self.func))
     }
 
     pub fn bool(&self, key: &str, default: bool) -> Result<bool, String> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v.as_bool().map_err(|_| self.wrong_type(key, "true or false", v)),
+            Some(v) => v
+                .as_bool()
+                .map_err(|_| self.wrong_type(key, "true or false", v)),
         }
     }
 
@@ -118,7 +125,11 @@ impl<'a> Options<'a> {
         self.get(key).cloned()
     }
 
-    pub fn opt_typed<T: Clone + 'static>(&self, key: &str, type_name: &str) -> Result<Option<T>, String> {
+    pub fn opt_typed<T: Clone + 'static>(
+        &self,
+        key: &str,
+        type_name: &str,
+    ) -> Result<Option<T>, String> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => v
@@ -132,7 +143,9 @@ impl<'a> Options<'a> {
 
 /// INT or FLOAT as f64.
 pub fn dynamic_f64(v: &Dynamic) -> Option<f64> {
-    v.as_float().ok().or_else(|| v.as_int().ok().map(|i| i as f64))
+    v.as_float()
+        .ok()
+        .or_else(|| v.as_int().ok().map(|i| i as f64))
 }
 
 #[cfg(test)]
@@ -140,22 +153,39 @@ mod tests {
     use super::*;
 
     fn map(pairs: &[(&str, Dynamic)]) -> Map {
-        pairs.iter().map(|(k, v)| ((*k).into(), v.clone())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).into(), v.clone()))
+            .collect()
     }
 
     #[test]
     fn unknown_key_is_named_with_accepted_list() {
-        let m = map(&[("beta", Dynamic::from(1_i64)), ("bta", Dynamic::from(2_i64))]);
-        let err = Options::new(&m, "lpo_loss", &["beta", "eps"]).err().unwrap();
-        assert!(err.contains("`bta`") && err.contains("accepted: beta, eps"), "{err}");
+        let m = map(&[
+            ("beta", Dynamic::from(1_i64)),
+            ("bta", Dynamic::from(2_i64)),
+        ]);
+        let err = Options::new(&m, "lpo_loss", &["beta", "eps"])
+            .err()
+            .unwrap();
+        assert!(
+            err.contains("`bta`") && err.contains("accepted: beta, eps"),
+            "{err}"
+        );
     }
 
     #[test]
     fn ints_accepted_as_floats_and_types_checked() {
-        let m = map(&[("beta", Dynamic::from(500_i64)), ("mode", Dynamic::from(3.5_f64))]);
+        let m = map(&[
+            ("beta", Dynamic::from(500_i64)),
+            ("mode", Dynamic::from(3.5_f64)),
+        ]);
         let o = Options::new(&m, "f", &["beta", "mode", "eps"]).unwrap();
         assert_eq!(o.f64("beta", 0.0).unwrap(), 500.0);
         assert_eq!(o.f64("eps", 0.1).unwrap(), 0.1);
-        assert!(o.string("mode", "x").unwrap_err().contains("must be a string"));
+        assert!(o
+            .string("mode", "x")
+            .unwrap_err()
+            .contains("must be a string"));
     }
 }

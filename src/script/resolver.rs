@@ -103,7 +103,10 @@ impl ModuleResolver for StdlibResolver {
         let (key, name, text) = match found {
             Found::File(p) => {
                 let text = std::fs::read_to_string(&p).map_err(|e| {
-                    EvalAltResult::ErrorSystem(format!("cannot read module {}", p.display()), e.into())
+                    EvalAltResult::ErrorSystem(
+                        format!("cannot read module {}", p.display()),
+                        e.into(),
+                    )
                 })?;
                 (p.display().to_string(), p.display().to_string(), text)
             }
@@ -113,7 +116,12 @@ impl ModuleResolver for StdlibResolver {
                 src.to_string(),
             ),
         };
-        if let Some(m) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        if let Some(m) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
             return Ok(m.clone());
         }
         let mut ast = engine

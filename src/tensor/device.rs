@@ -44,7 +44,9 @@ pub fn parse_dtype(name: &str) -> Result<DType> {
         "i64" | "int64" | "long" => DType::I64,
         "u32" | "uint32" => DType::U32,
         "u8" | "uint8" | "bool" => DType::U8,
-        other => bail!("unknown dtype `{other}`: expected one of f32, f16, bf16, f64, i64, u32, u8"),
+        other => {
+            bail!("unknown dtype `{other}`: expected one of f32, f16, bf16, f64, i64, u32, u8")
+        }
     })
 }
 
@@ -65,7 +67,10 @@ mod tests {
     #[test]
     fn parses_names_and_rejects_unknown() {
         assert!(parse_device("cpu").unwrap().is_cpu());
-        assert!(parse_device("tpu:0").unwrap_err().to_string().contains("unknown device"));
+        assert!(parse_device("tpu:0")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown device"));
         assert_eq!(parse_dtype("bf16").unwrap(), DType::BF16);
         assert!(parse_dtype("f8").is_err());
         assert_eq!(dtype_name(DType::F32), "f32");

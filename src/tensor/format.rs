@@ -10,13 +10,21 @@ pub fn shape_string(t: &Tensor) -> String {
     if t.rank() == 0 {
         return "scalar".into();
     }
-    t.dims().iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x")
+    t.dims()
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join("x")
 }
 
 pub fn summary(t: &Tensor) -> String {
     let head = format!("Tensor[{}; {}", t.dtype().as_str(), shape_string(t));
     let device = super::device::device_name(t.device());
-    let head = if device == "cpu" { head } else { format!("{head}; {device}") };
+    let head = if device == "cpu" {
+        head
+    } else {
+        format!("{head}; {device}")
+    };
     let values = match to_f64_vec(t) {
         Ok(v) => v,
         Err(e) => return format!("{head}] <unreadable: {e}>"),
@@ -63,7 +71,13 @@ mod tests {
     fn prints_header_stats_and_preview() {
         let t = Tensor::new(&[[1f32, 2., 3.], [4., 5., 6.]], &Device::Cpu).unwrap();
         let s = summary(&t);
-        assert!(s.starts_with("Tensor[f32; 2x3] mean=3.5000 std=1.7078"), "{s}");
-        assert!(s.contains("[1.0000, 2.0000, 3.0000, 4.0000, 5.0000, 6.0000]"), "{s}");
+        assert!(
+            s.starts_with("Tensor[f32; 2x3] mean=3.5000 std=1.7078"),
+            "{s}"
+        );
+        assert!(
+            s.contains("[1.0000, 2.0000, 3.0000, 4.0000, 5.0000, 6.0000]"),
+            "{s}"
+        );
     }
 }

@@ -177,7 +177,11 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     if a.elem_count() == 0 {
         return Ok(0.0);
     }
-    (a - b)?.abs()?.flatten_all()?.max(D::Minus1)?.to_scalar::<f64>()
+    (a - b)?
+        .abs()?
+        .flatten_all()?
+        .max(D::Minus1)?
+        .to_scalar::<f64>()
 }
 
 /// Every element as f64, row-major (for printing and conversion to script values).
@@ -194,8 +198,14 @@ mod tests {
     fn sort_matches_torch_on_dim0() {
         let t = Tensor::new(&[[3f32, 1.], [1., 5.], [2., 0.]], &Device::Cpu).unwrap();
         let (v, i) = sort(&t, 0, true).unwrap();
-        assert_eq!(v.to_vec2::<f32>().unwrap(), vec![vec![3., 5.], vec![2., 1.], vec![1., 0.]]);
-        assert_eq!(i.to_vec2::<i64>().unwrap(), vec![vec![0, 1], vec![2, 0], vec![1, 2]]);
+        assert_eq!(
+            v.to_vec2::<f32>().unwrap(),
+            vec![vec![3., 5.], vec![2., 1.], vec![1., 0.]]
+        );
+        assert_eq!(
+            i.to_vec2::<i64>().unwrap(),
+            vec![vec![0, 1], vec![2, 0], vec![1, 2]]
+        );
     }
 
     #[test]
@@ -210,7 +220,11 @@ mod tests {
     fn softplus_is_finite_at_extremes() {
         let t = Tensor::new(&[-100.3f32, 0., 100.3], &Device::Cpu).unwrap();
         let v = softplus(&t).unwrap().to_vec1::<f32>().unwrap();
-        assert!((v[0] - 0.0).abs() < 1e-6 && (v[1] - 2f32.ln()).abs() < 1e-6 && (v[2] - 100.3).abs() < 1e-4);
+        assert!(
+            (v[0] - 0.0).abs() < 1e-6
+                && (v[1] - 2f32.ln()).abs() < 1e-6
+                && (v[2] - 100.3).abs() < 1e-4
+        );
     }
 
     #[test]

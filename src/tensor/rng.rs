@@ -117,7 +117,10 @@ mod tests {
         let next = a.normal_vec(4);
         let mut restored = SeededRng::from_state_json(&saved).unwrap();
         assert_eq!(restored.normal_vec(4), next);
-        assert_ne!(SeededRng::new(8).normal_vec(4), SeededRng::new(7).normal_vec(4));
+        assert_ne!(
+            SeededRng::new(8).normal_vec(4),
+            SeededRng::new(7).normal_vec(4)
+        );
     }
 
     #[test]

@@ -17,8 +17,12 @@ pub mod io_api {
     /// Every tensor of a safetensors file, as a map name -> tensor.
     #[rhai_fn(return_raw, volatile)]
     pub fn load_safetensors(ctx: NativeCallContext, path: &str) -> ScriptResult<Map> {
-        let tensors = io::load_safetensors(Path::new(path), &Host::of(&ctx).device).or_script(&ctx)?;
-        Ok(tensors.into_iter().map(|(k, v)| (k.into(), Dynamic::from(v))).collect())
+        let tensors =
+            io::load_safetensors(Path::new(path), &Host::of(&ctx).device).or_script(&ctx)?;
+        Ok(tensors
+            .into_iter()
+            .map(|(k, v)| (k.into(), Dynamic::from(v)))
+            .collect())
     }
 
     /// Write a map name -> tensor as a safetensors file (atomically).

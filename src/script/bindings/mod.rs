@@ -6,6 +6,7 @@ pub mod diffusion;
 pub mod eval;
 pub mod io;
 pub mod loss;
+pub mod lrm;
 pub mod rng;
 pub mod run;
 pub mod shapes;
@@ -41,4 +42,6 @@ pub fn register_all(engine: &mut Engine) {
     engine.register_global_module(exported_module!(run::run_api).into());
     engine.register_global_module(exported_module!(shapes::shapes_api).into());
     engine.register_global_module(exported_module!(eval::eval_api).into());
+    engine.register_type_with_name::<lrm::ScriptLrm>("Lrm");
+    engine.register_global_module(exported_module!(lrm::lrm_api).into());
 }

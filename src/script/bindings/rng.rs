@@ -30,7 +30,6 @@ pub mod rng_api {
     use crate::script::Host;
     use crate::tensor::SeededRng;
 
-
     /// A generator seeded with `seed`: the same seed gives the same draws on every run.
     #[rhai_fn(volatile)]
     pub fn rng(seed: i64) -> ScriptRng {
@@ -59,9 +58,17 @@ pub mod rng_api {
 
     /// i64 draws uniform in [low, high) of `shape`.
     #[rhai_fn(return_raw, volatile)]
-    pub fn randint(ctx: NativeCallContext, r: &mut ScriptRng, low: i64, high: i64, shape: Array) -> ScriptResult<Tensor> {
+    pub fn randint(
+        ctx: NativeCallContext,
+        r: &mut ScriptRng,
+        low: i64,
+        high: i64,
+        shape: Array,
+    ) -> ScriptResult<Tensor> {
         let dims = shape_from_array(&shape).or_script(&ctx)?;
-        lock(r).randint(low, high, dims, &Host::of(&ctx).device).or_script(&ctx)
+        lock(r)
+            .randint(low, high, dims, &Host::of(&ctx).device)
+            .or_script(&ctx)
     }
 
     /// One int uniform in [low, high).
@@ -82,7 +89,11 @@ pub mod rng_api {
     /// A random permutation of 0..n as an array.
     #[rhai_fn(volatile)]
     pub fn permutation(r: &mut ScriptRng, n: i64) -> Array {
-        lock(r).permutation(n.max(0) as usize).into_iter().map(|i| Dynamic::from(i as i64)).collect()
+        lock(r)
+            .permutation(n.max(0) as usize)
+            .into_iter()
+            .map(|i| Dynamic::from(i as i64))
+            .collect()
     }
 
     /// An independent generator split off this one.

@@ -13,11 +13,23 @@ mod helpers {
     use crate::script::Host;
     use crate::tensor::ops::{self, resolve_dim, BinaryOp};
 
-    pub(super) fn bin(ctx: &NativeCallContext, op: BinaryOp, a: &Tensor, b: &Tensor) -> ScriptResult<Tensor> {
+    pub(super) fn bin(
+        ctx: &NativeCallContext,
+        op: BinaryOp,
+        a: &Tensor,
+        b: &Tensor,
+    ) -> ScriptResult<Tensor> {
         ops::binary(op, a, b).or_script(ctx)
     }
 
-    pub(super) fn sc(ctx: &NativeCallContext, op: BinaryOp, t: &Tensor, v: f64, is_float: bool, first: bool) -> ScriptResult<Tensor> {
+    pub(super) fn sc(
+        ctx: &NativeCallContext,
+        op: BinaryOp,
+        t: &Tensor,
+        v: f64,
+        is_float: bool,
+        first: bool,
+    ) -> ScriptResult<Tensor> {
         ops::scalar(op, t, v, is_float, first).or_script(ctx)
     }
 
@@ -29,15 +41,31 @@ mod helpers {
         }
     }
 
-    pub(super) fn cmp(ctx: &NativeCallContext, t: &Tensor, other: &Dynamic, op: candle_core::op::CmpOp) -> ScriptResult<Tensor> {
+    pub(super) fn cmp(
+        ctx: &NativeCallContext,
+        t: &Tensor,
+        other: &Dynamic,
+        op: candle_core::op::CmpOp,
+    ) -> ScriptResult<Tensor> {
         let rhs = match dynamic_f64(other) {
-            Some(v) => Tensor::new(v, t.device()).and_then(|s| s.to_dtype(t.dtype())).or_script(ctx)?,
+            Some(v) => Tensor::new(v, t.device())
+                .and_then(|s| s.to_dtype(t.dtype()))
+                .or_script(ctx)?,
             None => tensor_from_dynamic(other, t.device()).or_script(ctx)?,
         };
         let dtype = ops::promoted_dtype(t.dtype(), rhs.dtype());
-        let (a, b) = (t.to_dtype(dtype).or_script(ctx)?, rhs.to_dtype(dtype).or_script(ctx)?);
-        let shape = a.shape().broadcast_shape_binary_op(b.shape(), "compare").or_script(ctx)?;
-        let (a, b) = (a.broadcast_as(shape.clone()).or_script(ctx)?, b.broadcast_as(shape).or_script(ctx)?);
+        let (a, b) = (
+            t.to_dtype(dtype).or_script(ctx)?,
+            rhs.to_dtype(dtype).or_script(ctx)?,
+        );
+        let shape = a
+            .shape()
+            .broadcast_shape_binary_op(b.shape(), "compare")
+            .or_script(ctx)?;
+        let (a, b) = (
+            a.broadcast_as(shape.clone()).or_script(ctx)?,
+            b.broadcast_as(shape).or_script(ctx)?,
+        );
         a.cmp(&b, op).or_script(ctx)
     }
 
@@ -45,7 +73,11 @@ mod helpers {
         resolve_dim(t, dim).or_script(ctx)
     }
 
-    pub(super) fn tensors(ctx: &NativeCallContext, items: &Array, what: &str) -> ScriptResult<Vec<Tensor>> {
+    pub(super) fn tensors(
+        ctx: &NativeCallContext,
+        items: &Array,
+        what: &str,
+    ) -> ScriptResult<Vec<Tensor>> {
         if items.is_empty() {
             return Err(format!("{what}: needs at least one tensor")).or_script(ctx);
         }
@@ -55,8 +87,14 @@ mod helpers {
             .map(|v| tensor_from_dynamic(v, &device))
             .collect::<Result<Vec<_>, _>>()
             .or_script(ctx)?;
-        let dtype = ts.iter().skip(1).fold(ts[0].dtype(), |acc, t| ops::promoted_dtype(acc, t.dtype()));
-        ts.into_iter().map(|t| t.to_dtype(dtype)).collect::<Result<Vec<_>, _>>().or_script(ctx)
+        let dtype = ts
+            .iter()
+            .skip(1)
+            .fold(ts[0].dtype(), |acc, t| ops::promoted_dtype(acc, t.dtype()));
+        ts.into_iter()
+            .map(|t| t.to_dtype(dtype))
+            .collect::<Result<Vec<_>, _>>()
+            .or_script(ctx)
     }
 }
 
@@ -101,7 +139,9 @@ pub mod tensor_api {
     #[rhai_fn(return_raw, name = "full")]
     pub fn full(ctx: NativeCallContext, shape: Array, value: Dynamic) -> ScriptResult<Tensor> {
         let dims = shape_from_array(&shape).or_script(&ctx)?;
-        let v = dynamic_f64(&value).ok_or("full: value must be a number").or_script(&ctx)?;
+        let v = dynamic_f64(&value)
+            .ok_or("full: value must be a number")
+            .or_script(&ctx)?;
         Tensor::full(v as f32, dims, &Host::of(&ctx).device).or_script(&ctx)
     }
 
@@ -121,7 +161,12 @@ pub mod tensor_api {
 
     /// f32 tensor of `n` values evenly spaced from `start` to `end` inclusive.
     #[rhai_fn(return_raw)]
-    pub fn linspace(ctx: NativeCallContext, start: Dynamic, end: Dynamic, n: i64) -> ScriptResult<Tensor> {
+    pub fn linspace(
+        ctx: NativeCallContext,
+        start: Dynamic,
+        end: Dynamic,
+        n: i64,
+    ) -> ScriptResult<Tensor> {
         let (a, b) = (dynamic_f64(&start), dynamic_f64(&end));
         let (Some(a), Some(b)) = (a, b) else {
             return Err("linspace: start and end must be numbers").or_script(&ctx);
@@ -217,52 +262,90 @@ pub mod tensor_api {
 
     // ---- arithmetic ----
 
-
+    #[rhai_fn(return_raw, name = "+")]
+    pub fn add_tt(ctx: NativeCallContext, a: Tensor, b: Tensor) -> ScriptResult<Tensor> {
+        bin(&ctx, BinaryOp::Add, &a, &b)
+    }
+    #[rhai_fn(return_raw, name = "-")]
+    pub fn sub_tt(ctx: NativeCallContext, a: Tensor, b: Tensor) -> ScriptResult<Tensor> {
+        bin(&ctx, BinaryOp::Sub, &a, &b)
+    }
+    #[rhai_fn(return_raw, name = "*")]
+    pub fn mul_tt(ctx: NativeCallContext, a: Tensor, b: Tensor) -> ScriptResult<Tensor> {
+        bin(&ctx, BinaryOp::Mul, &a, &b)
+    }
+    #[rhai_fn(return_raw, name = "/")]
+    pub fn div_tt(ctx: NativeCallContext, a: Tensor, b: Tensor) -> ScriptResult<Tensor> {
+        bin(&ctx, BinaryOp::Div, &a, &b)
+    }
 
     #[rhai_fn(return_raw, name = "+")]
-    pub fn add_tt(ctx: NativeCallContext, a: Tensor, b: Tensor) -> ScriptResult<Tensor> { bin(&ctx, BinaryOp::Add, &a, &b) }
+    pub fn add_tf(ctx: NativeCallContext, a: Tensor, b: f64) -> ScriptResult<Tensor> {
+        sc(&ctx, BinaryOp::Add, &a, b, true, false)
+    }
     #[rhai_fn(return_raw, name = "-")]
-    pub fn sub_tt(ctx: NativeCallContext, a: Tensor, b: Tensor) -> ScriptResult<Tensor> { bin(&ctx, BinaryOp::Sub, &a, &b) }
+    pub fn sub_tf(ctx: NativeCallContext, a: Tensor, b: f64) -> ScriptResult<Tensor> {
+        sc(&ctx, BinaryOp::Sub, &a, b, true, false)
+    }
     #[rhai_fn(return_raw, name = "*")]
-    pub fn mul_tt(ctx: NativeCallContext, a: Tensor, b: Tensor) -> ScriptResult<Tensor> { bin(&ctx, BinaryOp::Mul, &a, &b) }
+    pub fn mul_tf(ctx: NativeCallContext, a: Tensor, b: f64) -> ScriptResult<Tensor> {
+        sc(&ctx, BinaryOp::Mul, &a, b, true, false)
+    }
     #[rhai_fn(return_raw, name = "/")]
-    pub fn div_tt(ctx: NativeCallContext, a: Tensor, b: Tensor) -> ScriptResult<Tensor> { bin(&ctx, BinaryOp::Div, &a, &b) }
+    pub fn div_tf(ctx: NativeCallContext, a: Tensor, b: f64) -> ScriptResult<Tensor> {
+        sc(&ctx, BinaryOp::Div, &a, b, true, false)
+    }
 
     #[rhai_fn(return_raw, name = "+")]
-    pub fn add_tf(ctx: NativeCallContext, a: Tensor, b: f64) -> ScriptResult<Tensor> { sc(&ctx, BinaryOp::Add, &a, b, true, false) }
+    pub fn add_ft(ctx: NativeCallContext, a: f64, b: Tensor) -> ScriptResult<Tensor> {
+        sc(&ctx, BinaryOp::Add, &b, a, true, true)
+    }
     #[rhai_fn(return_raw, name = "-")]
-    pub fn sub_tf(ctx: NativeCallContext, a: Tensor, b: f64) -> ScriptResult<Tensor> { sc(&ctx, BinaryOp::Sub, &a, b, true, false) }
+    pub fn sub_ft(ctx: NativeCallContext, a: f64, b: Tensor) -> ScriptResult<Tensor> {
+        sc(&ctx, BinaryOp::Sub, &b, a, true, true)
+    }
     #[rhai_fn(return_raw, name = "*")]
-    pub fn mul_tf(ctx: NativeCallContext, a: Tensor, b: f64) -> ScriptResult<Tensor> { sc(&ctx, BinaryOp::Mul, &a, b, true, false) }
+    pub fn mul_ft(ctx: NativeCallContext, a: f64, b: Tensor) -> ScriptResult<Tensor> {
+        sc(&ctx, BinaryOp::Mul, &b, a, true, true)
+    }
     #[rhai_fn(return_raw, name = "/")]
-    pub fn div_tf(ctx: NativeCallContext, a: Tensor, b: f64) -> ScriptResult<Tensor> { sc(&ctx, BinaryOp::Div, &a, b, true, false) }
+    pub fn div_ft(ctx: NativeCallContext, a: f64, b: Tensor) -> ScriptResult<Tensor> {
+        sc(&ctx, BinaryOp::Div, &b, a, true, true)
+    }
 
     #[rhai_fn(return_raw, name = "+")]
-    pub fn add_ft(ctx: NativeCallContext, a: f64, b: Tensor) -> ScriptResult<Tensor> { sc(&ctx, BinaryOp::Add, &b, a, true, true) }
+    pub fn add_ti(ctx: NativeCallContext, a: Tensor, b: i64) -> ScriptResult<Tensor> {
+        sc(&ctx, BinaryOp::Add, &a, b as f64, false, false)
+    }
     #[rhai_fn(return_raw, name = "-")]
-    pub fn sub_ft(ctx: NativeCallContext, a: f64, b: Tensor) -> ScriptResult<Tensor> { sc(&ctx, BinaryOp::Sub, &b, a, true, true) }
+    pub fn sub_ti(ctx: NativeCallContext, a: Tensor, b: i64) -> ScriptResult<Tensor> {
+        sc(&ctx, BinaryOp::Sub, &a, b as f64, false, false)
+    }
     #[rhai_fn(return_raw, name = "*")]
-    pub fn mul_ft(ctx: NativeCallContext, a: f64, b: Tensor) -> ScriptResult<Tensor> { sc(&ctx, BinaryOp::Mul, &b, a, true, true) }
+    pub fn mul_ti(ctx: NativeCallContext, a: Tensor, b: i64) -> ScriptResult<Tensor> {
+        sc(&ctx, BinaryOp::Mul, &a, b as f64, false, false)
+    }
     #[rhai_fn(return_raw, name = "/")]
-    pub fn div_ft(ctx: NativeCallContext, a: f64, b: Tensor) -> ScriptResult<Tensor> { sc(&ctx, BinaryOp::Div, &b, a, true, true) }
+    pub fn div_ti(ctx: NativeCallContext, a: Tensor, b: i64) -> ScriptResult<Tensor> {
+        sc(&ctx, BinaryOp::Div, &a, b as f64, false, false)
+    }
 
     #[rhai_fn(return_raw, name = "+")]
-    pub fn add_ti(ctx: NativeCallContext, a: Tensor, b: i64) -> ScriptResult<Tensor> { sc(&ctx, BinaryOp::Add, &a, b as f64, false, false) }
+    pub fn add_it(ctx: NativeCallContext, a: i64, b: Tensor) -> ScriptResult<Tensor> {
+        sc(&ctx, BinaryOp::Add, &b, a as f64, false, true)
+    }
     #[rhai_fn(return_raw, name = "-")]
-    pub fn sub_ti(ctx: NativeCallContext, a: Tensor, b: i64) -> ScriptResult<Tensor> { sc(&ctx, BinaryOp::Sub, &a, b as f64, false, false) }
+    pub fn sub_it(ctx: NativeCallContext, a: i64, b: Tensor) -> ScriptResult<Tensor> {
+        sc(&ctx, BinaryOp::Sub, &b, a as f64, false, true)
+    }
     #[rhai_fn(return_raw, name = "*")]
-    pub fn mul_ti(ctx: NativeCallContext, a: Tensor, b: i64) -> ScriptResult<Tensor> { sc(&ctx, BinaryOp::Mul, &a, b as f64, false, false) }
+    pub fn mul_it(ctx: NativeCallContext, a: i64, b: Tensor) -> ScriptResult<Tensor> {
+        sc(&ctx, BinaryOp::Mul, &b, a as f64, false, true)
+    }
     #[rhai_fn(return_raw, name = "/")]
-    pub fn div_ti(ctx: NativeCallContext, a: Tensor, b: i64) -> ScriptResult<Tensor> { sc(&ctx, BinaryOp::Div, &a, b as f64, false, false) }
-
-    #[rhai_fn(return_raw, name = "+")]
-    pub fn add_it(ctx: NativeCallContext, a: i64, b: Tensor) -> ScriptResult<Tensor> { sc(&ctx, BinaryOp::Add, &b, a as f64, false, true) }
-    #[rhai_fn(return_raw, name = "-")]
-    pub fn sub_it(ctx: NativeCallContext, a: i64, b: Tensor) -> ScriptResult<Tensor> { sc(&ctx, BinaryOp::Sub, &b, a as f64, false, true) }
-    #[rhai_fn(return_raw, name = "*")]
-    pub fn mul_it(ctx: NativeCallContext, a: i64, b: Tensor) -> ScriptResult<Tensor> { sc(&ctx, BinaryOp::Mul, &b, a as f64, false, true) }
-    #[rhai_fn(return_raw, name = "/")]
-    pub fn div_it(ctx: NativeCallContext, a: i64, b: Tensor) -> ScriptResult<Tensor> { sc(&ctx, BinaryOp::Div, &b, a as f64, false, true) }
+    pub fn div_it(ctx: NativeCallContext, a: i64, b: Tensor) -> ScriptResult<Tensor> {
+        sc(&ctx, BinaryOp::Div, &b, a as f64, false, true)
+    }
 
     /// Negation.
     #[rhai_fn(return_raw, name = "-")]
@@ -273,7 +356,9 @@ pub mod tensor_api {
     /// Elementwise power with a scalar exponent.
     #[rhai_fn(return_raw, name = "**", name = "pow")]
     pub fn pow(ctx: NativeCallContext, t: Tensor, exponent: Dynamic) -> ScriptResult<Tensor> {
-        let e = dynamic_f64(&exponent).ok_or("pow: exponent must be a number").or_script(&ctx)?;
+        let e = dynamic_f64(&exponent)
+            .ok_or("pow: exponent must be a number")
+            .or_script(&ctx)?;
         float(&ctx, &t)?.powf(e).or_script(&ctx)
     }
 
@@ -283,29 +368,48 @@ pub mod tensor_api {
         a.broadcast_matmul(&b).or_script(&ctx)
     }
 
-
     // ---- elementwise ----
 
     #[rhai_fn(return_raw, pure)]
-    pub fn exp(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> { float(&ctx, t)?.exp().or_script(&ctx) }
+    pub fn exp(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
+        float(&ctx, t)?.exp().or_script(&ctx)
+    }
     #[rhai_fn(return_raw, pure)]
-    pub fn log(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> { float(&ctx, t)?.log().or_script(&ctx) }
+    pub fn log(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
+        float(&ctx, t)?.log().or_script(&ctx)
+    }
     #[rhai_fn(return_raw, pure)]
-    pub fn sqrt(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> { float(&ctx, t)?.sqrt().or_script(&ctx) }
+    pub fn sqrt(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
+        float(&ctx, t)?.sqrt().or_script(&ctx)
+    }
     #[rhai_fn(return_raw, pure)]
-    pub fn abs(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> { t.abs().or_script(&ctx) }
+    pub fn abs(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
+        t.abs().or_script(&ctx)
+    }
     #[rhai_fn(return_raw, pure)]
-    pub fn square(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> { t.sqr().or_script(&ctx) }
+    pub fn square(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
+        t.sqr().or_script(&ctx)
+    }
     #[rhai_fn(return_raw, pure)]
-    pub fn tanh(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> { float(&ctx, t)?.tanh().or_script(&ctx) }
+    pub fn tanh(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
+        float(&ctx, t)?.tanh().or_script(&ctx)
+    }
     #[rhai_fn(return_raw, pure)]
-    pub fn sin(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> { float(&ctx, t)?.sin().or_script(&ctx) }
+    pub fn sin(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
+        float(&ctx, t)?.sin().or_script(&ctx)
+    }
     #[rhai_fn(return_raw, pure)]
-    pub fn cos(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> { float(&ctx, t)?.cos().or_script(&ctx) }
+    pub fn cos(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
+        float(&ctx, t)?.cos().or_script(&ctx)
+    }
     #[rhai_fn(return_raw, pure)]
-    pub fn relu(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> { t.relu().or_script(&ctx) }
+    pub fn relu(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
+        t.relu().or_script(&ctx)
+    }
     #[rhai_fn(return_raw, pure)]
-    pub fn silu(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> { float(&ctx, t)?.silu().or_script(&ctx) }
+    pub fn silu(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
+        float(&ctx, t)?.silu().or_script(&ctx)
+    }
 
     /// 1 / (1 + exp(-t)).
     #[rhai_fn(return_raw, pure)]
@@ -338,38 +442,58 @@ pub mod tensor_api {
 
     /// Clamp every value into [lo, hi] (ints or floats).
     #[rhai_fn(return_raw, pure)]
-    pub fn clamp(ctx: NativeCallContext, t: &mut Tensor, lo: Dynamic, hi: Dynamic) -> ScriptResult<Tensor> {
+    pub fn clamp(
+        ctx: NativeCallContext,
+        t: &mut Tensor,
+        lo: Dynamic,
+        hi: Dynamic,
+    ) -> ScriptResult<Tensor> {
         let (Some(lo), Some(hi)) = (dynamic_f64(&lo), dynamic_f64(&hi)) else {
             return Err("clamp: bounds must be numbers").or_script(&ctx);
         };
         if lo > hi {
-            return Err(format!("clamp: lower bound {lo} exceeds upper bound {hi}")).or_script(&ctx);
+            return Err(format!("clamp: lower bound {lo} exceeds upper bound {hi}"))
+                .or_script(&ctx);
         }
         t.clamp(lo, hi).or_script(&ctx)
     }
 
     // ---- comparisons (u8 masks) ----
 
-
     /// u8 mask of t > other (scalar or tensor).
     #[rhai_fn(return_raw, pure)]
-    pub fn gt(ctx: NativeCallContext, t: &mut Tensor, other: Dynamic) -> ScriptResult<Tensor> { cmp(&ctx, t, &other, candle_core::op::CmpOp::Gt) }
+    pub fn gt(ctx: NativeCallContext, t: &mut Tensor, other: Dynamic) -> ScriptResult<Tensor> {
+        cmp(&ctx, t, &other, candle_core::op::CmpOp::Gt)
+    }
     /// u8 mask of t < other.
     #[rhai_fn(return_raw, pure)]
-    pub fn lt(ctx: NativeCallContext, t: &mut Tensor, other: Dynamic) -> ScriptResult<Tensor> { cmp(&ctx, t, &other, candle_core::op::CmpOp::Lt) }
+    pub fn lt(ctx: NativeCallContext, t: &mut Tensor, other: Dynamic) -> ScriptResult<Tensor> {
+        cmp(&ctx, t, &other, candle_core::op::CmpOp::Lt)
+    }
     /// u8 mask of t >= other.
     #[rhai_fn(return_raw, pure)]
-    pub fn ge(ctx: NativeCallContext, t: &mut Tensor, other: Dynamic) -> ScriptResult<Tensor> { cmp(&ctx, t, &other, candle_core::op::CmpOp::Ge) }
+    pub fn ge(ctx: NativeCallContext, t: &mut Tensor, other: Dynamic) -> ScriptResult<Tensor> {
+        cmp(&ctx, t, &other, candle_core::op::CmpOp::Ge)
+    }
     /// u8 mask of t <= other.
     #[rhai_fn(return_raw, pure)]
-    pub fn le(ctx: NativeCallContext, t: &mut Tensor, other: Dynamic) -> ScriptResult<Tensor> { cmp(&ctx, t, &other, candle_core::op::CmpOp::Le) }
+    pub fn le(ctx: NativeCallContext, t: &mut Tensor, other: Dynamic) -> ScriptResult<Tensor> {
+        cmp(&ctx, t, &other, candle_core::op::CmpOp::Le)
+    }
     /// u8 mask of t == other.
     #[rhai_fn(return_raw, pure, name = "eq")]
-    pub fn eq_mask(ctx: NativeCallContext, t: &mut Tensor, other: Dynamic) -> ScriptResult<Tensor> { cmp(&ctx, t, &other, candle_core::op::CmpOp::Eq) }
+    pub fn eq_mask(ctx: NativeCallContext, t: &mut Tensor, other: Dynamic) -> ScriptResult<Tensor> {
+        cmp(&ctx, t, &other, candle_core::op::CmpOp::Eq)
+    }
 
     /// Elementwise `mask ? a : b` (broadcasting).
     #[rhai_fn(return_raw)]
-    pub fn where_cond(ctx: NativeCallContext, mask: Tensor, a: Tensor, b: Tensor) -> ScriptResult<Tensor> {
+    pub fn where_cond(
+        ctx: NativeCallContext,
+        mask: Tensor,
+        a: Tensor,
+        b: Tensor,
+    ) -> ScriptResult<Tensor> {
         let shape = mask
             .shape()
             .broadcast_shape_binary_op(a.shape(), "where")
@@ -387,10 +511,11 @@ pub mod tensor_api {
 
     // ---- reductions ----
 
-
     /// Sum of every element (0-d tensor).
     #[rhai_fn(return_raw, name = "sum", pure)]
-    pub fn sum_all(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> { t.sum_all().or_script(&ctx) }
+    pub fn sum_all(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
+        t.sum_all().or_script(&ctx)
+    }
     /// Sum along `dim` (the dim is removed).
     #[rhai_fn(return_raw, name = "sum", pure)]
     pub fn sum_dim(ctx: NativeCallContext, t: &mut Tensor, dim: i64) -> ScriptResult<Tensor> {
@@ -399,7 +524,9 @@ pub mod tensor_api {
     }
     /// Mean of every element (0-d tensor).
     #[rhai_fn(return_raw, name = "mean", pure)]
-    pub fn mean_all(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> { float(&ctx, t)?.mean_all().or_script(&ctx) }
+    pub fn mean_all(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
+        float(&ctx, t)?.mean_all().or_script(&ctx)
+    }
     /// Mean along `dim` (the dim is removed).
     #[rhai_fn(return_raw, name = "mean", pure)]
     pub fn mean_dim(ctx: NativeCallContext, t: &mut Tensor, dim: i64) -> ScriptResult<Tensor> {
@@ -408,7 +535,9 @@ pub mod tensor_api {
     }
     /// Largest element (0-d tensor).
     #[rhai_fn(return_raw, name = "max", pure)]
-    pub fn max_all(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> { t.flatten_all().and_then(|f| f.max(0)).or_script(&ctx) }
+    pub fn max_all(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
+        t.flatten_all().and_then(|f| f.max(0)).or_script(&ctx)
+    }
     /// Largest value along `dim`.
     #[rhai_fn(return_raw, name = "max", pure)]
     pub fn max_dim(ctx: NativeCallContext, t: &mut Tensor, dim: i64) -> ScriptResult<Tensor> {
@@ -417,7 +546,9 @@ pub mod tensor_api {
     }
     /// Smallest element (0-d tensor).
     #[rhai_fn(return_raw, name = "min", pure)]
-    pub fn min_all(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> { t.flatten_all().and_then(|f| f.min(0)).or_script(&ctx) }
+    pub fn min_all(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
+        t.flatten_all().and_then(|f| f.min(0)).or_script(&ctx)
+    }
     /// Smallest value along `dim`.
     #[rhai_fn(return_raw, name = "min", pure)]
     pub fn min_dim(ctx: NativeCallContext, t: &mut Tensor, dim: i64) -> ScriptResult<Tensor> {
@@ -428,13 +559,17 @@ pub mod tensor_api {
     #[rhai_fn(return_raw, pure)]
     pub fn argmax(ctx: NativeCallContext, t: &mut Tensor, dim: i64) -> ScriptResult<Tensor> {
         let d = dim_of(&ctx, t, dim)?;
-        t.argmax(d).and_then(|i| i.to_dtype(DType::I64)).or_script(&ctx)
+        t.argmax(d)
+            .and_then(|i| i.to_dtype(DType::I64))
+            .or_script(&ctx)
     }
     /// Index of the smallest value along `dim` (i64).
     #[rhai_fn(return_raw, pure)]
     pub fn argmin(ctx: NativeCallContext, t: &mut Tensor, dim: i64) -> ScriptResult<Tensor> {
         let d = dim_of(&ctx, t, dim)?;
-        t.argmin(d).and_then(|i| i.to_dtype(DType::I64)).or_script(&ctx)
+        t.argmin(d)
+            .and_then(|i| i.to_dtype(DType::I64))
+            .or_script(&ctx)
     }
     /// Standard deviation of every element (population, 0-d tensor).
     #[rhai_fn(return_raw, name = "std", pure)]
@@ -454,41 +589,77 @@ pub mod tensor_api {
     pub fn reshape(ctx: NativeCallContext, t: &mut Tensor, shape: Array) -> ScriptResult<Tensor> {
         let mut dims: Vec<i64> = Vec::with_capacity(shape.len());
         for d in &shape {
-            dims.push(d.as_int().map_err(|_| "reshape: shape must be ints").or_script(&ctx)?);
+            dims.push(
+                d.as_int()
+                    .map_err(|_| "reshape: shape must be ints")
+                    .or_script(&ctx)?,
+            );
         }
         let known: i64 = dims.iter().filter(|&&d| d != -1).product();
         let free = dims.iter().filter(|&&d| d == -1).count();
-        if free > 1 || dims.iter().any(|&d| d < -1) || (free == 1 && (known == 0 || t.elem_count() as i64 % known != 0)) {
-            return Err(format!("reshape: cannot reshape {:?} into {dims:?}", t.dims())).or_script(&ctx);
+        if free > 1
+            || dims.iter().any(|&d| d < -1)
+            || (free == 1 && (known == 0 || t.elem_count() as i64 % known != 0))
+        {
+            return Err(format!(
+                "reshape: cannot reshape {:?} into {dims:?}",
+                t.dims()
+            ))
+            .or_script(&ctx);
         }
         let resolved: Vec<usize> = dims
             .iter()
-            .map(|&d| if d == -1 { (t.elem_count() as i64 / known) as usize } else { d as usize })
+            .map(|&d| {
+                if d == -1 {
+                    (t.elem_count() as i64 / known) as usize
+                } else {
+                    d as usize
+                }
+            })
             .collect();
         t.reshape(resolved).or_script(&ctx)
     }
     /// Swap two dims.
     #[rhai_fn(return_raw, pure)]
-    pub fn transpose(ctx: NativeCallContext, t: &mut Tensor, a: i64, b: i64) -> ScriptResult<Tensor> {
+    pub fn transpose(
+        ctx: NativeCallContext,
+        t: &mut Tensor,
+        a: i64,
+        b: i64,
+    ) -> ScriptResult<Tensor> {
         let (a, b) = (dim_of(&ctx, t, a)?, dim_of(&ctx, t, b)?);
-        t.transpose(a, b).and_then(|x| x.contiguous()).or_script(&ctx)
+        t.transpose(a, b)
+            .and_then(|x| x.contiguous())
+            .or_script(&ctx)
     }
     /// Reorder dims.
     #[rhai_fn(return_raw, pure)]
     pub fn permute(ctx: NativeCallContext, t: &mut Tensor, dims: Array) -> ScriptResult<Tensor> {
         let mut order = Vec::new();
         for d in &dims {
-            let d = d.as_int().map_err(|_| "permute: dims must be ints").or_script(&ctx)?;
+            let d = d
+                .as_int()
+                .map_err(|_| "permute: dims must be ints")
+                .or_script(&ctx)?;
             order.push(dim_of(&ctx, t, d)?);
         }
-        t.permute(order).and_then(|x| x.contiguous()).or_script(&ctx)
+        t.permute(order)
+            .and_then(|x| x.contiguous())
+            .or_script(&ctx)
     }
     /// `len` entries of `dim` starting at `start`.
     #[rhai_fn(return_raw, pure)]
-    pub fn narrow(ctx: NativeCallContext, t: &mut Tensor, dim: i64, start: i64, len: i64) -> ScriptResult<Tensor> {
+    pub fn narrow(
+        ctx: NativeCallContext,
+        t: &mut Tensor,
+        dim: i64,
+        start: i64,
+        len: i64,
+    ) -> ScriptResult<Tensor> {
         let d = dim_of(&ctx, t, dim)?;
         if start < 0 || len < 0 {
-            return Err(format!("narrow: start {start} and len {len} must be >= 0")).or_script(&ctx);
+            return Err(format!("narrow: start {start} and len {len} must be >= 0"))
+                .or_script(&ctx);
         }
         t.narrow(d, start as usize, len as usize).or_script(&ctx)
     }
@@ -498,7 +669,8 @@ pub mod tensor_api {
         let rank = t.rank() as i64;
         let d = if dim < 0 { dim + rank + 1 } else { dim };
         if d < 0 || d > rank {
-            return Err(format!("unsqueeze: dim {dim} out of range for rank {rank}")).or_script(&ctx);
+            return Err(format!("unsqueeze: dim {dim} out of range for rank {rank}"))
+                .or_script(&ctx);
         }
         t.unsqueeze(d as usize).or_script(&ctx)
     }
@@ -531,24 +703,43 @@ pub mod tensor_api {
     }
     /// Entries of `dim` at the 1-D int tensor `idx` (torch.index_select).
     #[rhai_fn(return_raw, pure)]
-    pub fn index_select(ctx: NativeCallContext, t: &mut Tensor, dim: i64, idx: Tensor) -> ScriptResult<Tensor> {
+    pub fn index_select(
+        ctx: NativeCallContext,
+        t: &mut Tensor,
+        dim: i64,
+        idx: Tensor,
+    ) -> ScriptResult<Tensor> {
         let d = dim_of(&ctx, t, dim)?;
         if idx.rank() != 1 {
-            return Err(format!("index_select: index must be 1-D, got shape {:?}", idx.dims())).or_script(&ctx);
+            return Err(format!(
+                "index_select: index must be 1-D, got shape {:?}",
+                idx.dims()
+            ))
+            .or_script(&ctx);
         }
         let idx = idx.to_dtype(DType::I64).or_script(&ctx)?;
         t.index_select(&idx, d).or_script(&ctx)
     }
     /// torch.gather along `dim`.
     #[rhai_fn(return_raw, pure)]
-    pub fn gather(ctx: NativeCallContext, t: &mut Tensor, dim: i64, idx: Tensor) -> ScriptResult<Tensor> {
+    pub fn gather(
+        ctx: NativeCallContext,
+        t: &mut Tensor,
+        dim: i64,
+        idx: Tensor,
+    ) -> ScriptResult<Tensor> {
         let d = dim_of(&ctx, t, dim)?;
         let idx = idx.to_dtype(DType::I64).or_script(&ctx)?;
         ops::gather(t, d, &idx).or_script(&ctx)
     }
     /// torch.sort along `dim`: `#{values, indices}`.
     #[rhai_fn(return_raw, pure)]
-    pub fn sort(ctx: NativeCallContext, t: &mut Tensor, dim: i64, descending: bool) -> ScriptResult<Map> {
+    pub fn sort(
+        ctx: NativeCallContext,
+        t: &mut Tensor,
+        dim: i64,
+        descending: bool,
+    ) -> ScriptResult<Map> {
         let d = dim_of(&ctx, t, dim)?;
         let (values, indices) = ops::sort(t, d, descending).or_script(&ctx)?;
         let mut m = Map::new();
@@ -556,7 +747,6 @@ pub mod tensor_api {
         m.insert("indices".into(), Dynamic::from(indices));
         Ok(m)
     }
-
 
     /// Concatenate along an existing dim.
     #[rhai_fn(return_raw)]
@@ -587,12 +777,23 @@ pub mod tensor_api {
 
     /// True when |a - b| <= atol + rtol * |b| everywhere (shapes must match).
     #[rhai_fn(return_raw)]
-    pub fn allclose(ctx: NativeCallContext, a: Tensor, b: Tensor, atol: Dynamic, rtol: Dynamic) -> ScriptResult<bool> {
+    pub fn allclose(
+        ctx: NativeCallContext,
+        a: Tensor,
+        b: Tensor,
+        atol: Dynamic,
+        rtol: Dynamic,
+    ) -> ScriptResult<bool> {
         let (Some(atol), Some(rtol)) = (dynamic_f64(&atol), dynamic_f64(&rtol)) else {
             return Err("allclose: atol and rtol must be numbers").or_script(&ctx);
         };
         if a.dims() != b.dims() {
-            return Err(format!("allclose: shapes differ: {:?} vs {:?}", a.dims(), b.dims())).or_script(&ctx);
+            return Err(format!(
+                "allclose: shapes differ: {:?} vs {:?}",
+                a.dims(),
+                b.dims()
+            ))
+            .or_script(&ctx);
         }
         let run = || -> candle_core::Result<bool> {
             let a = a.to_dtype(DType::F64)?;

@@ -1,0 +1,252 @@
+//! The latent reward model in scripts: `let lrm = load_lrm(dir, #{multi_scale: true,
+//! guidance_scale: 7.5}); lrm.score(latents, ["a cat", "a dog"], t)`, the pair loss for
+//! training, saving, and a fresh LRM initialised from a base diffusion model.
+
+use std::sync::Arc;
+
+use rhai::plugin::*;
+
+use crate::reward::lrm::LatentRewardModel;
+
+/// A shared handle on one LRM.
+pub type ScriptLrm = Arc<LatentRewardModel>;
+
+mod helpers {
+    use candle_core::{DType, Tensor};
+    use rhai::{Array, Dynamic, Map, NativeCallContext};
+
+    use crate::reward::lrm::{LatentRewardModel, LrmOptions, PromptIds};
+    use crate::script::error::{OrScriptError, ScriptResult};
+    use crate::script::options::Options;
+    use crate::tensor::parse_dtype;
+
+    pub(super) const MODEL_KEYS: [&str; 6] =
+        ["multi_scale", "guidance_scale", "multi_scale_cfg", "dtype", "trainable", "train_text"];
+
+    pub(super) fn model_options(ctx: &NativeCallContext, o: &Options) -> ScriptResult<LrmOptions> {
+        let d = LrmOptions::default();
+        Ok(LrmOptions {
+            multi_scale: o.bool("multi_scale", d.multi_scale).or_script(ctx)?,
+            guidance_scale: o.f64("guidance_scale", d.guidance_scale).or_script(ctx)?,
+            multi_scale_cfg: o.bool("multi_scale_cfg", d.multi_scale_cfg).or_script(ctx)?,
+            dtype: parse_dtype(&o.string("dtype", "f32").or_script(ctx)?).or_script(ctx)?,
+            trainable: o.bool("trainable", false).or_script(ctx)?,
+            train_text: o.bool("train_text", false).or_script(ctx)?,
+        })
+    }
+
+    /// ids as a tensor, `[ids, ids_2]`, or prompt strings (tokenized by the LRM's tokenizers).
+    pub(super) fn prompt_ids(ctx: &NativeCallContext, lrm: &LatentRewardModel, ids: &Dynamic) -> ScriptResult<PromptIds> {
+        if let Some(t) = ids.clone().try_cast::<Tensor>() {
+            return Ok(PromptIds::Single(t.to_device(lrm.device()).or_script(ctx)?));
+        }
+        if let Ok(s) = ids.clone().into_string() {
+            return lrm.tokenize(&[s.as_str()]).or_script(ctx);
+        }
+        if ids.is_array() {
+            let arr = ids.read_lock::<Array>().expect("checked is_array").clone();
+            if arr.len() == 2 && arr.iter().all(|v| v.is::<Tensor>()) {
+                let a = arr[0].clone().cast::<Tensor>().to_device(lrm.device()).or_script(ctx)?;
+                let b = arr[1].clone().cast::<Tensor>().to_device(lrm.device()).or_script(ctx)?;
+                return Ok(PromptIds::Pair(a, b));
+            }
+            let prompts: Vec<String> = arr
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v.clone().into_string().map_err(|t| format!("prompt {i} is a {t}, not a string")))
+                .collect::<Result<_, _>>()
+                .or_script(ctx)?;
+            let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+            return lrm.tokenize(&refs).or_script(ctx);
+        }
+        Err(format!("ids must be an int tensor [B, 77], [ids, ids_2], or prompt strings; got {}", ids.type_name()))
+            .or_script(ctx)
+    }
+
+    pub(super) fn timesteps(ctx: &NativeCallContext, lrm: &LatentRewardModel, t: &Dynamic, n: usize) -> ScriptResult<Tensor> {
+        let t = match t.as_int() {
+            Ok(v) => Tensor::full(v, n, lrm.device()).or_script(ctx)?,
+            Err(_) => crate::script::convert::tensor_from_dynamic(t, lrm.device()).or_script(ctx)?,
+        };
+        t.to_dtype(DType::I64).or_script(ctx)
+    }
+
+    pub(super) fn to_map(entries: Vec<(&str, Tensor)>) -> Map {
+        entries.into_iter().map(|(k, v)| (k.into(), Dynamic::from(v))).collect()
+    }
+}
+
+#[export_module]
+pub mod lrm_api {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use candle_core::Tensor;
+    use rhai::{Array, Dynamic, Map};
+
+    use super::helpers::*;
+    use super::ScriptLrm;
+    use crate::reward::lrm::LatentRewardModel;
+    use crate::reward::pair_loss::{LossType, PairLossOptions};
+    use crate::script::error::{OrScriptError, ScriptResult};
+    use crate::script::options::Options;
+    use crate::script::Host;
+
+    /// Load an LRM folder (`unet/`, `text_encoder/`, `tokenizer/`, projections; SDXL also
+    /// `text_encoder_2/`, `tokenizer_2/`, `vae/`). Defaults: multi_scale true, guidance_scale 7.5.
+    #[rhai_fn(return_raw, volatile)]
+    pub fn load_lrm(ctx: NativeCallContext, dir: &str) -> ScriptResult<ScriptLrm> {
+        load_lrm_with(ctx, dir, Map::new())
+    }
+
+    /// Load an LRM with options `#{multi_scale, guidance_scale, multi_scale_cfg, dtype, trainable, train_text}`.
+    #[rhai_fn(name = "load_lrm", return_raw, volatile)]
+    pub fn load_lrm_with(ctx: NativeCallContext, dir: &str, opts: Map) -> ScriptResult<ScriptLrm> {
+        let o = Options::new(&opts, "load_lrm", &MODEL_KEYS).or_script(&ctx)?;
+        let options = model_options(&ctx, &o)?;
+        let host = Host::of(&ctx);
+        host.check().or_script(&ctx)?;
+        LatentRewardModel::load(Path::new(dir), options, &host.device).map(Arc::new).or_script(&ctx)
+    }
+
+    /// A fresh LRM from a base diffusion model folder: visual projection N(0, 0.02), text
+    /// projection from `clip_projection` (safetensors with `text_projection.weight`) or N(0, 0.02),
+    /// logit_scale 2.6592. Options: the `load_lrm` ones plus `projection_dim`, `clip_projection`, `seed`.
+    #[rhai_fn(return_raw, volatile)]
+    pub fn init_lrm(ctx: NativeCallContext, base: &str, opts: Map) -> ScriptResult<ScriptLrm> {
+        let mut accepted = MODEL_KEYS.to_vec();
+        accepted.extend(["projection_dim", "clip_projection", "seed"]);
+        let o = Options::new(&opts, "init_lrm", &accepted).or_script(&ctx)?;
+        let options = model_options(&ctx, &o)?;
+        let host = Host::of(&ctx);
+        let dim = o.opt_i64("projection_dim").or_script(&ctx)?.map(|d| d as usize);
+        let clip = o.opt_string("clip_projection").or_script(&ctx)?;
+        let seed = o.i64("seed", host.seed as i64).or_script(&ctx)? as u64;
+        LatentRewardModel::init_from_base(
+            Path::new(base),
+            dim,
+            clip.as_deref().map(Path::new),
+            seed,
+            options,
+            &host.device,
+        )
+        .map(Arc::new)
+        .or_script(&ctx)
+    }
+
+    /// Scores [B] = exp(logit_scale) · cos(image, text) of noisy latents x_t [B, C, H, W] at
+    /// timesteps t ([B] ints, or one int for all) for prompts: ids [B, 77], `[ids, ids_2]`
+    /// (SDXL), or an array of prompt strings.
+    #[rhai_fn(return_raw, pure)]
+    pub fn score(ctx: NativeCallContext, lrm: &mut ScriptLrm, latents: Tensor, ids: Dynamic, t: Dynamic) -> ScriptResult<Tensor> {
+        Host::of(&ctx).check().or_script(&ctx)?;
+        let ids = prompt_ids(&ctx, lrm, &ids)?;
+        let t = timesteps(&ctx, lrm, &t, latents.dim(0).or_script(&ctx)?)?;
+        let latents = latents.to_device(lrm.device()).or_script(&ctx)?;
+        lrm.score(&latents, &ids, &t).or_script(&ctx)
+    }
+
+    /// Projected (unnormalised) image features [B, D].
+    #[rhai_fn(return_raw, pure)]
+    pub fn image_features(ctx: NativeCallContext, lrm: &mut ScriptLrm, latents: Tensor, ids: Dynamic, t: Dynamic) -> ScriptResult<Tensor> {
+        let ids = prompt_ids(&ctx, lrm, &ids)?;
+        let t = timesteps(&ctx, lrm, &t, latents.dim(0).or_script(&ctx)?)?;
+        let cond = lrm.encode_text(&ids).or_script(&ctx)?;
+        lrm.image_features(&latents, &t, &cond).or_script(&ctx)
+    }
+
+    /// Projected (unnormalised) text features [B, D].
+    #[rhai_fn(return_raw, pure)]
+    pub fn text_features(ctx: NativeCallContext, lrm: &mut ScriptLrm, ids: Dynamic) -> ScriptResult<Tensor> {
+        let ids = prompt_ids(&ctx, lrm, &ids)?;
+        Ok(lrm.encode_text(&ids).or_script(&ctx)?.features)
+    }
+
+    /// The preference loss of N pairs: `t` is [N, 2] (one timestep per image); labels [N] sum
+    /// to 1 per pair (0.5/0.5 is a tie); options `#{loss_type: "pair"|"batch"|"both",
+    /// batch_coeff, aux_loss_coeff}`. Returns `#{loss, logits, per_pair, weight}`.
+    #[rhai_fn(return_raw, pure)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn pair_loss(
+        ctx: NativeCallContext,
+        lrm: &mut ScriptLrm,
+        ids: Dynamic,
+        latents_0: Tensor,
+        latents_1: Tensor,
+        t: Tensor,
+        label_0: Tensor,
+        label_1: Tensor,
+        num_examples: Tensor,
+        opts: Map,
+    ) -> ScriptResult<Map> {
+        Host::of(&ctx).check().or_script(&ctx)?;
+        let o = Options::new(&opts, "pair_loss", &["loss_type", "batch_coeff", "aux_loss_coeff"]).or_script(&ctx)?;
+        let options = PairLossOptions {
+            loss_type: LossType::parse(&o.string("loss_type", "pair").or_script(&ctx)?).or_script(&ctx)?,
+            batch_coeff: o.f64("batch_coeff", 1.0).or_script(&ctx)?,
+            aux_loss_coeff: o.f64("aux_loss_coeff", 1.0).or_script(&ctx)?,
+        };
+        let l0: Vec<f32> = label_0.to_dtype(candle_core::DType::F32).and_then(|t| t.to_vec1()).or_script(&ctx)?;
+        let l1: Vec<f32> = label_1.to_dtype(candle_core::DType::F32).and_then(|t| t.to_vec1()).or_script(&ctx)?;
+        crate::reward::pair_loss::validate_labels(&l0, &l1).or_script(&ctx)?;
+        let ids = prompt_ids(&ctx, lrm, &ids)?;
+        let dev = lrm.device().clone();
+        let to = |x: &Tensor| x.to_device(&dev);
+        let out = lrm
+            .pair_loss(
+                &ids,
+                &to(&latents_0).or_script(&ctx)?,
+                &to(&latents_1).or_script(&ctx)?,
+                &to(&t).and_then(|t| t.to_dtype(candle_core::DType::I64)).or_script(&ctx)?,
+                &to(&label_0).or_script(&ctx)?,
+                &to(&label_1).or_script(&ctx)?,
+                &to(&num_examples).or_script(&ctx)?,
+                options,
+            )
+            .or_script(&ctx)?;
+        Ok(to_map(vec![("loss", out.loss), ("logits", out.logits), ("per_pair", out.per_pair), ("weight", out.weight)]))
+    }
+
+    /// The raw logit_scale parameter (scores use its exp).
+    #[rhai_fn(get = "logit_scale", pure)]
+    pub fn logit_scale(lrm: &mut ScriptLrm) -> f64 {
+        lrm.projections().logit_scale.to_dtype(candle_core::DType::F64).and_then(|t| t.to_scalar::<f64>()).unwrap_or(f64::NAN)
+    }
+
+    /// Names of the trainable tensors (projections, and the UNet when loaded trainable).
+    #[rhai_fn(pure)]
+    pub fn trainable_names(lrm: &mut ScriptLrm) -> Array {
+        lrm.trainable_vars().into_iter().map(|(n, _)| Dynamic::from(n)).collect()
+    }
+
+    /// Number of trainable elements.
+    #[rhai_fn(get = "trainable_count", pure)]
+    pub fn trainable_count(lrm: &mut ScriptLrm) -> i64 {
+        lrm.trainable_vars().iter().map(|(_, v)| v.elem_count() as i64).sum()
+    }
+
+    /// True for an SDXL-style LRM (two text encoders).
+    #[rhai_fn(get = "is_sdxl", pure)]
+    pub fn is_sdxl(lrm: &mut ScriptLrm) -> bool {
+        lrm.is_sdxl()
+    }
+
+    /// Write the LRM as a folder `load_lrm` reads (projections.safetensors and the models).
+    #[rhai_fn(return_raw, pure)]
+    pub fn save(ctx: NativeCallContext, lrm: &mut ScriptLrm, dir: &str) -> ScriptResult<()> {
+        lrm.save(Path::new(dir)).or_script(&ctx)
+    }
+
+    #[rhai_fn(global, name = "to_string", name = "to_debug", pure)]
+    pub fn to_string(lrm: &mut ScriptLrm) -> String {
+        let o = &lrm.options;
+        format!(
+            "LRM({}; {}; multi_scale={}, guidance_scale={}, multi_scale_cfg={})",
+            lrm.dir.display(),
+            if lrm.is_sdxl() { "SDXL" } else { "SD" },
+            o.multi_scale,
+            o.guidance_scale,
+            o.multi_scale_cfg
+        )
+    }
+}
