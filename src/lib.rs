@@ -6,10 +6,10 @@
 
 pub mod control;
 pub mod diffusion;
-pub mod fsutil;
-pub mod lpo;
 pub mod eval;
+pub mod fsutil;
 pub mod image_io;
+pub mod lpo;
 pub mod models;
 pub mod repl;
 pub mod reward;

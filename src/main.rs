@@ -142,7 +142,6 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(lpo::run::log::TeeWriter::make);
-        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder
             .with_target(false)
@@ -171,7 +170,11 @@ fn main() -> ExitCode {
             let mut params = rhai::Map::new();
             if let Some(json) = params_json {
                 let value: Result<serde_json::Value, _> = serde_json::from_str(&json);
-                match value.ok().and_then(|v| rhai::serde::to_dynamic(v).ok()).and_then(|d| d.try_cast::<rhai::Map>()) {
+                match value
+                    .ok()
+                    .and_then(|v| rhai::serde::to_dynamic(v).ok())
+                    .and_then(|d| d.try_cast::<rhai::Map>())
+                {
                     Some(m) => params = m,
                     None => {
                         eprintln!("error: --params-json: not a JSON object");
@@ -190,7 +193,9 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            if !(stop_grace.is_finite() && stop_grace >= 0.0) || timeout.is_some_and(|t| !(t.is_finite() && t >= 0.0)) {
+            if !(stop_grace.is_finite() && stop_grace >= 0.0)
+                || timeout.is_some_and(|t| !(t.is_finite() && t >= 0.0))
+            {
                 eprintln!("error: --timeout and --stop-grace take a number of seconds >= 0");
                 return ExitCode::from(2);
             }
@@ -215,8 +220,15 @@ fn main() -> ExitCode {
             stop_after,
         } => lpo::schedule::main(&file, once, now.as_deref(), stop_after),
         Command::Check { script } => check_script(&script),
-        Command::Fns { json, markdown, filter } => {
-            let se = build_engine(Host::new(RunControl::new(), candle_core::Device::Cpu, 0), &EngineOptions::default());
+        Command::Fns {
+            json,
+            markdown,
+            filter,
+        } => {
+            let se = build_engine(
+                Host::new(RunControl::new(), candle_core::Device::Cpu, 0),
+                &EngineOptions::default(),
+            );
             if markdown {
                 match lpo::repl::markdown::api_reference(&se) {
                     Ok(text) => {
@@ -227,16 +239,11 @@ fn main() -> ExitCode {
                     Err(e) => {
                         eprintln!("error: {e}");
                         1
+                    }
                 }
             } else {
                 print_functions(&se.engine, json, filter.as_deref())
             }
-        Command::Fns { json, filter } => {
-            let se = build_engine(
-                Host::new(RunControl::new(), candle_core::Device::Cpu, 0),
-                &EngineOptions::default(),
-            );
-            print_functions(&se.engine, json, filter.as_deref())
         }
         Command::Repl { session } => {
             let device = match lpo::tensor::parse_device(&session.device) {

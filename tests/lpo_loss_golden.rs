@@ -160,10 +160,7 @@ fn gradients_match_golden_and_finite_differences() {
                 "{key}[{i}]: {a} vs {b} ({got:?} vs {want:?})"
             );
         }
-        assert!(
-            want.contains(&0.0),
-            "{key}: golden has clamped entries"
-        );
+        assert!(want.contains(&0.0), "{key}: golden has clamped entries");
     }
     // central differences in f64 at every entry
     let to64 = |k: &str| g[k].to_dtype(DType::F64).unwrap();

@@ -7,6 +7,6 @@ pub mod config;
 pub mod loading;
 pub mod lora;
 pub mod nn;
-pub mod unet;
 pub mod tokenizer;
+pub mod unet;
 pub mod vae;

@@ -163,8 +163,16 @@ impl LatentRewardModel {
     /// (`projections.safetensors` or the official `state_dict.pt`).
     pub fn load(dir: &Path, options: LrmOptions, device: &Device) -> Result<Self> {
         let dtype = options.dtype;
-        let unet_mode = if options.trainable { WeightMode::Trainable } else { WeightMode::Frozen };
-        let text_mode = if options.train_text { WeightMode::Trainable } else { WeightMode::Frozen };
+        let unet_mode = if options.trainable {
+            WeightMode::Trainable
+        } else {
+            WeightMode::Frozen
+        };
+        let text_mode = if options.train_text {
+            WeightMode::Trainable
+        } else {
+            WeightMode::Frozen
+        };
         let unet = UNet2DConditionModel::load(&dir.join("unet"), dtype, device, unet_mode)
             .with_context(|| format!("LRM {}: UNet", dir.display()))?;
         let encoder = ClipTextModel::load(&dir.join("text_encoder"), dtype, device, text_mode)
@@ -172,16 +180,24 @@ impl LatentRewardModel {
         let tokenizer = ClipTokenizer::load(&dir.join("tokenizer"))
             .with_context(|| format!("LRM {}: tokenizer", dir.display()))?;
         let text = if dir.join("text_encoder_2").is_dir() {
-            let encoder_2 = ClipTextModel::load(&dir.join("text_encoder_2"), dtype, device, text_mode)
-                .with_context(|| format!("LRM {}: text encoder 2", dir.display()))?;
+            let encoder_2 =
+                ClipTextModel::load(&dir.join("text_encoder_2"), dtype, device, text_mode)
+                    .with_context(|| format!("LRM {}: text encoder 2", dir.display()))?;
             if !encoder_2.has_projection() {
                 bail!("LRM {}: text_encoder_2 has no text_projection (SDXL's second encoder is CLIPTextModelWithProjection)", dir.display());
             }
             let tokenizer_2 = ClipTokenizer::load(&dir.join("tokenizer_2"))
                 .with_context(|| format!("LRM {}: tokenizer 2", dir.display()))?;
             let size = sdxl_image_size(dir, &unet) as f32;
-            let time_ids = Tensor::new(&[size, size, 0.0, 0.0, size, size], device)?.to_dtype(dtype)?;
-            TextSide::Sdxl { encoder, tokenizer, encoder_2, tokenizer_2, time_ids }
+            let time_ids =
+                Tensor::new(&[size, size, 0.0, 0.0, size, size], device)?.to_dtype(dtype)?;
+            TextSide::Sdxl {
+                encoder,
+                tokenizer,
+                encoder_2,
+                tokenizer_2,
+                time_ids,
+            }
         } else {
             TextSide::Sd { encoder, tokenizer }
         };
@@ -191,10 +207,17 @@ impl LatentRewardModel {
             "visual_projection_single_scale.weight"
         };
         let visual_key = if visual_key == "visual_projection_single_scale.weight" {
-            let has_single = crate::tensor::io::load_safetensors(&dir.join("projections.safetensors"), &Device::Cpu)
-                .map(|m| m.contains_key(visual_key))
-                .unwrap_or(false);
-            if has_single { visual_key } else { "visual_projection.weight" }
+            let has_single = crate::tensor::io::load_safetensors(
+                &dir.join("projections.safetensors"),
+                &Device::Cpu,
+            )
+            .map(|m| m.contains_key(visual_key))
+            .unwrap_or(false);
+            if has_single {
+                visual_key
+            } else {
+                "visual_projection.weight"
+            }
         } else {
             visual_key
         };
@@ -214,8 +237,16 @@ impl LatentRewardModel {
         device: &Device,
     ) -> Result<Self> {
         let dtype = options.dtype;
-        let unet_mode = if options.trainable { WeightMode::Trainable } else { WeightMode::Frozen };
-        let text_mode = if options.train_text { WeightMode::Trainable } else { WeightMode::Frozen };
+        let unet_mode = if options.trainable {
+            WeightMode::Trainable
+        } else {
+            WeightMode::Frozen
+        };
+        let text_mode = if options.train_text {
+            WeightMode::Trainable
+        } else {
+            WeightMode::Frozen
+        };
         let unet = UNet2DConditionModel::load(&base.join("unet"), dtype, device, unet_mode)?;
         let encoder = ClipTextModel::load(&base.join("text_encoder"), dtype, device, text_mode)?;
         let tokenizer = ClipTokenizer::load(&base.join("tokenizer"))?;
@@ -235,7 +266,11 @@ impl LatentRewardModel {
                     .with_context(|| format!("{}: no `text_projection.weight`", p.display()))?
                     .to_dtype(dtype)?;
                 if t.dims() != [dim, hidden] {
-                    bail!("{}: text_projection.weight is {:?}, expected [{dim}, {hidden}]", p.display(), t.dims());
+                    bail!(
+                        "{}: text_projection.weight is {:?}, expected [{dim}, {hidden}]",
+                        p.display(),
+                        t.dims()
+                    );
                 }
                 t
             }
@@ -246,7 +281,13 @@ impl LatentRewardModel {
             text: Some(text_proj),
             logit_scale: Tensor::new(INITIAL_LOGIT_SCALE as f32, device)?,
         };
-        Self::assemble(unet, TextSide::Sd { encoder, tokenizer }, projections, options, base)
+        Self::assemble(
+            unet,
+            TextSide::Sd { encoder, tokenizer },
+            projections,
+            options,
+            base,
+        )
     }
 
     /// Width of the concatenated pooled feature.
@@ -277,7 +318,10 @@ impl LatentRewardModel {
                 options.multi_scale
             );
         }
-        let stage_indices = stage_indices(unet.config.block_out_channels.len(), unet.config.layers_per_block);
+        let stage_indices = stage_indices(
+            unet.config.block_out_channels.len(),
+            unet.config.layers_per_block,
+        );
         let mut projection_vars = Vec::new();
         let wrap = |name: &str, t: Tensor, vars: &mut Vec<(String, Var)>| -> Result<Tensor> {
             if options.trainable {
@@ -294,7 +338,11 @@ impl LatentRewardModel {
             Some(t) => Some(wrap("text_projection.weight", t, &mut projection_vars)?),
             None => None,
         };
-        let visual_projection = wrap("visual_projection.weight", projections.visual, &mut projection_vars)?;
+        let visual_projection = wrap(
+            "visual_projection.weight",
+            projections.visual,
+            &mut projection_vars,
+        )?;
         if let (TextSide::Sd { encoder, .. }, Some(tp)) = (&text, &text_projection) {
             if tp.dim(1)? != encoder.hidden_size() {
                 bail!(
@@ -306,7 +354,10 @@ impl LatentRewardModel {
             }
         }
         if matches!(text, TextSide::Sd { .. }) && text_projection.is_none() {
-            bail!("LRM {}: text_projection.weight is required for an SD1.5/2.1-style LRM", dir.display());
+            bail!(
+                "LRM {}: text_projection.weight is required for an SD1.5/2.1-style LRM",
+                dir.display()
+            );
         }
         Ok(Self {
             unet,
@@ -333,8 +384,14 @@ impl LatentRewardModel {
     pub fn tokenize(&self, prompts: &[&str]) -> Result<PromptIds> {
         let device = self.device();
         Ok(match &self.text {
-            TextSide::Sd { tokenizer, .. } => PromptIds::Single(tokenizer.encode_on(prompts, device)?),
-            TextSide::Sdxl { tokenizer, tokenizer_2, .. } => PromptIds::Pair(
+            TextSide::Sd { tokenizer, .. } => {
+                PromptIds::Single(tokenizer.encode_on(prompts, device)?)
+            }
+            TextSide::Sdxl {
+                tokenizer,
+                tokenizer_2,
+                ..
+            } => PromptIds::Pair(
                 tokenizer.encode_on(prompts, device)?,
                 tokenizer_2.encode_on(prompts, device)?,
             ),
@@ -346,7 +403,11 @@ impl LatentRewardModel {
     pub fn encode_text(&self, ids: &PromptIds) -> Result<TextConditioning> {
         let b = ids.batch()?;
         let guided = self.options.guidance_scale > 1.0;
-        let empty = if guided { Some(self.tokenize(&[""])?) } else { None };
+        let empty = if guided {
+            Some(self.tokenize(&[""])?)
+        } else {
+            None
+        };
         match (&self.text, ids) {
             (TextSide::Sd { encoder, .. }, PromptIds::Single(ids)) => {
                 let out = encoder.encode(ids)?;
@@ -356,9 +417,23 @@ impl LatentRewardModel {
                     Some(PromptIds::Single(e)) => Some(repeat_rows(&encoder.encode(e)?.hidden, b)?),
                     _ => None,
                 };
-                Ok(TextConditioning { hidden: out.hidden, uncond_hidden, features, added: None, uncond_added: None })
+                Ok(TextConditioning {
+                    hidden: out.hidden,
+                    uncond_hidden,
+                    features,
+                    added: None,
+                    uncond_added: None,
+                })
             }
-            (TextSide::Sdxl { encoder, encoder_2, time_ids, .. }, PromptIds::Pair(ids, ids_2)) => {
+            (
+                TextSide::Sdxl {
+                    encoder,
+                    encoder_2,
+                    time_ids,
+                    ..
+                },
+                PromptIds::Pair(ids, ids_2),
+            ) => {
                 let encode = |a: &Tensor, b2: &Tensor| -> Result<(Tensor, Tensor)> {
                     let o1 = encoder.encode(a)?;
                     let o2 = encoder_2.encode(b2)?;
@@ -368,13 +443,19 @@ impl LatentRewardModel {
                 };
                 let (hidden, embeds) = encode(ids, ids_2)?;
                 let time = time_ids.unsqueeze(0)?.repeat((b, 1))?;
-                let added = AddedCond { text_embeds: embeds.clone(), time_ids: time.clone() };
+                let added = AddedCond {
+                    text_embeds: embeds.clone(),
+                    time_ids: time.clone(),
+                };
                 let (uncond_hidden, uncond_added) = match &empty {
                     Some(PromptIds::Pair(e1, e2)) => {
                         let (h, e) = encode(e1, e2)?;
                         (
                             Some(repeat_rows(&h, b)?),
-                            Some(AddedCond { text_embeds: repeat_rows(&e, b)?, time_ids: time }),
+                            Some(AddedCond {
+                                text_embeds: repeat_rows(&e, b)?,
+                                time_ids: time,
+                            }),
                         )
                     }
                     _ => (None, None),
@@ -383,7 +464,13 @@ impl LatentRewardModel {
                     Some(tp) => embeds.matmul(&tp.t()?)?,
                     None => embeds,
                 };
-                Ok(TextConditioning { hidden, uncond_hidden, features, added: Some(added), uncond_added })
+                Ok(TextConditioning {
+                    hidden,
+                    uncond_hidden,
+                    features,
+                    added: Some(added),
+                    uncond_added,
+                })
             }
             (TextSide::Sd { .. }, PromptIds::Pair(..)) => {
                 bail!("this LRM has one text encoder: pass one ids tensor, not a pair")
@@ -396,7 +483,12 @@ impl LatentRewardModel {
 
     /// Projected image features [N, D] of latents [N, C, H, W] at timesteps [N], conditioned on
     /// rows of `cond` (already one row per latent).
-    pub fn image_features(&self, latents: &Tensor, t: &Tensor, cond: &TextConditioning) -> Result<Tensor> {
+    pub fn image_features(
+        &self,
+        latents: &Tensor,
+        t: &Tensor,
+        cond: &TextConditioning,
+    ) -> Result<Tensor> {
         let n = latents.dim(0)?;
         if cond.hidden.dim(0)? != n {
             bail!("LRM: {} latents but {} prompt rows", n, cond.hidden.dim(0)?);
@@ -407,7 +499,10 @@ impl LatentRewardModel {
             t.clone()
         };
         if t.dims() != [n] {
-            bail!("LRM: timesteps have shape {:?}, expected [{n}] (one per latent)", t.dims());
+            bail!(
+                "LRM: timesteps have shape {:?}, expected [{n}] (one per latent)",
+                t.dims()
+            );
         }
         let latents = latents.to_dtype(self.options.dtype)?;
         let g = self.options.guidance_scale;
@@ -425,7 +520,11 @@ impl LatentRewardModel {
                 };
                 (self.unet.features(&x, &tt, &ehs, added.as_ref())?, true)
             }
-            _ => (self.unet.features(&latents, &t, &cond.hidden, cond.added.as_ref())?, false),
+            _ => (
+                self.unet
+                    .features(&latents, &t, &cond.hidden, cond.added.as_ref())?,
+                false,
+            ),
         };
         let pick = |x: Tensor, guide: bool| -> candle_core::Result<Tensor> {
             if !doubled {
@@ -441,7 +540,10 @@ impl LatentRewardModel {
             let mut parts = Vec::with_capacity(self.stage_indices.len() + 1);
             for &i in &self.stage_indices {
                 let r = feats.down.get(i).with_context(|| {
-                    format!("LRM: UNet gave {} down residuals, stage index {i} is missing", feats.down.len())
+                    format!(
+                        "LRM: UNet gave {} down residuals, stage index {i} is missing",
+                        feats.down.len()
+                    )
                 })?;
                 parts.push(pick(global_pool(r)?, self.options.multi_scale_cfg)?);
             }
@@ -465,7 +567,12 @@ impl LatentRewardModel {
     }
 
     /// Scores with text already encoded (the sampler encodes once and scores K·B candidates).
-    pub fn score_with(&self, latents: &Tensor, cond: &TextConditioning, t: &Tensor) -> Result<Tensor> {
+    pub fn score_with(
+        &self,
+        latents: &Tensor,
+        cond: &TextConditioning,
+        t: &Tensor,
+    ) -> Result<Tensor> {
         let image = l2_normalize(&self.image_features(latents, t, cond)?)?;
         let text = l2_normalize(&cond.features)?;
         let cos = (image * text)?.sum(1)?.to_dtype(DType::F32)?;
@@ -481,7 +588,12 @@ impl LatentRewardModel {
         };
         let rep_added = |a: &Option<AddedCond>| -> candle_core::Result<Option<AddedCond>> {
             a.as_ref()
-                .map(|a| Ok(AddedCond { text_embeds: rep(&a.text_embeds)?, time_ids: rep(&a.time_ids)? }))
+                .map(|a| {
+                    Ok(AddedCond {
+                        text_embeds: rep(&a.text_embeds)?,
+                        time_ids: rep(&a.time_ids)?,
+                    })
+                })
                 .transpose()
         };
         Ok(TextConditioning {
@@ -515,11 +627,20 @@ impl LatentRewardModel {
             );
         }
         if t.dims() != [n, 2] {
-            bail!("pair_loss: timesteps have shape {:?}, expected [{n}, 2]", t.dims());
+            bail!(
+                "pair_loss: timesteps have shape {:?}, expected [{n}, 2]",
+                t.dims()
+            );
         }
         let cond = Self::repeat_conditioning(&self.encode_text(ids)?, 2)?;
         let latents = Tensor::cat(&[latents_0, latents_1], 0)?;
-        let tt = Tensor::cat(&[&t.narrow(1, 0, 1)?.squeeze(1)?, &t.narrow(1, 1, 1)?.squeeze(1)?], 0)?;
+        let tt = Tensor::cat(
+            &[
+                &t.narrow(1, 0, 1)?.squeeze(1)?,
+                &t.narrow(1, 1, 1)?.squeeze(1)?,
+            ],
+            0,
+        )?;
         let image = self.image_features(&latents, &tt, &cond)?;
         let text = cond.features.narrow(0, 0, n)?;
         Ok(pair_loss(
@@ -539,16 +660,32 @@ impl LatentRewardModel {
     /// loaded trainable).
     pub fn trainable_vars(&self) -> Vec<(String, Var)> {
         let mut vars = self.projection_vars.clone();
-        vars.extend(self.unet.trainable_vars().into_iter().map(|(n, v)| (format!("unet.{n}"), v)));
+        vars.extend(
+            self.unet
+                .trainable_vars()
+                .into_iter()
+                .map(|(n, v)| (format!("unet.{n}"), v)),
+        );
         let text_vars = match &self.text {
             TextSide::Sd { encoder, .. } => encoder.trainable_vars(),
-            TextSide::Sdxl { encoder, encoder_2, .. } => {
+            TextSide::Sdxl {
+                encoder, encoder_2, ..
+            } => {
                 let mut v = encoder.trainable_vars();
-                v.extend(encoder_2.trainable_vars().into_iter().map(|(n, v)| (format!("2.{n}"), v)));
+                v.extend(
+                    encoder_2
+                        .trainable_vars()
+                        .into_iter()
+                        .map(|(n, v)| (format!("2.{n}"), v)),
+                );
                 v
             }
         };
-        vars.extend(text_vars.into_iter().map(|(n, v)| (format!("text_encoder.{n}"), v)));
+        vars.extend(
+            text_vars
+                .into_iter()
+                .map(|(n, v)| (format!("text_encoder.{n}"), v)),
+        );
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         vars
     }
@@ -565,7 +702,9 @@ impl LatentRewardModel {
 
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display()))?;
-    for entry in std::fs::read_dir(from).with_context(|| format!("cannot list {}", from.display()))? {
+    for entry in
+        std::fs::read_dir(from).with_context(|| format!("cannot list {}", from.display()))?
+    {
         let entry = entry?;
         let target = to.join(entry.file_name());
         if entry.path().is_dir() {
@@ -590,9 +729,14 @@ impl LatentRewardModel {
         if self.options.trainable && !unet_vars.is_empty() && !self.unet.lora().has_adapters() {
             let unet_dir = dir.join("unet");
             std::fs::create_dir_all(&unet_dir)?;
-            let map: std::collections::HashMap<String, Tensor> =
-                unet_vars.into_iter().map(|(n, v)| (n, v.as_tensor().detach())).collect();
-            crate::tensor::io::save_safetensors(&map, &unet_dir.join("diffusion_pytorch_model.safetensors"))?;
+            let map: std::collections::HashMap<String, Tensor> = unet_vars
+                .into_iter()
+                .map(|(n, v)| (n, v.as_tensor().detach()))
+                .collect();
+            crate::tensor::io::save_safetensors(
+                &map,
+                &unet_dir.join("diffusion_pytorch_model.safetensors"),
+            )?;
             let config = std::fs::read(self.dir.join("unet/config.json"))
                 .with_context(|| format!("cannot read {}/unet/config.json", self.dir.display()))?;
             crate::fsutil::atomic_write(&unet_dir.join("config.json"), &config)?;
@@ -600,7 +744,13 @@ impl LatentRewardModel {
             copy_dir(&self.dir.join("unet"), &dir.join("unet"))?;
         }
         if !same {
-            for sub in ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae"] {
+            for sub in [
+                "text_encoder",
+                "tokenizer",
+                "text_encoder_2",
+                "tokenizer_2",
+                "vae",
+            ] {
                 let from = self.dir.join(sub);
                 if from.is_dir() {
                     copy_dir(&from, &dir.join(sub))?;

@@ -99,7 +99,10 @@ pub fn run_script(opts: RunOptions, control: std::sync::Arc<RunControl>) -> i32 
     if let Some(run) = &opts.run {
         host = host.with_run_dir(run.clone());
     }
-    let name_path = opts.source_name.clone().unwrap_or_else(|| opts.script.clone());
+    let name_path = opts
+        .source_name
+        .clone()
+        .unwrap_or_else(|| opts.script.clone());
     let se = engine_for(&name_path, host, opts.limits);
     let name = name_path.display().to_string();
     let mut ast = match se.engine.compile(&source) {
@@ -130,9 +133,12 @@ pub fn run_script(opts: RunOptions, control: std::sync::Arc<RunControl>) -> i32 
         Err(err) => {
             let failure = classify(&err, &control);
             let text = match failure {
-                Failure::Stopped(reason) => {
-                    report::format_at(&name, &source, err.position(), &format!("stopped: {}", reason.describe()))
-                }
+                Failure::Stopped(reason) => report::format_at(
+                    &name,
+                    &source,
+                    err.position(),
+                    &format!("stopped: {}", reason.describe()),
+                ),
                 _ => report::format_eval_error(&name, &source, &err),
             };
             log::report(&format!("error: {text}"));

@@ -24,6 +24,22 @@ pub fn print_parse_error(file: &str, source: &str, err: &ParseError) {
     );
 }
 
+/// The text of a module file, or of the copy of `stdlib/` compiled into the binary.
+fn module_source(file: &str) -> String {
+    if let Some(name) = file
+        .strip_prefix("<stdlib>/")
+        .and_then(|n| n.strip_suffix(".rhai"))
+    {
+        if let Some((_, src)) = crate::script::resolver::EMBEDDED_STDLIB
+            .iter()
+            .find(|(n, _)| *n == name)
+        {
+            return src.to_string();
+        }
+    }
+    std::fs::read_to_string(file).unwrap_or_default()
+}
+
 /// `line:col` of a position (Rhai's own Display says "line 3, position 7").
 fn line_col(pos: Position) -> String {
     match (pos.line(), pos.position()) {
@@ -42,15 +58,18 @@ fn innermost<'a>(file: &str, err: &'a EvalAltResult) -> (String, &'a EvalAltResu
     loop {
         match current {
             EvalAltResult::ErrorInModule(name, inner, pos) => {
-                trail.push(format!("in module `{name}` imported at {current_file}:{}", line_col(*pos)));
                 trail.push(format!(
-                    "in module `{name}` imported at {current_file}:{pos}"
+                    "in module `{name}` imported at {current_file}:{}",
+                    line_col(*pos)
                 ));
                 current_file = name.clone();
                 current = inner;
             }
             EvalAltResult::ErrorInFunctionCall(name, src, inner, pos) => {
-                trail.push(format!("in call to `{name}` at {current_file}:{}", line_col(*pos)));
+                trail.push(format!(
+                    "in call to `{name}` at {current_file}:{}",
+                    line_col(*pos)
+                ));
                 if !src.is_empty() {
                     current_file = src.clone();
                 }
@@ -71,7 +90,7 @@ pub fn format_eval_error(file: &str, source: &str, err: &EvalAltResult) -> Strin
     let text = if at_file == file {
         source.to_string()
     } else {
-        std::fs::read_to_string(&at_file).unwrap_or_default()
+        module_source(&at_file)
     };
     let message = match inner {
         EvalAltResult::ErrorRuntime(v, _) => v.to_string(),

@@ -128,11 +128,7 @@ pub mod diffusion_api {
 
     /// Per-row DDIM variance of the step from t: (1-a_prev)/(1-a_t) * (1 - a_t/a_prev) (f32 [B]).
     #[rhai_fn(return_raw, pure)]
-    pub fn variance(
-        ctx: NativeCallContext,
-        s: &mut Scheduler,
-        t: Dynamic,
-    ) -> ScriptResult<Tensor> {
+    pub fn variance(ctx: NativeCallContext, s: &mut Scheduler, t: Dynamic) -> ScriptResult<Tensor> {
         let t = t_arg(&ctx, &t, s.device())?;
         s.variance(&t).or_script(&ctx)
     }

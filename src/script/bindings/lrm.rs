@@ -20,15 +20,23 @@ mod helpers {
     use crate::script::options::Options;
     use crate::tensor::parse_dtype;
 
-    pub(super) const MODEL_KEYS: [&str; 6] =
-        ["multi_scale", "guidance_scale", "multi_scale_cfg", "dtype", "trainable", "train_text"];
+    pub(super) const MODEL_KEYS: [&str; 6] = [
+        "multi_scale",
+        "guidance_scale",
+        "multi_scale_cfg",
+        "dtype",
+        "trainable",
+        "train_text",
+    ];
 
     pub(super) fn model_options(ctx: &NativeCallContext, o: &Options) -> ScriptResult<LrmOptions> {
         let d = LrmOptions::default();
         Ok(LrmOptions {
             multi_scale: o.bool("multi_scale", d.multi_scale).or_script(ctx)?,
             guidance_scale: o.f64("guidance_scale", d.guidance_scale).or_script(ctx)?,
-            multi_scale_cfg: o.bool("multi_scale_cfg", d.multi_scale_cfg).or_script(ctx)?,
+            multi_scale_cfg: o
+                .bool("multi_scale_cfg", d.multi_scale_cfg)
+                .or_script(ctx)?,
             dtype: parse_dtype(&o.string("dtype", "f32").or_script(ctx)?).or_script(ctx)?,
             trainable: o.bool("trainable", false).or_script(ctx)?,
             train_text: o.bool("train_text", false).or_script(ctx)?,
@@ -36,7 +44,11 @@ mod helpers {
     }
 
     /// ids as a tensor, `[ids, ids_2]`, or prompt strings (tokenized by the LRM's tokenizers).
-    pub(super) fn prompt_ids(ctx: &NativeCallContext, lrm: &LatentRewardModel, ids: &Dynamic) -> ScriptResult<PromptIds> {
+    pub(super) fn prompt_ids(
+        ctx: &NativeCallContext,
+        lrm: &LatentRewardModel,
+        ids: &Dynamic,
+    ) -> ScriptResult<PromptIds> {
         if let Some(t) = ids.clone().try_cast::<Tensor>() {
             return Ok(PromptIds::Single(t.to_device(lrm.device()).or_script(ctx)?));
         }
@@ -46,33 +58,58 @@ mod helpers {
         if ids.is_array() {
             let arr = ids.read_lock::<Array>().expect("checked is_array").clone();
             if arr.len() == 2 && arr.iter().all(|v| v.is::<Tensor>()) {
-                let a = arr[0].clone().cast::<Tensor>().to_device(lrm.device()).or_script(ctx)?;
-                let b = arr[1].clone().cast::<Tensor>().to_device(lrm.device()).or_script(ctx)?;
+                let a = arr[0]
+                    .clone()
+                    .cast::<Tensor>()
+                    .to_device(lrm.device())
+                    .or_script(ctx)?;
+                let b = arr[1]
+                    .clone()
+                    .cast::<Tensor>()
+                    .to_device(lrm.device())
+                    .or_script(ctx)?;
                 return Ok(PromptIds::Pair(a, b));
             }
             let prompts: Vec<String> = arr
                 .iter()
                 .enumerate()
-                .map(|(i, v)| v.clone().into_string().map_err(|t| format!("prompt {i} is a {t}, not a string")))
+                .map(|(i, v)| {
+                    v.clone()
+                        .into_string()
+                        .map_err(|t| format!("prompt {i} is a {t}, not a string"))
+                })
                 .collect::<Result<_, _>>()
                 .or_script(ctx)?;
             let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
             return lrm.tokenize(&refs).or_script(ctx);
         }
-        Err(format!("ids must be an int tensor [B, 77], [ids, ids_2], or prompt strings; got {}", ids.type_name()))
-            .or_script(ctx)
+        Err(format!(
+            "ids must be an int tensor [B, 77], [ids, ids_2], or prompt strings; got {}",
+            ids.type_name()
+        ))
+        .or_script(ctx)
     }
 
-    pub(super) fn timesteps(ctx: &NativeCallContext, lrm: &LatentRewardModel, t: &Dynamic, n: usize) -> ScriptResult<Tensor> {
+    pub(super) fn timesteps(
+        ctx: &NativeCallContext,
+        lrm: &LatentRewardModel,
+        t: &Dynamic,
+        n: usize,
+    ) -> ScriptResult<Tensor> {
         let t = match t.as_int() {
             Ok(v) => Tensor::full(v, n, lrm.device()).or_script(ctx)?,
-            Err(_) => crate::script::convert::tensor_from_dynamic(t, lrm.device()).or_script(ctx)?,
+            Err(_) => {
+                crate::script::convert::tensor_from_dynamic(t, lrm.device()).or_script(ctx)?
+            }
         };
         t.to_dtype(DType::I64).or_script(ctx)
     }
 
     pub(super) fn to_map(entries: Vec<(&str, Tensor)>) -> Map {
-        entries.into_iter().map(|(k, v)| (k.into(), Dynamic::from(v))).collect()
+        entries
+            .into_iter()
+            .map(|(k, v)| (k.into(), Dynamic::from(v)))
+            .collect()
     }
 }
 
@@ -106,7 +143,9 @@ pub mod lrm_api {
         let options = model_options(&ctx, &o)?;
         let host = Host::of(&ctx);
         host.check().or_script(&ctx)?;
-        LatentRewardModel::load(Path::new(dir), options, &host.device).map(Arc::new).or_script(&ctx)
+        LatentRewardModel::load(Path::new(dir), options, &host.device)
+            .map(Arc::new)
+            .or_script(&ctx)
     }
 
     /// A fresh LRM from a base diffusion model folder: visual projection N(0, 0.02), text
@@ -119,7 +158,10 @@ pub mod lrm_api {
         let o = Options::new(&opts, "init_lrm", &accepted).or_script(&ctx)?;
         let options = model_options(&ctx, &o)?;
         let host = Host::of(&ctx);
-        let dim = o.opt_i64("projection_dim").or_script(&ctx)?.map(|d| d as usize);
+        let dim = o
+            .opt_i64("projection_dim")
+            .or_script(&ctx)?
+            .map(|d| d as usize);
         let clip = o.opt_string("clip_projection").or_script(&ctx)?;
         let seed = o.i64("seed", host.seed as i64).or_script(&ctx)? as u64;
         LatentRewardModel::init_from_base(
@@ -138,7 +180,13 @@ pub mod lrm_api {
     /// timesteps t ([B] ints, or one int for all) for prompts: ids [B, 77], `[ids, ids_2]`
     /// (SDXL), or an array of prompt strings.
     #[rhai_fn(return_raw, pure)]
-    pub fn score(ctx: NativeCallContext, lrm: &mut ScriptLrm, latents: Tensor, ids: Dynamic, t: Dynamic) -> ScriptResult<Tensor> {
+    pub fn score(
+        ctx: NativeCallContext,
+        lrm: &mut ScriptLrm,
+        latents: Tensor,
+        ids: Dynamic,
+        t: Dynamic,
+    ) -> ScriptResult<Tensor> {
         Host::of(&ctx).check().or_script(&ctx)?;
         let ids = prompt_ids(&ctx, lrm, &ids)?;
         let t = timesteps(&ctx, lrm, &t, latents.dim(0).or_script(&ctx)?)?;
@@ -148,7 +196,13 @@ pub mod lrm_api {
 
     /// Projected (unnormalised) image features [B, D].
     #[rhai_fn(return_raw, pure)]
-    pub fn image_features(ctx: NativeCallContext, lrm: &mut ScriptLrm, latents: Tensor, ids: Dynamic, t: Dynamic) -> ScriptResult<Tensor> {
+    pub fn image_features(
+        ctx: NativeCallContext,
+        lrm: &mut ScriptLrm,
+        latents: Tensor,
+        ids: Dynamic,
+        t: Dynamic,
+    ) -> ScriptResult<Tensor> {
         let ids = prompt_ids(&ctx, lrm, &ids)?;
         let t = timesteps(&ctx, lrm, &t, latents.dim(0).or_script(&ctx)?)?;
         let cond = lrm.encode_text(&ids).or_script(&ctx)?;
@@ -157,7 +211,11 @@ pub mod lrm_api {
 
     /// Projected (unnormalised) text features [B, D].
     #[rhai_fn(return_raw, pure)]
-    pub fn text_features(ctx: NativeCallContext, lrm: &mut ScriptLrm, ids: Dynamic) -> ScriptResult<Tensor> {
+    pub fn text_features(
+        ctx: NativeCallContext,
+        lrm: &mut ScriptLrm,
+        ids: Dynamic,
+    ) -> ScriptResult<Tensor> {
         let ids = prompt_ids(&ctx, lrm, &ids)?;
         Ok(lrm.encode_text(&ids).or_script(&ctx)?.features)
     }
@@ -180,14 +238,26 @@ pub mod lrm_api {
         opts: Map,
     ) -> ScriptResult<Map> {
         Host::of(&ctx).check().or_script(&ctx)?;
-        let o = Options::new(&opts, "pair_loss", &["loss_type", "batch_coeff", "aux_loss_coeff"]).or_script(&ctx)?;
+        let o = Options::new(
+            &opts,
+            "pair_loss",
+            &["loss_type", "batch_coeff", "aux_loss_coeff"],
+        )
+        .or_script(&ctx)?;
         let options = PairLossOptions {
-            loss_type: LossType::parse(&o.string("loss_type", "pair").or_script(&ctx)?).or_script(&ctx)?,
+            loss_type: LossType::parse(&o.string("loss_type", "pair").or_script(&ctx)?)
+                .or_script(&ctx)?,
             batch_coeff: o.f64("batch_coeff", 1.0).or_script(&ctx)?,
             aux_loss_coeff: o.f64("aux_loss_coeff", 1.0).or_script(&ctx)?,
         };
-        let l0: Vec<f32> = label_0.to_dtype(candle_core::DType::F32).and_then(|t| t.to_vec1()).or_script(&ctx)?;
-        let l1: Vec<f32> = label_1.to_dtype(candle_core::DType::F32).and_then(|t| t.to_vec1()).or_script(&ctx)?;
+        let l0: Vec<f32> = label_0
+            .to_dtype(candle_core::DType::F32)
+            .and_then(|t| t.to_vec1())
+            .or_script(&ctx)?;
+        let l1: Vec<f32> = label_1
+            .to_dtype(candle_core::DType::F32)
+            .and_then(|t| t.to_vec1())
+            .or_script(&ctx)?;
         crate::reward::pair_loss::validate_labels(&l0, &l1).or_script(&ctx)?;
         let ids = prompt_ids(&ctx, lrm, &ids)?;
         let dev = lrm.device().clone();
@@ -197,32 +267,49 @@ pub mod lrm_api {
                 &ids,
                 &to(&latents_0).or_script(&ctx)?,
                 &to(&latents_1).or_script(&ctx)?,
-                &to(&t).and_then(|t| t.to_dtype(candle_core::DType::I64)).or_script(&ctx)?,
+                &to(&t)
+                    .and_then(|t| t.to_dtype(candle_core::DType::I64))
+                    .or_script(&ctx)?,
                 &to(&label_0).or_script(&ctx)?,
                 &to(&label_1).or_script(&ctx)?,
                 &to(&num_examples).or_script(&ctx)?,
                 options,
             )
             .or_script(&ctx)?;
-        Ok(to_map(vec![("loss", out.loss), ("logits", out.logits), ("per_pair", out.per_pair), ("weight", out.weight)]))
+        Ok(to_map(vec![
+            ("loss", out.loss),
+            ("logits", out.logits),
+            ("per_pair", out.per_pair),
+            ("weight", out.weight),
+        ]))
     }
 
     /// The raw logit_scale parameter (scores use its exp).
     #[rhai_fn(get = "logit_scale", pure)]
     pub fn logit_scale(lrm: &mut ScriptLrm) -> f64 {
-        lrm.projections().logit_scale.to_dtype(candle_core::DType::F64).and_then(|t| t.to_scalar::<f64>()).unwrap_or(f64::NAN)
+        lrm.projections()
+            .logit_scale
+            .to_dtype(candle_core::DType::F64)
+            .and_then(|t| t.to_scalar::<f64>())
+            .unwrap_or(f64::NAN)
     }
 
     /// Names of the trainable tensors (projections, and the UNet when loaded trainable).
     #[rhai_fn(pure)]
     pub fn trainable_names(lrm: &mut ScriptLrm) -> Array {
-        lrm.trainable_vars().into_iter().map(|(n, _)| Dynamic::from(n)).collect()
+        lrm.trainable_vars()
+            .into_iter()
+            .map(|(n, _)| Dynamic::from(n))
+            .collect()
     }
 
     /// Number of trainable elements.
     #[rhai_fn(get = "trainable_count", pure)]
     pub fn trainable_count(lrm: &mut ScriptLrm) -> i64 {
-        lrm.trainable_vars().iter().map(|(_, v)| v.elem_count() as i64).sum()
+        lrm.trainable_vars()
+            .iter()
+            .map(|(_, v)| v.elem_count() as i64)
+            .sum()
     }
 
     /// True for an SDXL-style LRM (two text encoders).

@@ -12,10 +12,10 @@ pub mod run;
 pub mod shapes;
 pub mod system;
 pub mod tensor;
-pub mod unet;
 pub mod text;
-pub mod vae;
 pub mod train;
+pub mod unet;
+pub mod vae;
 
 pub fn register_all(engine: &mut Engine) {
     engine.register_type_with_name::<candle_core::Tensor>("Tensor");
