@@ -348,18 +348,18 @@ impl UNetConfig {
         }
         match self.addition_embed_type.as_deref() {
             None => {}
-            Some("text_time") => {
+            Some("text_time")
                 if self.addition_time_embed_dim.is_none()
-                    || self.projection_class_embeddings_input_dim.is_none()
-                {
-                    bail!("`addition_embed_type` = text_time needs `addition_time_embed_dim` and `projection_class_embeddings_input_dim`");
-                }
+                    || self.projection_class_embeddings_input_dim.is_none() =>
+            {
+                bail!("`addition_embed_type` = text_time needs `addition_time_embed_dim` and `projection_class_embeddings_input_dim`");
             }
+            Some("text_time") => {}
             Some(other) => {
                 bail!("unsupported `addition_embed_type` = `{other}` (supported: text_time)")
             }
         }
-        if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
+        if self.conv_in_kernel.is_multiple_of(2) || self.conv_out_kernel.is_multiple_of(2) {
             bail!("`conv_in_kernel`/`conv_out_kernel` must be odd");
         }
         if self.norm_num_groups == 0

@@ -85,7 +85,7 @@ struct Backend {
 
 enum Source {
     Tensors(HashMap<String, Tensor>),
-    Random(Mutex<SeededRng>),
+    Random(Box<Mutex<SeededRng>>),
 }
 
 impl Backend {
@@ -196,7 +196,7 @@ impl UNet2DConditionModel {
         mode: WeightMode,
     ) -> anyhow::Result<Self> {
         config.validate().context("unsupported UNet config")?;
-        let source = Source::Random(Mutex::new(SeededRng::new(seed)));
+        let source = Source::Random(Box::new(Mutex::new(SeededRng::new(seed))));
         Self::build(
             config,
             source,
