@@ -31,6 +31,9 @@ pub fn register_all(engine: &mut Engine) {
     engine.register_type_with_name::<text::ScriptTokenizer>("Tokenizer");
     engine.register_type_with_name::<text::ScriptTextEncoder>("TextEncoder");
     engine.register_type_with_name::<vae::ScriptVae>("Vae");
+    engine.register_type_with_name::<text::Tokenizer>("Tokenizer");
+    engine.register_type_with_name::<text::TextEncoder>("TextEncoder");
+    engine.register_type_with_name::<vae::Vae>("Vae");
     engine.register_global_module(exported_module!(text::text_api).into());
     engine.register_global_module(exported_module!(vae::vae_api).into());
     engine.register_type_with_name::<diffusion::Scheduler>("Scheduler");

@@ -10,9 +10,9 @@ use crate::models::clip_text::ClipTextModel;
 use crate::models::tokenizer::ClipTokenizer;
 
 /// Script value of `load_tokenizer`.
-pub type ScriptTokenizer = Arc<ClipTokenizer>;
+pub type Tokenizer = Arc<ClipTokenizer>;
 /// Script value of `load_text_encoder`.
-pub type ScriptTextEncoder = Arc<ClipTextModel>;
+pub type TextEncoder = Arc<ClipTextModel>;
 
 pub(crate) mod helpers {
     use candle_core::{DType, Device};
@@ -23,7 +23,7 @@ pub(crate) mod helpers {
     use crate::tensor::{parse_device, parse_dtype};
 
     /// One string or an array of strings.
-    pub(super) fn prompts(value: &Dynamic) -> Result<Vec<String>, String> {
+    pub(super) fn prompt_list(value: &Dynamic) -> Result<Vec<String>, String> {
         if let Ok(s) = value.clone().into_string() {
             return Ok(vec![s]);
         }
@@ -83,8 +83,8 @@ pub mod text_api {
     use candle_core::Tensor;
     use rhai::{Array, Dynamic, Map};
 
-    use super::helpers::{load_options, prompts};
-    use super::{ScriptTextEncoder, ScriptTokenizer};
+    use super::helpers::{load_options, prompt_list};
+    use super::{TextEncoder, Tokenizer};
     use crate::models::clip_text::ClipTextModel;
     use crate::models::tokenizer::{ClipTokenizer, TokenizerSource};
     use crate::script::convert::tensor_from_dynamic;
@@ -96,7 +96,7 @@ pub mod text_api {
     /// A CLIP tokenizer from a diffusers `tokenizer/` folder (`tokenizer.json`, or `vocab.json`
     /// + `merges.txt`), padding and truncating to its `model_max_length` (77).
     #[rhai_fn(return_raw, volatile)]
-    pub fn load_tokenizer(ctx: NativeCallContext, dir: &str) -> ScriptResult<ScriptTokenizer> {
+    pub fn load_tokenizer(ctx: NativeCallContext, dir: &str) -> ScriptResult<Tokenizer> {
         ClipTokenizer::load(Path::new(dir))
             .map(Arc::new)
             .or_script(&ctx)
@@ -106,10 +106,10 @@ pub mod text_api {
     #[rhai_fn(name = "encode", return_raw)]
     pub fn tokenizer_encode(
         ctx: NativeCallContext,
-        tok: &mut ScriptTokenizer,
-        prompts_value: Dynamic,
+        tok: &mut Tokenizer,
+        prompts: Dynamic,
     ) -> ScriptResult<Tensor> {
-        let list = prompts(&prompts_value).or_script(&ctx)?;
+        let list = prompt_list(&prompts).or_script(&ctx)?;
         let refs: Vec<&str> = list.iter().map(String::as_str).collect();
         tok.encode_on(&refs, &Host::of(&ctx).device).or_script(&ctx)
     }
@@ -118,7 +118,7 @@ pub mod text_api {
     #[rhai_fn(name = "decode", return_raw)]
     pub fn tokenizer_decode(
         ctx: NativeCallContext,
-        tok: &mut ScriptTokenizer,
+        tok: &mut Tokenizer,
         ids: Dynamic,
     ) -> ScriptResult<String> {
         let t = tensor_from_dynamic(&ids, &candle_core::Device::Cpu).or_script(&ctx)?;
@@ -137,7 +137,7 @@ pub mod text_api {
     #[rhai_fn(return_raw)]
     pub fn token_count(
         ctx: NativeCallContext,
-        tok: &mut ScriptTokenizer,
+        tok: &mut Tokenizer,
         prompt: &str,
     ) -> ScriptResult<i64> {
         tok.token_count(prompt).map(|n| n as i64).or_script(&ctx)
@@ -145,36 +145,36 @@ pub mod text_api {
 
     /// Id of the padding token (49407 `<|endoftext|>` for SD1.5, 0 `!` for SD2.1 / SDXL's second).
     #[rhai_fn(get = "pad_id", pure)]
-    pub fn pad_id(tok: &mut ScriptTokenizer) -> i64 {
+    pub fn pad_id(tok: &mut Tokenizer) -> i64 {
         tok.pad_id() as i64
     }
 
     /// Id of `<|startoftext|>`.
     #[rhai_fn(get = "bos_id", pure)]
-    pub fn bos_id(tok: &mut ScriptTokenizer) -> i64 {
+    pub fn bos_id(tok: &mut Tokenizer) -> i64 {
         tok.bos_id() as i64
     }
 
     /// Id of `<|endoftext|>`.
     #[rhai_fn(get = "eos_id", pure)]
-    pub fn eos_id(tok: &mut ScriptTokenizer) -> i64 {
+    pub fn eos_id(tok: &mut Tokenizer) -> i64 {
         tok.eos_id() as i64
     }
 
     /// Padded length of every encoded row (`model_max_length`, 77 for CLIP).
     #[rhai_fn(get = "max_length", pure)]
-    pub fn max_length(tok: &mut ScriptTokenizer) -> i64 {
+    pub fn max_length(tok: &mut Tokenizer) -> i64 {
         tok.max_length() as i64
     }
 
     /// Vocabulary size including added tokens.
     #[rhai_fn(get = "vocab_size", pure)]
-    pub fn vocab_size(tok: &mut ScriptTokenizer) -> i64 {
+    pub fn vocab_size(tok: &mut Tokenizer) -> i64 {
         tok.vocab_size() as i64
     }
 
     #[rhai_fn(global, name = "to_string", name = "to_debug", pure)]
-    pub fn tokenizer_to_string(tok: &mut ScriptTokenizer) -> String {
+    pub fn tokenizer_to_string(tok: &mut Tokenizer) -> String {
         let src = match tok.source() {
             TokenizerSource::TokenizerJson(_) => "tokenizer.json",
             TokenizerSource::VocabMerges { .. } => "vocab.json+merges.txt",
@@ -192,7 +192,7 @@ pub mod text_api {
     /// A CLIP text encoder (`CLIPTextModel` / `CLIPTextModelWithProjection`) from a diffusers
     /// `text_encoder/` folder, frozen, in f32 on the run's device.
     #[rhai_fn(return_raw, volatile)]
-    pub fn load_text_encoder(ctx: NativeCallContext, dir: &str) -> ScriptResult<ScriptTextEncoder> {
+    pub fn load_text_encoder(ctx: NativeCallContext, dir: &str) -> ScriptResult<TextEncoder> {
         load_text_encoder_with(ctx, dir, Map::new())
     }
 
@@ -203,7 +203,7 @@ pub mod text_api {
         ctx: NativeCallContext,
         dir: &str,
         options: Map,
-    ) -> ScriptResult<ScriptTextEncoder> {
+    ) -> ScriptResult<TextEncoder> {
         let host = Host::of(&ctx);
         let (dtype, device, mode) =
             load_options(&options, "load_text_encoder", &host.device).or_script(&ctx)?;
@@ -218,7 +218,7 @@ pub mod text_api {
     #[rhai_fn(name = "encode", return_raw)]
     pub fn text_encode(
         ctx: NativeCallContext,
-        te: &mut ScriptTextEncoder,
+        te: &mut TextEncoder,
         ids: Dynamic,
     ) -> ScriptResult<Map> {
         let host = Host::of(&ctx);
@@ -237,31 +237,31 @@ pub mod text_api {
 
     /// Number of scalar parameters.
     #[rhai_fn(get = "param_count", pure)]
-    pub fn te_param_count(te: &mut ScriptTextEncoder) -> i64 {
+    pub fn te_param_count(te: &mut TextEncoder) -> i64 {
         te.param_count() as i64
     }
 
     /// Width of the hidden states.
     #[rhai_fn(get = "hidden_size", pure)]
-    pub fn te_hidden_size(te: &mut ScriptTextEncoder) -> i64 {
+    pub fn te_hidden_size(te: &mut TextEncoder) -> i64 {
         te.hidden_size() as i64
     }
 
     /// Whether the model has a text projection (`text_embeds`).
     #[rhai_fn(get = "has_projection", pure)]
-    pub fn te_has_projection(te: &mut ScriptTextEncoder) -> bool {
+    pub fn te_has_projection(te: &mut TextEncoder) -> bool {
         te.has_projection()
     }
 
     /// Whether the weights were loaded as trainable parameters.
     #[rhai_fn(get = "trainable", pure)]
-    pub fn te_trainable(te: &mut ScriptTextEncoder) -> bool {
+    pub fn te_trainable(te: &mut TextEncoder) -> bool {
         te.is_trainable()
     }
 
     /// Names of the trainable tensors, sorted (empty when loaded frozen).
     #[rhai_fn(name = "trainable_names", pure)]
-    pub fn te_trainable_names(te: &mut ScriptTextEncoder) -> Array {
+    pub fn te_trainable_names(te: &mut TextEncoder) -> Array {
         te.trainable_names()
             .into_iter()
             .map(Dynamic::from)
@@ -269,7 +269,7 @@ pub mod text_api {
     }
 
     #[rhai_fn(global, name = "to_string", name = "to_debug", pure)]
-    pub fn te_to_string(te: &mut ScriptTextEncoder) -> String {
+    pub fn te_to_string(te: &mut TextEncoder) -> String {
         let c = te.config();
         format!(
             "TextEncoder(hidden={}, layers={}, heads={}, act={}, projection={}, dtype={}, params={})",

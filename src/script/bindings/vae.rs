@@ -8,7 +8,7 @@ use rhai::plugin::*;
 use crate::models::vae::AutoencoderKL;
 
 /// Script value of `load_vae`.
-pub type ScriptVae = Arc<AutoencoderKL>;
+pub type Vae = Arc<AutoencoderKL>;
 
 #[export_module]
 pub mod vae_api {
@@ -18,7 +18,7 @@ pub mod vae_api {
     use candle_core::Tensor;
     use rhai::{Array, Dynamic, Map};
 
-    use super::ScriptVae;
+    use super::Vae;
     use crate::models::vae::AutoencoderKL;
     use crate::script::bindings::rng::ScriptRng;
     use crate::script::bindings::text::helpers::load_options;
@@ -28,17 +28,13 @@ pub mod vae_api {
 
     /// An `AutoencoderKL` from a diffusers `vae/` folder, frozen, f32, on the run's device.
     #[rhai_fn(return_raw, volatile)]
-    pub fn load_vae(ctx: NativeCallContext, dir: &str) -> ScriptResult<ScriptVae> {
+    pub fn load_vae(ctx: NativeCallContext, dir: &str) -> ScriptResult<Vae> {
         load_vae_with(ctx, dir, Map::new())
     }
 
     /// `load_vae(dir, #{dtype, trainable, device})`.
     #[rhai_fn(name = "load_vae", return_raw, volatile)]
-    pub fn load_vae_with(
-        ctx: NativeCallContext,
-        dir: &str,
-        options: Map,
-    ) -> ScriptResult<ScriptVae> {
+    pub fn load_vae_with(ctx: NativeCallContext, dir: &str, options: Map) -> ScriptResult<Vae> {
         let host = Host::of(&ctx);
         let (dtype, device, mode) =
             load_options(&options, "load_vae", &host.device).or_script(&ctx)?;
@@ -51,7 +47,7 @@ pub mod vae_api {
     #[rhai_fn(name = "encode", return_raw)]
     pub fn vae_encode(
         ctx: NativeCallContext,
-        vae: &mut ScriptVae,
+        vae: &mut Vae,
         images: Dynamic,
     ) -> ScriptResult<Tensor> {
         Host::of(&ctx).check().or_script(&ctx)?;
@@ -63,7 +59,7 @@ pub mod vae_api {
     #[rhai_fn(return_raw)]
     pub fn encode_dist(
         ctx: NativeCallContext,
-        vae: &mut ScriptVae,
+        vae: &mut Vae,
         images: Dynamic,
     ) -> ScriptResult<Map> {
         Host::of(&ctx).check().or_script(&ctx)?;
@@ -81,7 +77,7 @@ pub mod vae_api {
     #[rhai_fn(name = "sample", return_raw, volatile)]
     pub fn vae_sample(
         ctx: NativeCallContext,
-        vae: &mut ScriptVae,
+        vae: &mut Vae,
         images: Dynamic,
         rng: ScriptRng,
     ) -> ScriptResult<Tensor> {
@@ -96,7 +92,7 @@ pub mod vae_api {
     #[rhai_fn(name = "decode", return_raw)]
     pub fn vae_decode(
         ctx: NativeCallContext,
-        vae: &mut ScriptVae,
+        vae: &mut Vae,
         latents: Dynamic,
     ) -> ScriptResult<Tensor> {
         Host::of(&ctx).check().or_script(&ctx)?;
@@ -106,31 +102,31 @@ pub mod vae_api {
 
     /// The config's `scaling_factor` (0.18215 for SD1.5/2.1, 0.13025 for SDXL).
     #[rhai_fn(get = "scaling_factor", pure)]
-    pub fn scaling_factor(vae: &mut ScriptVae) -> f64 {
+    pub fn scaling_factor(vae: &mut Vae) -> f64 {
         vae.scaling_factor()
     }
 
     /// Latent channels (4 for SD).
     #[rhai_fn(get = "latent_channels", pure)]
-    pub fn latent_channels(vae: &mut ScriptVae) -> i64 {
+    pub fn latent_channels(vae: &mut Vae) -> i64 {
         vae.latent_channels() as i64
     }
 
     /// Spatial factor image size / latent size (8 for SD).
     #[rhai_fn(get = "downscale", pure)]
-    pub fn downscale(vae: &mut ScriptVae) -> i64 {
+    pub fn downscale(vae: &mut Vae) -> i64 {
         vae.downscale() as i64
     }
 
     /// Number of scalar parameters.
     #[rhai_fn(get = "param_count", pure)]
-    pub fn vae_param_count(vae: &mut ScriptVae) -> i64 {
+    pub fn vae_param_count(vae: &mut Vae) -> i64 {
         vae.param_count() as i64
     }
 
     /// Names of the trainable tensors, sorted (empty when loaded frozen).
     #[rhai_fn(name = "trainable_names", pure)]
-    pub fn vae_trainable_names(vae: &mut ScriptVae) -> Array {
+    pub fn vae_trainable_names(vae: &mut Vae) -> Array {
         vae.trainable_names()
             .into_iter()
             .map(Dynamic::from)
@@ -138,7 +134,7 @@ pub mod vae_api {
     }
 
     #[rhai_fn(global, name = "to_string", name = "to_debug", pure)]
-    pub fn vae_to_string(vae: &mut ScriptVae) -> String {
+    pub fn vae_to_string(vae: &mut Vae) -> String {
         let c = vae.config();
         format!(
             "Vae(block_out_channels={:?}, latent_channels={}, scaling_factor={}, dtype={}, params={})",
