@@ -141,6 +141,11 @@ fn logprob_case(prefix: &str, dir: &str) {
             lp_f64_input: max_abs_diff(s.log_prob(m.to_dtype("f64"), t, x.to_dtype("f64"), prev, 1.0), g[p + "log_prob_f64"]),
             lp_ref: max_abs_diff(s.log_prob(g[p + "model_output_ref"], t, x, prev, 1.0), g[p + "log_prob_ref"]),
             rebuilt: max_abs_diff(rebuilt, prev),
+            many: {{
+                let both = s.log_prob(m, t, x, [prev, g[p + "prev_sample_mean"]], 1.0);
+                max_abs_diff(both[0], g[p + "log_prob"])
+                    + max_abs_diff(both[1], s.log_prob(m, t, x, g[p + "prev_sample_mean"], 1.0))
+            }},
             shape: s.log_prob(m, t, x, prev, 1.0).shape,
         }}
     "#
@@ -153,6 +158,7 @@ fn logprob_case(prefix: &str, dir: &str) {
         "lp64",
         "lp_ref",
         "rebuilt",
+        "many",
     ] {
         assert!(f(&m, k) < 1e-4, "{prefix} {k}: {}", f(&m, k));
     }
@@ -470,6 +476,10 @@ fn bad_input_gives_clear_errors() {
     assert!(err.contains("k must be"), "{err}");
     let err = eval_err(&format!("{pre} s.step(x, 951, x, -1.0, rng(1))"));
     assert!(err.contains("eta"), "{err}");
+    let err = eval_err(&format!("{pre} s.log_prob(x, 951, x, x, 0)"));
+    assert!(err.contains("eta > 0"), "{err}");
+    let err = eval_err(&format!("{pre} s.log_prob(x, 951, x, [x, 1], 1.0)"));
+    assert!(err.contains("prev_samples[1]"), "{err}");
     let err = eval_err(&format!("{pre} s.timestep_rank(tensor([950]))"));
     assert!(err.contains("950"), "{err}");
     let err = eval_err(&format!("{pre} s.set_timesteps(0)"));
