@@ -485,3 +485,40 @@ fn bad_input_gives_clear_errors() {
     let err = eval_err(&format!("{pre} s.set_timesteps(0)"));
     assert!(err.contains("1..=1000"), "{err}");
 }
+
+/// The three prediction types agree when each model predicts its own target exactly.
+#[test]
+fn prediction_types_agree_on_exact_predictions() {
+    let v_dir = config_dir(&[("prediction_type", "v_prediction".into())]);
+    let x_dir = config_dir(&[("prediction_type", "sample".into())]);
+    let m = eval_map(&format!(
+        r#"
+        let se = load_scheduler("{SD}");
+        let sv = load_scheduler("{}");
+        let sx = load_scheduler("{}");
+        for s in [se, sv, sx] {{ s.set_timesteps(20); }}
+        let x0 = rng(1).randn([3, 4, 4, 4]);
+        let n = rng(2).randn([3, 4, 4, 4]);
+        let t = tensor([951, 501, 1]);
+        let xt = se.add_noise(x0, n, t);
+        let v = se.velocity(x0, n, t);
+        let me = se.prev_sample_mean(n, t, xt, 1.0);
+        #{{
+            v_x0: max_abs_diff(sv.pred_original_sample(v, t, xt), x0),
+            v_eps: max_abs_diff(sv.pred_epsilon(v, t, xt), n),
+            x_eps: max_abs_diff(sx.pred_epsilon(x0, t, xt), n),
+            v_mean: max_abs_diff(sv.prev_sample_mean(v, t, xt, 1.0), me),
+            x_mean: max_abs_diff(sx.prev_sample_mean(x0, t, xt, 1.0), me),
+            types: [sv.prediction_type, sx.prediction_type],
+        }}
+    "#,
+        v_dir.path().display(),
+        x_dir.path().display()
+    ));
+    for k in ["v_x0", "v_eps", "x_mean", "v_mean"] {
+        assert!(f(&m, k) < 1e-4, "{k}: {}", f(&m, k));
+    }
+    // eps from an x0 prediction divides by sqrt(1 - a_t), tiny at t = 1
+    assert!(f(&m, "x_eps") < 1e-2, "x_eps: {}", f(&m, "x_eps"));
+    assert_eq!(m["types"].to_string(), r#"["v_prediction", "sample"]"#);
+}
