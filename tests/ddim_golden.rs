@@ -141,6 +141,11 @@ fn logprob_case(prefix: &str, dir: &str) {
             lp_f64_input: max_abs_diff(s.log_prob(m.to_dtype("f64"), t, x.to_dtype("f64"), prev, 1.0), g[p + "log_prob_f64"]),
             lp_ref: max_abs_diff(s.log_prob(g[p + "model_output_ref"], t, x, prev, 1.0), g[p + "log_prob_ref"]),
             rebuilt: max_abs_diff(rebuilt, prev),
+            many: {{
+                let both = s.log_prob(m, t, x, [prev, g[p + "prev_sample_mean"]], 1.0);
+                max_abs_diff(both[0], g[p + "log_prob"])
+                    + max_abs_diff(both[1], s.log_prob(m, t, x, g[p + "prev_sample_mean"], 1.0))
+            }},
             shape: s.log_prob(m, t, x, prev, 1.0).shape,
         }}
     "#
@@ -153,6 +158,7 @@ fn logprob_case(prefix: &str, dir: &str) {
         "lp64",
         "lp_ref",
         "rebuilt",
+        "many",
     ] {
         assert!(f(&m, k) < 1e-4, "{prefix} {k}: {}", f(&m, k));
     }
@@ -470,8 +476,49 @@ fn bad_input_gives_clear_errors() {
     assert!(err.contains("k must be"), "{err}");
     let err = eval_err(&format!("{pre} s.step(x, 951, x, -1.0, rng(1))"));
     assert!(err.contains("eta"), "{err}");
+    let err = eval_err(&format!("{pre} s.log_prob(x, 951, x, x, 0)"));
+    assert!(err.contains("eta > 0"), "{err}");
+    let err = eval_err(&format!("{pre} s.log_prob(x, 951, x, [x, 1], 1.0)"));
+    assert!(err.contains("prev_samples[1]"), "{err}");
     let err = eval_err(&format!("{pre} s.timestep_rank(tensor([950]))"));
     assert!(err.contains("950"), "{err}");
     let err = eval_err(&format!("{pre} s.set_timesteps(0)"));
     assert!(err.contains("1..=1000"), "{err}");
+}
+
+/// The three prediction types agree when each model predicts its own target exactly.
+#[test]
+fn prediction_types_agree_on_exact_predictions() {
+    let v_dir = config_dir(&[("prediction_type", "v_prediction".into())]);
+    let x_dir = config_dir(&[("prediction_type", "sample".into())]);
+    let m = eval_map(&format!(
+        r#"
+        let se = load_scheduler("{SD}");
+        let sv = load_scheduler("{}");
+        let sx = load_scheduler("{}");
+        for s in [se, sv, sx] {{ s.set_timesteps(20); }}
+        let x0 = rng(1).randn([3, 4, 4, 4]);
+        let n = rng(2).randn([3, 4, 4, 4]);
+        let t = tensor([951, 501, 1]);
+        let xt = se.add_noise(x0, n, t);
+        let v = se.velocity(x0, n, t);
+        let me = se.prev_sample_mean(n, t, xt, 1.0);
+        #{{
+            v_x0: max_abs_diff(sv.pred_original_sample(v, t, xt), x0),
+            v_eps: max_abs_diff(sv.pred_epsilon(v, t, xt), n),
+            x_eps: max_abs_diff(sx.pred_epsilon(x0, t, xt), n),
+            v_mean: max_abs_diff(sv.prev_sample_mean(v, t, xt, 1.0), me),
+            x_mean: max_abs_diff(sx.prev_sample_mean(x0, t, xt, 1.0), me),
+            types: [sv.prediction_type, sx.prediction_type],
+        }}
+    "#,
+        v_dir.path().display(),
+        x_dir.path().display()
+    ));
+    for k in ["v_x0", "v_eps", "x_mean", "v_mean"] {
+        assert!(f(&m, k) < 1e-4, "{k}: {}", f(&m, k));
+    }
+    // eps from an x0 prediction divides by sqrt(1 - a_t), tiny at t = 1
+    assert!(f(&m, "x_eps") < 1e-2, "x_eps: {}", f(&m, "x_eps"));
+    assert_eq!(m["types"].to_string(), r#"["v_prediction", "sample"]"#);
 }

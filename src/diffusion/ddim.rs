@@ -526,8 +526,28 @@ impl DdimScheduler {
                 sample.dims()
             );
         }
+        if eta <= 0.0 {
+            bail!("log_prob needs eta > 0 (the step is deterministic at eta 0), got {eta}");
+        }
         self.step_dist(model_output, t, sample, eta)?
             .log_prob(prev_sample)
+    }
+
+    /// Log-probs [B] of several candidates for x_{t-1} (e.g. winner and loser) from one
+    /// computation of the step's mean.
+    pub fn log_probs(
+        &self,
+        model_output: &Tensor,
+        t: &Tensor,
+        sample: &Tensor,
+        prev_samples: &[Tensor],
+        eta: f64,
+    ) -> Result<Vec<Tensor>> {
+        if eta <= 0.0 {
+            bail!("log_prob needs eta > 0 (the step is deterministic at eta 0), got {eta}");
+        }
+        let d = self.step_dist(model_output, t, sample, eta)?;
+        prev_samples.iter().map(|p| d.log_prob(p)).collect()
     }
 
     /// Forward diffusion: sqrt(a_t) x0 + sqrt(1 - a_t) noise.

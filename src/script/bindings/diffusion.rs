@@ -231,6 +231,35 @@ pub mod diffusion_api {
             .or_script(&ctx)
     }
 
+    /// Log-probs of several x_{t-1} (an array of tensors, e.g. `[x_win, x_lose]`) under the
+    /// same step, computing the step's mean once: an array of [B] tensors.
+    #[rhai_fn(name = "log_prob", return_raw, pure)]
+    pub fn log_prob_many(
+        ctx: NativeCallContext,
+        s: &mut Scheduler,
+        model_output: Tensor,
+        t: Dynamic,
+        sample: Tensor,
+        prev_samples: rhai::Array,
+        eta: Dynamic,
+    ) -> ScriptResult<rhai::Array> {
+        let t = t_arg(&ctx, &t, sample.device())?;
+        let eta = num(&ctx, &eta, "log_prob: eta")?;
+        let prevs = prev_samples
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.try_cast::<Tensor>()
+                    .ok_or_else(|| format!("log_prob: prev_samples[{i}] is not a tensor"))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .or_script(&ctx)?;
+        let lps = s
+            .log_probs(&model_output, &t, &sample, &prevs, eta)
+            .or_script(&ctx)?;
+        Ok(lps.into_iter().map(Dynamic::from).collect())
+    }
+
     /// x_{t-1} [B, ...]: one DDIM step with noise from `rng` (none drawn when eta is 0).
     #[rhai_fn(return_raw, pure, volatile)]
     pub fn step(
