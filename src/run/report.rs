@@ -21,6 +21,16 @@ pub fn print_parse_error(file: &str, source: &str, err: &ParseError) {
     eprintln!("error: {}", format_at(file, source, err.position(), &err.err_type().to_string()));
 }
 
+/// The text of a module file, or of the copy of `stdlib/` compiled into the binary.
+fn module_source(file: &str) -> String {
+    if let Some(name) = file.strip_prefix("<stdlib>/").and_then(|n| n.strip_suffix(".rhai")) {
+        if let Some((_, src)) = crate::script::resolver::EMBEDDED_STDLIB.iter().find(|(n, _)| *n == name) {
+            return src.to_string();
+        }
+    }
+    std::fs::read_to_string(file).unwrap_or_default()
+}
+
 /// `line:col` of a position (Rhai's own Display says "line 3, position 7").
 fn line_col(pos: Position) -> String {
     match (pos.line(), pos.position()) {
@@ -65,7 +75,7 @@ pub fn format_eval_error(file: &str, source: &str, err: &EvalAltResult) -> Strin
     let text = if at_file == file {
         source.to_string()
     } else {
-        std::fs::read_to_string(&at_file).unwrap_or_default()
+        module_source(&at_file)
     };
     let message = match inner {
         EvalAltResult::ErrorRuntime(v, _) => v.to_string(),
