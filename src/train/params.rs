@@ -61,6 +61,29 @@ impl Params {
         Self::from_vars(vars)
     }
 
+    /// One list from several (e.g. the LRM's projections and its UNet); names must stay unique.
+    pub fn merge(parts: &[Params]) -> Result<Self> {
+        Self::from_vars(
+            parts
+                .iter()
+                .flat_map(|p| p.vars().iter().cloned())
+                .collect(),
+        )
+    }
+
+    /// The variables whose names start with `prefix`, in order (the same variables, not copies).
+    pub fn select(&self, prefix: &str) -> Self {
+        Self {
+            vars: Arc::new(
+                self.vars
+                    .iter()
+                    .filter(|(n, _)| n.starts_with(prefix))
+                    .cloned()
+                    .collect(),
+            ),
+        }
+    }
+
     pub fn vars(&self) -> &[(String, Var)] {
         &self.vars
     }
