@@ -805,3 +805,38 @@ fn grad_coverage_check_and_params_merge_select() {
         .unwrap();
     assert_eq!(format!("{out:?}"), r#"[["w", "u", "v"], ["u"], 3]"#);
 }
+
+#[test]
+fn params_from_a_varmap_train_a_candle_nn_layer() {
+    use candle_nn::Module;
+    let vm = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &cpu());
+    let layer = candle_nn::linear(2, 1, vb.pp("fc")).unwrap();
+    let p = Params::from_varmap(&vm).unwrap();
+    assert_eq!(p.names(), vec!["fc.bias", "fc.weight"]);
+    let mut opt = AdamW::new(
+        p,
+        AdamWConfig {
+            lr: 0.05,
+            ..AdamWConfig::default()
+        },
+    )
+    .unwrap();
+    let x = Tensor::new(&[[1.0f32, 0.0], [0.0, 1.0], [1.0, 1.0]], &cpu()).unwrap();
+    let y = Tensor::new(&[[1.0f32], [-1.0], [0.0]], &cpu()).unwrap();
+    let mse = |l: &candle_nn::Linear| {
+        (l.forward(&x).unwrap() - &y)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+    };
+    let first = mse(&layer).to_scalar::<f32>().unwrap();
+    for _ in 0..300 {
+        let loss = mse(&layer);
+        opt.backward_and_step(&loss);
+    }
+    let last = mse(&layer).to_scalar::<f32>().unwrap();
+    assert!(last < 1e-3 && first > 0.1, "{first} -> {last}");
+}

@@ -48,6 +48,16 @@ impl Params {
         })
     }
 
+    /// Every variable of a candle_nn `VarMap` (what `Weights::into_var_builder(Trainable)`
+    /// returns), sorted by name.
+    pub fn from_varmap(varmap: &candle_nn::VarMap) -> Result<Self> {
+        let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+        let mut vars: Vec<(String, Var)> =
+            data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        Self::from_vars(vars)
+    }
+
     /// Fresh variables initialized with copies of `tensors` (toy problems, tests).
     pub fn from_tensors(tensors: Vec<(String, Tensor)>) -> Result<Self> {
         let vars = tensors
