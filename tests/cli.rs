@@ -137,6 +137,40 @@ fn stdlib_import_works_from_any_directory() {
 }
 
 #[test]
+fn errors_inside_the_embedded_stdlib_show_file_line_and_source() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "m.rhai",
+        "import \"util\" as u;\nlet a = zeros([2]);\nu::check_close(a, zeros([3]), 0.0);\n",
+    );
+    let o = Command::new(LPO)
+        .args(["run", "m.rhai"])
+        .current_dir(dir.path())
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 1);
+    let err = stderr(&o);
+    assert!(
+        err.contains("<stdlib>/util.rhai:") && err.contains("shapes differ"),
+        "{err}"
+    );
+    assert!(
+        err.contains("let d = max_abs_diff(a, b);"),
+        "module source line shown: {err}"
+    );
+    assert!(
+        err.contains("in call to `check_close` at m.rhai:3:"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("candle_core::error"),
+        "no Rust backtrace in a script error: {err}"
+    );
+}
+
+#[test]
 fn safety_limit_exits_3_and_deadline_124() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "spin.rhai", "let x = 0;\nloop { x += 1; }\n");

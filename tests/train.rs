@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, Var};
 use lpo::control::RunControl;
 use lpo::script::{build_engine, EngineOptions, Host};
-use lpo::tensor::grad::{clip_by_global_norm, finite_difference_check, global_norm};
+use lpo::tensor::grad::{
+    clip_by_global_norm, finite_difference_check, global_norm, vars_without_grad,
+};
 use lpo::train::{AdamW, AdamWConfig, GradClip, Params, Schedule};
 
 fn cpu() -> Device {
@@ -748,4 +750,93 @@ fn script_errors_name_the_problem() {
         .eval::<rhai::Dynamic>("let p = params_from(#{w: [1.0]});\nlet o = adamw(p);\n   o.step();")
         .unwrap_err();
     assert_eq!(err.position().line(), Some(3), "{err}");
+}
+
+#[test]
+fn grad_coverage_check_and_params_merge_select() {
+    let a = params(&[("enc.w", Tensor::new(&[1.0f32, 2.0], &cpu()).unwrap())]);
+    let b = params(&[
+        ("proj.w", Tensor::new(&[3.0f32], &cpu()).unwrap()),
+        ("proj.b", Tensor::new(&[0.0f32], &cpu()).unwrap()),
+    ]);
+    let all = Params::merge(&[a.clone(), b.clone()]).unwrap();
+    assert_eq!(all.names(), vec!["enc.w", "proj.w", "proj.b"]);
+    assert_eq!(all.numel(), 4);
+    assert!(
+        Params::merge(&[a.clone(), a.clone()]).is_err(),
+        "duplicate names"
+    );
+    assert_eq!(all.select("proj.").names(), vec!["proj.w", "proj.b"]);
+    // The same variables: a change through one is seen through the other.
+    all.get("enc.w")
+        .unwrap()
+        .set(&Tensor::new(&[5.0f32, 6.0], &cpu()).unwrap())
+        .unwrap();
+    assert_eq!(values(&a, "enc.w"), vec![5.0, 6.0]);
+
+    let enc = all.get("enc.w").unwrap().as_tensor();
+    let pw = all.get("proj.w").unwrap().as_tensor();
+    let pb = all.get("proj.b").unwrap().as_tensor();
+    // proj.b cancels itself: an all-zero gradient; enc.w is cut by detach. (candle's `x * 0.0`
+    // drops the gradient entirely rather than giving zeros, so it is not used here.)
+    let pb_sum = pb.sum_all().unwrap();
+    let loss = ((enc.detach().sum_all().unwrap() * pw.sum_all().unwrap()).unwrap()
+        + (&pb_sum - &pb_sum).unwrap())
+    .unwrap();
+    let grads = loss.backward().unwrap();
+    assert_eq!(
+        vars_without_grad(all.vars(), &grads, false).unwrap(),
+        vec!["enc.w"]
+    );
+    assert_eq!(
+        vars_without_grad(all.vars(), &grads, true).unwrap(),
+        vec!["enc.w", "proj.b"]
+    );
+
+    let out: rhai::Array = engine()
+        .eval(
+            r#"
+            let a = params_from(#{w: [1.0]});
+            let b = params_from(#{v: [2.0], u: [3.0]});
+            let m = merge_params([a, b]);
+            [m.names(), m.select("u").names(), m.len]
+        "#,
+        )
+        .unwrap();
+    assert_eq!(format!("{out:?}"), r#"[["w", "u", "v"], ["u"], 3]"#);
+}
+
+#[test]
+fn params_from_a_varmap_train_a_candle_nn_layer() {
+    use candle_nn::Module;
+    let vm = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &cpu());
+    let layer = candle_nn::linear(2, 1, vb.pp("fc")).unwrap();
+    let p = Params::from_varmap(&vm).unwrap();
+    assert_eq!(p.names(), vec!["fc.bias", "fc.weight"]);
+    let mut opt = AdamW::new(
+        p,
+        AdamWConfig {
+            lr: 0.05,
+            ..AdamWConfig::default()
+        },
+    )
+    .unwrap();
+    let x = Tensor::new(&[[1.0f32, 0.0], [0.0, 1.0], [1.0, 1.0]], &cpu()).unwrap();
+    let y = Tensor::new(&[[1.0f32], [-1.0], [0.0]], &cpu()).unwrap();
+    let mse = |l: &candle_nn::Linear| {
+        (l.forward(&x).unwrap() - &y)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+    };
+    let first = mse(&layer).to_scalar::<f32>().unwrap();
+    for _ in 0..300 {
+        let loss = mse(&layer);
+        opt.backward_and_step(&loss);
+    }
+    let last = mse(&layer).to_scalar::<f32>().unwrap();
+    assert!(last < 1e-3 && first > 0.1, "{first} -> {last}");
 }

@@ -15,7 +15,23 @@ pub fn host_error(ctx: &NativeCallContext, err: impl Display) -> Box<EvalAltResu
 }
 
 pub fn error_at(pos: Position, err: impl Display) -> Box<EvalAltResult> {
-    EvalAltResult::ErrorRuntime(format!("{err:#}").into(), pos).into()
+    EvalAltResult::ErrorRuntime(without_backtrace(format!("{err:#}")).into(), pos).into()
+}
+
+/// candle appends a captured backtrace to its errors when RUST_BACKTRACE is set; a script
+/// error message is for the script's author, so it is cut at the first backtrace frame.
+pub fn without_backtrace(mut msg: String) -> String {
+    let mut offset = 0;
+    for line in msg.split_inclusive('\n') {
+        if offset > 0 && line.trim_start().starts_with("0: ") {
+            msg.truncate(offset);
+            let trimmed = msg.trim_end().len();
+            msg.truncate(trimmed);
+            return msg;
+        }
+        offset += line.len();
+    }
+    msg
 }
 
 /// A stop request observed inside a host call: the same error `on_progress` raises.

@@ -3,6 +3,7 @@
 //! checker.
 
 use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
 /// Sum of squares of one tensor, accumulated in f64.
@@ -119,5 +120,24 @@ where
     var.set(&original)
         .context("finite_difference_check: cannot restore the variable")?;
     result?;
+    Ok(out)
+}
+
+/// Names of the variables that got no gradient in `grads` (or, with `count_zero`, an all-zero
+/// one): the "every trainable tensor has a gradient" check of a model's tests. A name here
+/// usually means an op without a backward pass cut the graph.
+pub fn vars_without_grad(
+    vars: &[(String, Var)],
+    grads: &GradStore,
+    count_zero: bool,
+) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for (name, var) in vars {
+        match grads.get(var.as_tensor()) {
+            None => out.push(name.clone()),
+            Some(g) if count_zero && sum_sq(g)? == 0.0 => out.push(name.clone()),
+            Some(_) => {}
+        }
+    }
     Ok(out)
 }

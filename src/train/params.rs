@@ -48,6 +48,16 @@ impl Params {
         })
     }
 
+    /// Every variable of a candle_nn `VarMap` (what `Weights::into_var_builder(Trainable)`
+    /// returns), sorted by name.
+    pub fn from_varmap(varmap: &candle_nn::VarMap) -> Result<Self> {
+        let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+        let mut vars: Vec<(String, Var)> =
+            data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        Self::from_vars(vars)
+    }
+
     /// Fresh variables initialized with copies of `tensors` (toy problems, tests).
     pub fn from_tensors(tensors: Vec<(String, Tensor)>) -> Result<Self> {
         let vars = tensors
@@ -59,6 +69,29 @@ impl Params {
             })
             .collect::<Result<Vec<_>>>()?;
         Self::from_vars(vars)
+    }
+
+    /// One list from several (e.g. the LRM's projections and its UNet); names must stay unique.
+    pub fn merge(parts: &[Params]) -> Result<Self> {
+        Self::from_vars(
+            parts
+                .iter()
+                .flat_map(|p| p.vars().iter().cloned())
+                .collect(),
+        )
+    }
+
+    /// The variables whose names start with `prefix`, in order (the same variables, not copies).
+    pub fn select(&self, prefix: &str) -> Self {
+        Self {
+            vars: Arc::new(
+                self.vars
+                    .iter()
+                    .filter(|(n, _)| n.starts_with(prefix))
+                    .cloned()
+                    .collect(),
+            ),
+        }
     }
 
     pub fn vars(&self) -> &[(String, Var)] {

@@ -69,6 +69,14 @@ mod helpers {
         a.cmp(&b, op).or_script(ctx)
     }
 
+    /// An index tensor as i64; float indices are an error (as in PyTorch), not truncated.
+    pub(super) fn int_index(ctx: &NativeCallContext, idx: &Tensor, what: &str) -> ScriptResult<Tensor> {
+        if ops::is_float(idx.dtype()) {
+            return Err(format!("{what}: index must be an int tensor, got {}", idx.dtype().as_str())).or_script(ctx);
+        }
+        idx.to_dtype(DType::I64).or_script(ctx)
+    }
+
     pub(super) fn dim_of(ctx: &NativeCallContext, t: &Tensor, dim: i64) -> ScriptResult<usize> {
         resolve_dim(t, dim).or_script(ctx)
     }
@@ -365,7 +373,9 @@ pub mod tensor_api {
     /// Matrix product (batched, broadcasting over leading dims).
     #[rhai_fn(return_raw, pure)]
     pub fn matmul(ctx: NativeCallContext, a: &mut Tensor, b: Tensor) -> ScriptResult<Tensor> {
-        a.broadcast_matmul(&b).or_script(&ctx)
+        a.broadcast_matmul(&b)
+            .map_err(|e| format!("matmul: cannot multiply {}{:?} by {}{:?}: {e}", a.dtype().as_str(), a.dims(), b.dtype().as_str(), b.dims()))
+            .or_script(&ctx)
     }
 
     // ---- elementwise ----
@@ -617,6 +627,14 @@ pub mod tensor_api {
                 }
             })
             .collect();
+        if resolved.iter().product::<usize>() != t.elem_count() {
+            return Err(format!(
+                "reshape: cannot reshape {:?} ({} elements) into {dims:?}",
+                t.dims(),
+                t.elem_count()
+            ))
+            .or_script(&ctx);
+        }
         t.reshape(resolved).or_script(&ctx)
     }
     /// Swap two dims.
@@ -717,7 +735,7 @@ pub mod tensor_api {
             ))
             .or_script(&ctx);
         }
-        let idx = idx.to_dtype(DType::I64).or_script(&ctx)?;
+        let idx = int_index(&ctx, &idx, "index_select")?;
         t.index_select(&idx, d).or_script(&ctx)
     }
     /// torch.gather along `dim`.
@@ -729,7 +747,7 @@ pub mod tensor_api {
         idx: Tensor,
     ) -> ScriptResult<Tensor> {
         let d = dim_of(&ctx, t, dim)?;
-        let idx = idx.to_dtype(DType::I64).or_script(&ctx)?;
+        let idx = int_index(&ctx, &idx, "gather")?;
         ops::gather(t, d, &idx).or_script(&ctx)
     }
     /// torch.sort along `dim`: `#{values, indices}`.
@@ -753,7 +771,7 @@ pub mod tensor_api {
     pub fn cat(ctx: NativeCallContext, items: Array, dim: i64) -> ScriptResult<Tensor> {
         let ts = tensors(&ctx, &items, "cat")?;
         let d = dim_of(&ctx, &ts[0], dim)?;
-        Tensor::cat(&ts, d).or_script(&ctx)
+        Tensor::cat(&ts, d).map_err(|e| format!("cat: {e}")).or_script(&ctx)
     }
     /// Stack along a new dim.
     #[rhai_fn(return_raw)]
@@ -764,7 +782,7 @@ pub mod tensor_api {
         if d < 0 || d > rank {
             return Err(format!("stack: dim {dim} out of range")).or_script(&ctx);
         }
-        Tensor::stack(&ts, d as usize).or_script(&ctx)
+        Tensor::stack(&ts, d as usize).map_err(|e| format!("stack: {e}")).or_script(&ctx)
     }
 
     // ---- comparisons between tensors ----

@@ -177,6 +177,27 @@ pub mod train_api {
         Params::from_tensors(items).or_script(&ctx)
     }
 
+    /// One Params from several (names must stay unique), e.g. to train two parts together.
+    #[rhai_fn(return_raw)]
+    pub fn merge_params(ctx: NativeCallContext, parts: Array) -> ScriptResult<Params> {
+        let mut ps = Vec::with_capacity(parts.len());
+        for (i, p) in parts.into_iter().enumerate() {
+            let tn = p.type_name();
+            ps.push(
+                p.try_cast::<Params>()
+                    .ok_or_else(|| format!("merge_params: item {i} is a {tn}, not Params"))
+                    .or_script(&ctx)?,
+            );
+        }
+        Params::merge(&ps).or_script(&ctx)
+    }
+
+    /// The parameters whose names start with `prefix` (the same variables, not copies).
+    #[rhai_fn(pure)]
+    pub fn select(p: &mut Params, prefix: &str) -> Params {
+        p.select(prefix)
+    }
+
     /// Parameter names, in order.
     #[rhai_fn(pure)]
     pub fn names(p: &mut Params) -> Array {
