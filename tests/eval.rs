@@ -312,6 +312,8 @@ fn script_api_bootstrap_plots_images_and_report() {
         let back = load_image(files[0], 16);
         if max_abs_diff(back, x.narrow(0, 0, 1).reshape([3, 16, 16])) > 0.01 {{ throw "round trip"; }}
         let html = write_report(dir, #{{title: "t", summary: b, figures: ["loss.png", #{{path: "grid.png", caption: "samples"}}], table: #{{lr: 0.00005}}, notes: ["n1", "n2"]}});
+        let g = group_mean([1, 0, 1, 1], ["a", "b", "a", "b"]);
+        if g.a.mean != 1.0 || g.b.mean != 0.5 || g.b.n != 2 {{ throw "group_mean " + g; }}
         b.delta
         "#
     );

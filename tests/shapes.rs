@@ -415,3 +415,25 @@ fn script_api_renders_and_judges() {
         .to_string();
     assert!(err.contains("noize"), "{err}");
 }
+
+#[test]
+fn dim_or_tinted_renders_keep_their_colour() {
+    let world = ShapesWorld::default();
+    let judge = Judge::default();
+    let mut rng = SeededRng::new(31);
+    for k in 0..360 {
+        let p = world.prompts()[k % 18];
+        let raw = world.render_pixels(p, &mut rng);
+        let dim = to_signed(raw.iter().map(|v| v * 0.75).collect());
+        let tinted = to_signed(
+            raw.iter()
+                .enumerate()
+                .map(|(i, v)| v + if i < 256 { 0.08 } else { -0.05 })
+                .collect(),
+        );
+        for (what, px) in [("dim", dim), ("tinted", tinted)] {
+            let j = judge.judge_pixels(&px, 16, 16, p).unwrap();
+            assert!(j.aligned, "{what} {p}: {j:?}");
+        }
+    }
+}

@@ -5,8 +5,9 @@
 //!    pixels; a pixel's strength is its largest channel excess over that background; the mask
 //!    keeps pixels above half the image's 95th-percentile strength (at least 0.2), and only its
 //!    largest 8-connected component (stray noise pixels are dropped).
-//! 2. Colour: the nearest palette entry to the mean of the component's core pixels (none when
-//!    farther than `max_colour_dist`).
+//! 2. Colour: the palette entry nearest to the mean of the component's core pixels, comparing
+//!    against each entry's shades (its excess over the background scaled by 0.6..1.15, so a dim
+//!    red is red); none when farther than `max_colour_dist`.
 //! 3. Shape: each pixel's soft coverage is its projection onto the foreground colour (so
 //!    anti-aliased edges count fractionally); for each shape the template with the same area and
 //!    centroid is rendered (4x4 supersampled; triangles in all four orientations, though the
@@ -38,7 +39,7 @@ pub struct Judgement {
     pub empty: bool,
     /// (d2 - d1) / (d2 + d1) of the two nearest palette distances: 1 exact, 0 a tie.
     pub colour_conf: f64,
-    /// Distance of the mean foreground colour to its nearest palette entry ([0, 1] RGB).
+    /// Distance of the mean foreground colour to its nearest palette shade ([0, 1] RGB).
     pub colour_dist: f64,
     /// Soft IoU of the foreground coverage with the best-fitting template.
     pub shape_iou: f64,
@@ -227,6 +228,23 @@ fn fitted_box(shape: usize, orient: usize, area: f64, cx: f64, cy: f64) -> (f32,
     (x as f32, y as f32, s as f32)
 }
 
+/// Distance of `mean` to the nearest shade of palette colour `rgb` over background `bg`: the
+/// colour's excess over the background scaled by 0.6..1.15 (a dim or bright red is still red).
+fn shade_dist(mean: [f64; 3], rgb: [f32; 3], bg: [f32; 3]) -> f64 {
+    let m: Vec<f64> = (0..3).map(|c| mean[c] - bg[c] as f64).collect();
+    let d: Vec<f64> = (0..3).map(|c| (rgb[c] - bg[c]) as f64).collect();
+    let dd: f64 = d.iter().map(|x| x * x).sum();
+    let alpha = if dd > 0.0 {
+        ((0..3).map(|c| m[c] * d[c]).sum::<f64>() / dd).clamp(0.6, 1.15)
+    } else {
+        1.0
+    };
+    (0..3)
+        .map(|c| (m[c] - alpha * d[c]).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
 fn dist(a: [f64; 3], b: [f32; 3]) -> f64 {
     (0..3)
         .map(|c| (a[c] - b[c] as f64).powi(2))
@@ -308,7 +326,7 @@ impl Judge {
         let mut d: Vec<(f64, usize)> = COLOURS
             .iter()
             .enumerate()
-            .map(|(i, (_, rgb))| (dist(mean, *rgb), i))
+            .map(|(i, (_, rgb))| (shade_dist(mean, *rgb, bg), i))
             .collect();
         d.sort_by(|a, b| a.0.total_cmp(&b.0));
         let (d1, pred_colour) = d[0];

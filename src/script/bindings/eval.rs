@@ -270,6 +270,36 @@ pub mod eval_api {
         Ok(m)
     }
 
+    /// Mean of `values` (tensor or array) per key of the parallel array `keys` (e.g. the
+    /// prompt of each image): map key -> `#{mean, n}`.
+    #[rhai_fn(return_raw)]
+    pub fn group_mean(ctx: NativeCallContext, values: Dynamic, keys: Array) -> ScriptResult<Map> {
+        let v = numbers(&values, "group_mean: values").or_script(&ctx)?;
+        if v.len() != keys.len() {
+            return Err(format!(
+                "group_mean: {} values but {} keys",
+                v.len(),
+                keys.len()
+            ))
+            .or_script(&ctx);
+        }
+        let mut acc: std::collections::BTreeMap<String, (f64, i64)> = Default::default();
+        for (x, k) in v.iter().zip(&keys) {
+            let e = acc.entry(k.to_string()).or_default();
+            e.0 += x;
+            e.1 += 1;
+        }
+        Ok(acc
+            .into_iter()
+            .map(|(k, (sum, n))| {
+                let mut m = Map::new();
+                m.insert("mean".into(), Dynamic::from(sum / n as f64));
+                m.insert("n".into(), Dynamic::from(n));
+                (k.into(), Dynamic::from_map(m))
+            })
+            .collect())
+    }
+
     /// A PNG line plot of a map name -> series ([[x, y], ...], [y, ...], a tensor, or #{x, y}).
     #[rhai_fn(return_raw)]
     pub fn line_plot(
