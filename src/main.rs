@@ -9,7 +9,11 @@ use lpo::run::{check_script, parse_set};
 use lpo::script::{build_engine, EngineOptions, Host, Limits};
 
 #[derive(Parser)]
-#[command(name = "lpo", version, about = "Step-level preference optimization of diffusion models, scripted in Rhai")]
+#[command(
+    name = "lpo",
+    version,
+    about = "Step-level preference optimization of diffusion models, scripted in Rhai"
+)]
 struct Cli {
     /// Log output format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -139,7 +143,10 @@ fn init_logging(format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(lpo::run::log::TeeWriter::make);
     match format {
-        LogFormat::Text => builder.with_target(false).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Text => builder
+            .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
         LogFormat::Json => builder.json().init(),
     }
 }
@@ -163,7 +170,11 @@ fn main() -> ExitCode {
             let mut params = rhai::Map::new();
             if let Some(json) = params_json {
                 let value: Result<serde_json::Value, _> = serde_json::from_str(&json);
-                match value.ok().and_then(|v| rhai::serde::to_dynamic(v).ok()).and_then(|d| d.try_cast::<rhai::Map>()) {
+                match value
+                    .ok()
+                    .and_then(|v| rhai::serde::to_dynamic(v).ok())
+                    .and_then(|d| d.try_cast::<rhai::Map>())
+                {
                     Some(m) => params = m,
                     None => {
                         eprintln!("error: --params-json: not a JSON object");
@@ -182,7 +193,9 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            if !(stop_grace.is_finite() && stop_grace >= 0.0) || timeout.is_some_and(|t| !(t.is_finite() && t >= 0.0)) {
+            if !(stop_grace.is_finite() && stop_grace >= 0.0)
+                || timeout.is_some_and(|t| !(t.is_finite() && t >= 0.0))
+            {
                 eprintln!("error: --timeout and --stop-grace take a number of seconds >= 0");
                 return ExitCode::from(2);
             }
@@ -207,8 +220,15 @@ fn main() -> ExitCode {
             stop_after,
         } => lpo::schedule::main(&file, once, now.as_deref(), stop_after),
         Command::Check { script } => check_script(&script),
-        Command::Fns { json, markdown, filter } => {
-            let se = build_engine(Host::new(RunControl::new(), candle_core::Device::Cpu, 0), &EngineOptions::default());
+        Command::Fns {
+            json,
+            markdown,
+            filter,
+        } => {
+            let se = build_engine(
+                Host::new(RunControl::new(), candle_core::Device::Cpu, 0),
+                &EngineOptions::default(),
+            );
             if markdown {
                 match lpo::repl::markdown::api_reference(&se) {
                     Ok(text) => {

@@ -38,7 +38,10 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 
 fn output(c: &mut Command) -> (i32, String) {
     let Output { status, stderr, .. } = c.output().unwrap();
-    (status.code().unwrap_or(-1), String::from_utf8_lossy(&stderr).into_owned())
+    (
+        status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    )
 }
 
 fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
@@ -56,18 +59,29 @@ fn signal(child: &Child, sig: i32) {
 
 fn finish(child: Child) -> (i32, String) {
     let out = child.wait_with_output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn json(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap()
 }
 
 fn checkpoint_steps(run: &Path) -> Vec<i64> {
     let mut steps: Vec<i64> = std::fs::read_dir(run.join("checkpoints"))
         .map(|rd| {
             rd.flatten()
-                .filter_map(|e| e.file_name().to_string_lossy().strip_prefix("step-").and_then(|s| s.parse().ok()))
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .strip_prefix("step-")
+                        .and_then(|s| s.parse().ok())
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -83,9 +97,20 @@ fn sigterm_checkpoints_and_resume_matches_an_uninterrupted_run() {
     let (code, err) = output(lpo(dir.path()).args(["run", "ck.rhai", "--run-dir", "full"]));
     assert_eq!(code, 0, "{err}");
     let full = json(&dir.path().join("full/result.json"));
-    assert!(dir.path().join("full/params.json").is_file() && dir.path().join("full/script.rhai").is_file());
-    assert!(std::fs::read_to_string(dir.path().join("full/run.log")).unwrap().contains("run folder full"));
-    assert_eq!(std::fs::read_to_string(dir.path().join("full/metrics.jsonl")).unwrap().lines().count(), 20);
+    assert!(
+        dir.path().join("full/params.json").is_file()
+            && dir.path().join("full/script.rhai").is_file()
+    );
+    assert!(std::fs::read_to_string(dir.path().join("full/run.log"))
+        .unwrap()
+        .contains("run folder full"));
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("full/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        20
+    );
 
     // SIGTERM after the first checkpoint: the script stops at its next safe point.
     let run = dir.path().join("cut");
@@ -94,7 +119,9 @@ fn sigterm_checkpoints_and_resume_matches_an_uninterrupted_run() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for("the first checkpoint", Duration::from_secs(20), || run.join("checkpoints/step-5").is_dir());
+    wait_for("the first checkpoint", Duration::from_secs(20), || {
+        run.join("checkpoints/step-5").is_dir()
+    });
     signal(&child, libc::SIGTERM);
     let (code, err) = finish(child);
     assert_eq!(code, 143, "{err}");
@@ -106,7 +133,10 @@ fn sigterm_checkpoints_and_resume_matches_an_uninterrupted_run() {
 
     let (code, err) = output(lpo(dir.path()).args(["run", "--resume", "cut"]));
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains(&format!("latest checkpoint: step {last}")), "{err}");
+    assert!(
+        err.contains(&format!("latest checkpoint: step {last}")),
+        "{err}"
+    );
     let resumed = json(&run.join("result.json"));
     assert_eq!(resumed["acc"], full["acc"]);
     assert_eq!(resumed["x"], full["x"]);
@@ -120,14 +150,26 @@ fn a_second_process_on_the_same_run_folder_is_refused() {
     write(dir.path(), "ck.rhai", CHECKPOINTING);
     let run = dir.path().join("shared");
     let mut first = lpo(dir.path())
-        .args(["run", "ck.rhai", "--run-dir", "shared", "--set", "delay=0.2"])
+        .args([
+            "run",
+            "ck.rhai",
+            "--run-dir",
+            "shared",
+            "--set",
+            "delay=0.2",
+        ])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_for("the first run to start", Duration::from_secs(20), || run.join("params.json").is_file());
+    wait_for("the first run to start", Duration::from_secs(20), || {
+        run.join("params.json").is_file()
+    });
     let (code, err) = output(lpo(dir.path()).args(["run", "ck.rhai", "--run-dir", "shared"]));
     assert_eq!(code, 75, "{err}");
-    assert!(err.contains(&format!("in use by process {}", first.id())), "{err}");
+    assert!(
+        err.contains(&format!("in use by process {}", first.id())),
+        "{err}"
+    );
     let (code, err) = output(lpo(dir.path()).args(["run", "--resume", "shared"]));
     assert_eq!(code, 75, "{err}");
     first.kill().unwrap();
@@ -164,8 +206,13 @@ fn a_nan_loss_halts_and_keeps_the_last_good_checkpoint() {
     assert_eq!(state["step"], 6);
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 8);
-    assert!(metrics.lines().last().unwrap().contains("\"loss\":\"NaN\""), "{metrics}");
-    assert!(std::fs::read_to_string(run.join("run.log")).unwrap().contains("non-finite"));
+    assert!(
+        metrics.lines().last().unwrap().contains("\"loss\":\"NaN\""),
+        "{metrics}"
+    );
+    assert!(std::fs::read_to_string(run.join("run.log"))
+        .unwrap()
+        .contains("non-finite"));
 }
 
 #[test]
@@ -183,7 +230,11 @@ fn every_exit_code_of_the_contract() {
         (&["run", "missing.rhai"], 66, "script not found"),
         (&["run", "import.rhai"], 66, "no_such_module"),
         (&["run", "runtime.rhai"], 1, "runtime.rhai:2:1: bad value"),
-        (&["run", "spin.rhai", "--max-operations", "10000"], 3, "operations"),
+        (
+            &["run", "spin.rhai", "--max-operations", "10000"],
+            3,
+            "operations",
+        ),
         (&["run", "spin.rhai", "--timeout", "0.3"], 124, "deadline"),
     ];
     for (args, want, text) in cases {
@@ -205,7 +256,9 @@ fn every_exit_code_of_the_contract() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for("the run to start", Duration::from_secs(20), || d.join("int/params.json").is_file());
+    wait_for("the run to start", Duration::from_secs(20), || {
+        d.join("int/params.json").is_file()
+    });
     std::thread::sleep(Duration::from_millis(100));
     signal(&child, libc::SIGINT);
     let (code, err) = finish(child);

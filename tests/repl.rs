@@ -30,7 +30,8 @@ fn eval(s: &mut Session, line: &str, want: &str) {
     if want == "lpo> " {
         return;
     }
-    s.expect("lpo> ").unwrap_or_else(|e| panic!("no prompt after `{line}`: {e}"));
+    s.expect("lpo> ")
+        .unwrap_or_else(|e| panic!("no prompt after `{line}`: {e}"));
 }
 
 #[test]
@@ -52,11 +53,23 @@ fn session_state_multiline_completion_help_and_errors() {
     eval(&mut s, "() + 1000", "1007");
     eval(&mut s, ":help checkpoint_save", "atomically");
     eval(&mut s, ":help", ":load FILE");
-    eval(&mut s, "tensor([[1.0, 2.0], [3.0, 4.0]])", "Tensor[f32; 2x2] mean=2.5000");
+    eval(
+        &mut s,
+        "tensor([[1.0, 2.0], [3.0, 4.0]])",
+        "Tensor[f32; 2x2] mean=2.5000",
+    );
     eval(&mut s, "#{a: \"text\"}", "#{\"a\": \"text\"}");
-    eval(&mut s, "let y = 1 + nope_fn(3)", "<repl>:1:13: Function not found");
+    eval(
+        &mut s,
+        "let y = 1 + nope_fn(3)",
+        "<repl>:1:13: Function not found",
+    );
     eval(&mut s, ":vars", "x: i64 = 20");
-    std::fs::write(home.path().join("lib.rhai"), "fn thrice(v) { v * 3 }\nlet z = 5;").unwrap();
+    std::fs::write(
+        home.path().join("lib.rhai"),
+        "fn thrice(v) { v * 3 }\nlet z = 5;",
+    )
+    .unwrap();
     eval(&mut s, ":load lib.rhai", "lpo> ");
     eval(&mut s, "thrice(z) + 2000", "2015");
     eval(&mut s, ":time 1 + 3000", "time: ");
@@ -64,7 +77,10 @@ fn session_state_multiline_completion_help_and_errors() {
     eval(&mut s, "x", "Variable not found");
     s.send_line(":quit").unwrap();
     let status = std::ops::DerefMut::deref_mut(&mut s).wait().unwrap();
-    assert!(matches!(status, expectrl::WaitStatus::Exited(_, 0)), "{status:?}");
+    assert!(
+        matches!(status, expectrl::WaitStatus::Exited(_, 0)),
+        "{status:?}"
+    );
     let history = std::fs::read_to_string(home.path().join("data/lpo/history.txt")).unwrap();
     assert!(history.contains("let x = 20;"), "{history}");
 }
@@ -88,5 +104,8 @@ fn ctrl_c_cancels_a_running_loop_and_keeps_the_session() {
     eval(&mut s, "1000 + 234", "1234");
     s.send_control('d').unwrap();
     let status = std::ops::DerefMut::deref_mut(&mut s).wait().unwrap();
-    assert!(matches!(status, expectrl::WaitStatus::Exited(_, 0)), "{status:?}");
+    assert!(
+        matches!(status, expectrl::WaitStatus::Exited(_, 0)),
+        "{status:?}"
+    );
 }

@@ -36,8 +36,14 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 }
 
 fn schedule(dir: &Path, now: &str) -> (i32, String) {
-    let out = lpo(dir).args(["schedule", "jobs.toml", "--once", "--now", now]).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = lpo(dir)
+        .args(["schedule", "jobs.toml", "--once", "--now", now])
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn ledger(dir: &Path) -> Vec<serde_json::Value> {
@@ -49,11 +55,18 @@ fn ledger(dir: &Path) -> Vec<serde_json::Value> {
 }
 
 fn events(ledger: &[serde_json::Value], job: &str, event: &str) -> Vec<serde_json::Value> {
-    ledger.iter().filter(|r| r["job"] == job && r["event"] == event).cloned().collect()
+    ledger
+        .iter()
+        .filter(|r| r["job"] == job && r["event"] == event)
+        .cloned()
+        .collect()
 }
 
 fn position(ledger: &[serde_json::Value], job: &str, event: &str) -> usize {
-    ledger.iter().position(|r| r["job"] == job && r["event"] == event).unwrap_or_else(|| panic!("no {event} of {job}"))
+    ledger
+        .iter()
+        .position(|r| r["job"] == job && r["event"] == event)
+        .unwrap_or_else(|| panic!("no {event} of {job}"))
 }
 
 fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
@@ -93,15 +106,20 @@ cron = "0 12 * * *"
     let l = ledger(d);
     assert_eq!(l[0]["event"], "created");
     assert_eq!(events(&l, "train", "start").len(), 1);
-    assert!(position(&l, "train", "end") < position(&l, "eval", "start"), "{l:?}");
+    assert!(
+        position(&l, "train", "end") < position(&l, "eval", "start"),
+        "{l:?}"
+    );
     assert_eq!(events(&l, "eval", "end")[0]["exit_code"], 0);
-    assert!(events(&l, "noon", "start").is_empty(), "noon is not due at midnight");
+    assert!(
+        events(&l, "noon", "start").is_empty(),
+        "noon is not due at midnight"
+    );
     let train_dir = PathBuf::from(events(&l, "train", "start")[0]["run_dir"].as_str().unwrap());
     assert!(train_dir.join("result.json").is_file());
-    assert_eq!(
-        std::fs::read_to_string(train_dir.join("params.json")).unwrap().contains("\"steps\": 6"),
-        true
-    );
+    assert!(std::fs::read_to_string(train_dir.join("params.json"))
+        .unwrap()
+        .contains("\"steps\": 6"));
 
     // Thirty seconds later nothing is due again.
     let (code, err) = schedule(d, "2026-01-01T00:00:30Z");
@@ -147,12 +165,24 @@ after = "flaky"
     assert!(err.contains("job `flaky` failed 3 time(s)"), "{err}");
     let l = ledger(d);
     let starts = events(&l, "flaky", "start");
-    assert_eq!(starts.iter().map(|r| r["attempt"].as_i64().unwrap()).collect::<Vec<_>>(), vec![1, 2, 3]);
-    let dirs: std::collections::HashSet<_> = starts.iter().map(|r| r["run_dir"].to_string()).collect();
+    assert_eq!(
+        starts
+            .iter()
+            .map(|r| r["attempt"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    let dirs: std::collections::HashSet<_> =
+        starts.iter().map(|r| r["run_dir"].to_string()).collect();
     assert_eq!(dirs.len(), 3, "each attempt has its own run folder");
-    assert!(events(&l, "flaky", "end").iter().all(|r| r["exit_code"] == 1));
+    assert!(events(&l, "flaky", "end")
+        .iter()
+        .all(|r| r["exit_code"] == 1));
     assert_eq!(events(&l, "flaky", "gave_up").len(), 1);
-    assert!(events(&l, "report", "start").is_empty(), "a failed job's dependents do not run");
+    assert!(
+        events(&l, "report", "start").is_empty(),
+        "a failed job's dependents do not run"
+    );
     // Given up: not retried again for the same slot.
     let (code, _) = schedule(d, "2026-03-01T08:30:30Z");
     assert_eq!(code, 0);
@@ -165,10 +195,14 @@ fn a_running_job_is_not_started_twice_and_a_killed_one_is_resumed() {
     let d = dir.path();
     write(d, "ck.rhai", CHECKPOINTING);
     // The reference result, uninterrupted.
-    let out = lpo(d).args(["run", "ck.rhai", "--run-dir", "reference"]).output().unwrap();
+    let out = lpo(d)
+        .args(["run", "ck.rhai", "--run-dir", "reference"])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(d.join("reference/result.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(d.join("reference/result.json")).unwrap())
+            .unwrap();
     write(
         d,
         "jobs.toml",
@@ -187,13 +221,17 @@ params = { steps = 20, delay = 0.1 }
         .unwrap();
     let mut run_dir = PathBuf::new();
     let mut pid = 0;
-    wait_for("the job's first checkpoint", Duration::from_secs(20), || {
-        if let Some(start) = events(&ledger(d), "long", "start").first() {
-            run_dir = PathBuf::from(start["run_dir"].as_str().unwrap());
-            pid = start["pid"].as_i64().unwrap() as i32;
-        }
-        run_dir.join("checkpoints/step-5").is_dir()
-    });
+    wait_for(
+        "the job's first checkpoint",
+        Duration::from_secs(20),
+        || {
+            if let Some(start) = events(&ledger(d), "long", "start").first() {
+                run_dir = PathBuf::from(start["run_dir"].as_str().unwrap());
+                pid = start["pid"].as_i64().unwrap() as i32;
+            }
+            run_dir.join("checkpoints/step-5").is_dir()
+        },
+    );
     // A second scheduler leaves the running job alone.
     let (code, err) = schedule(d, now);
     assert_eq!(code, 0, "{err}");
@@ -221,10 +259,14 @@ params = { steps = 20, delay = 0.1 }
     let starts = events(&l, "long", "start");
     assert_eq!(starts.len(), 2, "{l:?}");
     assert_eq!(starts[1]["resume"], true);
-    assert_eq!(PathBuf::from(starts[1]["run_dir"].as_str().unwrap()), run_dir);
+    assert_eq!(
+        PathBuf::from(starts[1]["run_dir"].as_str().unwrap()),
+        run_dir
+    );
     assert_eq!(events(&l, "long", "end")[0]["exit_code"], 0);
     let result: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run_dir.join("result.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("result.json")).unwrap())
+            .unwrap();
     assert_eq!(result["resumed"], true);
     assert_eq!(result["acc"], reference["acc"]);
 }
@@ -250,9 +292,18 @@ fn bad_schedule_files_are_rejected_with_line_and_reason() {
         write(d, "jobs.toml", text);
         let (code, err) = schedule(d, "2026-01-01T00:00:00Z");
         assert_eq!(code, 65, "{text}: {err}");
-        assert!(err.contains(&format!("jobs.toml{line}")) && err.contains(reason), "{text}: {err}");
-        assert!(!d.join("jobs.ledger.jsonl").exists(), "a rejected file runs nothing");
+        assert!(
+            err.contains(&format!("jobs.toml{line}")) && err.contains(reason),
+            "{text}: {err}"
+        );
+        assert!(
+            !d.join("jobs.ledger.jsonl").exists(),
+            "a rejected file runs nothing"
+        );
     }
-    let out = lpo(d).args(["schedule", "nope.toml", "--once"]).output().unwrap();
+    let out = lpo(d)
+        .args(["schedule", "nope.toml", "--once"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(66));
 }

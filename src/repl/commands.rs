@@ -13,7 +13,11 @@ pub enum Outcome {
 
 /// Every documented function: registered ones, then the session's own.
 fn all_docs(session: &Session) -> Vec<FunctionDoc> {
-    let meta = session.se.engine.gen_fn_metadata_to_json(false).unwrap_or_default();
+    let meta = session
+        .se
+        .engine
+        .gen_fn_metadata_to_json(false)
+        .unwrap_or_default();
     let mut docs = functions(&meta);
     for f in session.functions.iter_functions() {
         docs.push(FunctionDoc {
@@ -30,7 +34,9 @@ fn all_docs(session: &Session) -> Vec<FunctionDoc> {
     for (path, alias) in &session.imports {
         if let Ok(list) = super::markdown::module_functions(&session.se.engine, &session.se, path) {
             docs.extend(list.into_iter().map(|mut d| {
-                d.signature = d.signature.replacen(&format!("{path}::"), &format!("{alias}::"), 1);
+                d.signature = d
+                    .signature
+                    .replacen(&format!("{path}::"), &format!("{alias}::"), 1);
                 d.name = format!("{alias}::{}", d.name);
                 d
             }));
@@ -50,7 +56,10 @@ pub fn help(session: &Session, name: &str) -> String {
         out.push_str("Anything else is Rhai; an unfinished statement continues on the next line (an empty line ends it).\nTab completes names; Ctrl-C cancels a running evaluation.");
         return out;
     }
-    if let Some((_, line)) = COMMANDS.iter().find(|(c, _)| *c == name || c.trim_start_matches(':') == name) {
+    if let Some((_, line)) = COMMANDS
+        .iter()
+        .find(|(c, _)| *c == name || c.trim_start_matches(':') == name)
+    {
         return line.to_string();
     }
     let docs = all_docs(session);
@@ -90,7 +99,8 @@ pub fn run(session: &mut Session, input: &str) -> Outcome {
         ":fns" => {
             let mut seen = std::collections::BTreeSet::new();
             for d in all_docs(session) {
-                if d.name.contains(arg) && !d.name.contains('$') && seen.insert(d.signature.clone()) {
+                if d.name.contains(arg) && !d.name.contains('$') && seen.insert(d.signature.clone())
+                {
                     println!("{}", d.signature);
                 }
             }

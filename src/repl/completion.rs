@@ -9,19 +9,31 @@ use rustyline::Context;
 
 /// REPL commands with their one-line help.
 pub const COMMANDS: &[(&str, &str)] = &[
-    (":help", ":help [NAME]   signature and doc of a function (or this list)"),
-    (":fns", ":fns [FILTER]   functions whose name contains FILTER"),
+    (
+        ":help",
+        ":help [NAME]   signature and doc of a function (or this list)",
+    ),
+    (
+        ":fns",
+        ":fns [FILTER]   functions whose name contains FILTER",
+    ),
     (":vars", ":vars           variables of the session"),
     (":load", ":load FILE      run a script into the session"),
-    (":time", ":time EXPR      evaluate EXPR and print how long it took"),
-    (":reset", ":reset          forget every variable, function and import"),
+    (
+        ":time",
+        ":time EXPR      evaluate EXPR and print how long it took",
+    ),
+    (
+        ":reset",
+        ":reset          forget every variable, function and import",
+    ),
     (":quit", ":quit           leave (also :q, Ctrl-D)"),
 ];
 
 const KEYWORDS: &[&str] = &[
-    "let", "const", "fn", "if", "else", "while", "loop", "for", "in", "break", "continue", "return", "throw",
-    "try", "catch", "import", "export", "as", "true", "false", "switch", "do", "until", "private", "this",
-    "params",
+    "let", "const", "fn", "if", "else", "while", "loop", "for", "in", "break", "continue",
+    "return", "throw", "try", "catch", "import", "export", "as", "true", "false", "switch", "do",
+    "until", "private", "this", "params",
 ];
 
 /// What completion knows about the session; the REPL refreshes it after each input.
@@ -58,7 +70,12 @@ fn is_word_char(c: char) -> bool {
 /// The candidates for the word ending at `pos` in `line`: (start of the word, candidates).
 pub fn candidates(names: &Names, line: &str, pos: usize) -> (usize, Vec<String>) {
     let before = &line[..pos];
-    let start = before.char_indices().rev().take_while(|(_, c)| is_word_char(*c)).last().map_or(pos, |(i, _)| i);
+    let start = before
+        .char_indices()
+        .rev()
+        .take_while(|(_, c)| is_word_char(*c))
+        .last()
+        .map_or(pos, |(i, _)| i);
     let word = &before[start..];
     let head = &before[..start];
     let mut out: Vec<String> = Vec::new();
@@ -92,7 +109,12 @@ pub fn candidates(names: &Names, line: &str, pos: usize) -> (usize, Vec<String>)
 impl Completer for ReplHelper {
     type Candidate = Pair;
 
-    fn complete(&self, line: &str, pos: usize, _ctx: &Context<'_>) -> rustyline::Result<(usize, Vec<Pair>)> {
+    fn complete(
+        &self,
+        line: &str,
+        pos: usize,
+        _ctx: &Context<'_>,
+    ) -> rustyline::Result<(usize, Vec<Pair>)> {
         let names = self.names.lock().unwrap_or_else(|e| e.into_inner());
         let (start, list) = candidates(&names, line, pos);
         Ok((
@@ -159,7 +181,10 @@ pub fn is_incomplete(parser: &Engine, input: &str) -> bool {
             matches!(e.err_type(), ParseErrorType::UnexpectedEOF)
                 || bracket_depth(input) > 0
                 || (at_end(e.position(), input)
-                    && !matches!(e.err_type(), ParseErrorType::BadInput(_) | ParseErrorType::UnknownOperator(_)))
+                    && !matches!(
+                        e.err_type(),
+                        ParseErrorType::BadInput(_) | ParseErrorType::UnknownOperator(_)
+                    ))
         }
     }
 }
@@ -192,11 +217,31 @@ mod tests {
     #[test]
     fn incomplete_inputs_wait_for_more() {
         let h = ReplHelper::new(Default::default());
-        for text in ["fn f(x) {", "let x = 1 +", "let a = [1, 2,", "if true {\n  1", "foo(1,"] {
-            assert!(is_incomplete(&h.parser, text), "{text:?} should be incomplete");
+        for text in [
+            "fn f(x) {",
+            "let x = 1 +",
+            "let a = [1, 2,",
+            "if true {\n  1",
+            "foo(1,",
+        ] {
+            assert!(
+                is_incomplete(&h.parser, text),
+                "{text:?} should be incomplete"
+            );
         }
-        for text in ["let x = 1;", "fn f(x) { x }", "1 + 2", ":help", "let x = ;", "1 +* 2", "}"] {
-            assert!(!is_incomplete(&h.parser, text), "{text:?} should be complete (or an error)");
+        for text in [
+            "let x = 1;",
+            "fn f(x) { x }",
+            "1 + 2",
+            ":help",
+            "let x = ;",
+            "1 +* 2",
+            "}",
+        ] {
+            assert!(
+                !is_incomplete(&h.parser, text),
+                "{text:?} should be complete (or an error)"
+            );
         }
     }
 
@@ -209,11 +254,20 @@ mod tests {
             modules: vec!["util".into()],
             imported: vec![("u".into(), vec!["param".into()])],
         };
-        assert_eq!(candidates(&names, "let y = ra", 10).1, vec!["randn", "ranks"]);
+        assert_eq!(
+            candidates(&names, "let y = ra", 10).1,
+            vec!["randn", "ranks"]
+        );
         assert_eq!(candidates(&names, ":he", 3).1, vec![":help"]);
-        assert_eq!(candidates(&names, "import \"ut", 10), (8, vec!["util".to_string()]));
+        assert_eq!(
+            candidates(&names, "import \"ut", 10),
+            (8, vec!["util".to_string()])
+        );
         assert_eq!(candidates(&names, "x.ma", 4).1, vec!["matmul"]);
         assert_eq!(candidates(&names, "u::pa", 5).1, vec!["u::param"]);
-        assert_eq!(candidates(&names, ":help check", 11).1, vec!["checkpoint_save"]);
+        assert_eq!(
+            candidates(&names, ":help check", 11).1,
+            vec!["checkpoint_save"]
+        );
     }
 }

@@ -12,8 +12,10 @@ pub fn receiver(sig: &str) -> Option<String> {
     let first = rest.split([',', ')']).next()?.trim();
     let (_, ty) = first.split_once(':')?;
     let ty = ty.trim();
-    (!ty.is_empty() && ty.chars().next()?.is_uppercase() && !matches!(ty, "String" | "Map" | "Array" | "?"))
-        .then(|| ty.to_string())
+    (!ty.is_empty()
+        && ty.chars().next()?.is_uppercase()
+        && !matches!(ty, "String" | "Map" | "Array" | "?"))
+    .then(|| ty.to_string())
 }
 
 fn group_of(f: &FunctionDoc) -> String {
@@ -25,7 +27,10 @@ fn group_of(f: &FunctionDoc) -> String {
 
 fn entry(out: &mut String, f: &FunctionDoc) {
     let sig = match f.name.strip_prefix("get$") {
-        Some(prop) => format!("{} (property `.{prop}`)", f.signature.replacen(&f.name, prop, 1)),
+        Some(prop) => format!(
+            "{} (property `.{prop}`)",
+            f.signature.replacen(&f.name, prop, 1)
+        ),
         None => f.signature.clone(),
     };
     out.push_str(&format!("- `{sig}`"));
@@ -39,10 +44,15 @@ fn entry(out: &mut String, f: &FunctionDoc) {
 /// Markdown: the functions grouped as "Functions", "<Type> methods", then one section per
 /// stdlib module.
 pub fn api_reference(se: &ScriptEngine) -> Result<String, String> {
-    let meta = se.engine.gen_fn_metadata_to_json(false).map_err(|e| e.to_string())?;
+    let meta = se
+        .engine
+        .gen_fn_metadata_to_json(false)
+        .map_err(|e| e.to_string())?;
     let docs: Vec<FunctionDoc> = functions(&meta)
         .into_iter()
-        .filter(|f| !f.name.starts_with("set$") && !matches!(f.name.as_str(), "to_string" | "to_debug"))
+        .filter(|f| {
+            !f.name.starts_with("set$") && !matches!(f.name.as_str(), "to_string" | "to_debug")
+        })
         .collect();
     let mut groups: Vec<String> = docs.iter().map(group_of).collect();
     groups.sort();
@@ -57,7 +67,10 @@ pub fn api_reference(se: &ScriptEngine) -> Result<String, String> {
     );
     out.push_str("## Contents\n\n");
     for g in &groups {
-        out.push_str(&format!("- [{g}](#{})\n", g.to_lowercase().replace(' ', "-")));
+        out.push_str(&format!(
+            "- [{g}](#{})\n",
+            g.to_lowercase().replace(' ', "-")
+        ));
     }
     let modules = se.resolver.module_names();
     for m in &modules {
@@ -70,7 +83,9 @@ pub fn api_reference(se: &ScriptEngine) -> Result<String, String> {
         }
     }
     for m in &modules {
-        out.push_str(&format!("\n## stdlib `{m}`\n\n`import \"{m}\" as {m};`\n\n"));
+        out.push_str(&format!(
+            "\n## stdlib `{m}`\n\n`import \"{m}\" as {m};`\n\n"
+        ));
         for f in module_functions(&se.engine, se, m)? {
             entry(&mut out, &f);
         }
@@ -79,14 +94,20 @@ pub fn api_reference(se: &ScriptEngine) -> Result<String, String> {
 }
 
 /// The functions of a stdlib module with their doc comments.
-pub fn module_functions(engine: &Engine, se: &ScriptEngine, name: &str) -> Result<Vec<FunctionDoc>, String> {
+pub fn module_functions(
+    engine: &Engine,
+    se: &ScriptEngine,
+    name: &str,
+) -> Result<Vec<FunctionDoc>, String> {
     let module = se
         .resolver
         .resolve(engine, None, name, Position::NONE)
         .map_err(|e| format!("stdlib module `{name}`: {e}"))?;
     let mut e = Engine::new_raw();
     e.register_static_module(name, module);
-    let meta = e.gen_fn_metadata_to_json(false).map_err(|e| e.to_string())?;
+    let meta = e
+        .gen_fn_metadata_to_json(false)
+        .map_err(|e| e.to_string())?;
     let value: serde_json::Value = serde_json::from_str(&meta).map_err(|e| e.to_string())?;
     let Some(module_meta) = value.get("modules").and_then(|m| m.get(name)) else {
         return Ok(Vec::new());

@@ -74,7 +74,10 @@ impl Session {
         ast.set_source(name.to_string());
         let merged = self.functions.merge(&ast);
         self.control.reset();
-        let result = self.se.engine.eval_ast_with_scope::<Dynamic>(&mut self.scope, &merged);
+        let result = self
+            .se
+            .engine
+            .eval_ast_with_scope::<Dynamic>(&mut self.scope, &merged);
         // Definitions and imports of the input stay, even when a later statement failed.
         self.functions = self.functions.merge(&ast.clone_functions_only());
         self.register_imports(name, input);
@@ -89,7 +92,10 @@ impl Session {
                 } else {
                     report::format_eval_error(name, input, &err)
                 };
-                Err(EvalError { report, interrupted })
+                Err(EvalError {
+                    report,
+                    interrupted,
+                })
             }
         }
     }
@@ -100,7 +106,9 @@ impl Session {
         for (path, alias) in find_imports(input) {
             let resolver = self.se.resolver.clone();
             if let Ok(module) = resolver.resolve(&self.se.engine, source, &path, Position::NONE) {
-                self.se.engine.register_static_module(alias.as_str(), module);
+                self.se
+                    .engine
+                    .register_static_module(alias.as_str(), module);
                 self.imports.retain(|(_, a)| a != &alias);
                 self.imports.push((path, alias));
             }
@@ -174,22 +182,34 @@ pub fn find_imports(text: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut rest = text;
     while let Some(i) = rest.find("import") {
-        let before_ok = i == 0 || !rest[..i].chars().last().is_some_and(|c| c.is_alphanumeric() || c == '_');
+        let before_ok = i == 0
+            || !rest[..i]
+                .chars()
+                .last()
+                .is_some_and(|c| c.is_alphanumeric() || c == '_');
         let after = &rest[i + "import".len()..];
         rest = after;
         if !before_ok {
             continue;
         }
         let after = after.trim_start();
-        let Some(after) = after.strip_prefix('"') else { continue };
+        let Some(after) = after.strip_prefix('"') else {
+            continue;
+        };
         let Some(end) = after.find('"') else { continue };
         let path = &after[..end];
         let tail = after[end + 1..].trim_start();
-        let Some(tail) = tail.strip_prefix("as") else { continue };
+        let Some(tail) = tail.strip_prefix("as") else {
+            continue;
+        };
         if !tail.starts_with(char::is_whitespace) {
             continue;
         }
-        let alias: String = tail.trim_start().chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+        let alias: String = tail
+            .trim_start()
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
         if !alias.is_empty() {
             out.push((path.to_string(), alias));
         }
@@ -282,16 +302,24 @@ mod tests {
     fn finds_imports() {
         assert_eq!(
             find_imports("import \"util\" as u; let reimport = 1; import \"./x\" as x_1;"),
-            vec![("util".to_string(), "u".to_string()), ("./x".to_string(), "x_1".to_string())]
+            vec![
+                ("util".to_string(), "u".to_string()),
+                ("./x".to_string(), "x_1".to_string())
+            ]
         );
     }
 
     #[test]
     fn session_keeps_variables_functions_and_imports() {
         let mut s = Session::new(Host::new(RunControl::new(), Device::Cpu, 0));
-        assert!(s.eval("<repl>", "let x = 20; fn twice(v) { v * 2 }").is_ok());
+        assert!(s
+            .eval("<repl>", "let x = 20; fn twice(v) { v * 2 }")
+            .is_ok());
         assert!(s.eval("<repl>", "import \"util\" as u;").is_ok());
-        let v = s.eval("<repl>", "u::param(#{a: 1}, \"a\", 5) + twice(x)").ok().unwrap();
+        let v = s
+            .eval("<repl>", "u::param(#{a: 1}, \"a\", 5) + twice(x)")
+            .ok()
+            .unwrap();
         assert_eq!(v.as_int().unwrap(), 41);
         let e = s.eval("<repl>", "let y = 1;\nnope(y)").err().unwrap();
         assert!(e.report.contains("<repl>:2:1"), "{}", e.report);

@@ -55,7 +55,8 @@ pub struct RunDir {
 impl RunDir {
     /// Create (or open) `path` and take its lock; a live holder makes this fail with [`Locked`].
     pub fn open(path: &Path) -> Result<RunDir> {
-        std::fs::create_dir_all(path).with_context(|| format!("cannot create run folder {}", path.display()))?;
+        std::fs::create_dir_all(path)
+            .with_context(|| format!("cannot create run folder {}", path.display()))?;
         let lock_path = path.join("lock");
         let mut file = OpenOptions::new()
             .read(true)
@@ -101,7 +102,11 @@ impl RunDir {
 
     /// True when some live process holds the lock of the run folder at `path`.
     pub fn is_locked(path: &Path) -> bool {
-        let Ok(file) = OpenOptions::new().read(true).write(true).open(path.join("lock")) else {
+        let Ok(file) = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path.join("lock"))
+        else {
             return false;
         };
         matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock))
@@ -109,7 +114,10 @@ impl RunDir {
 
     /// A fresh folder `base/<stem>-<YYYYmmdd-HHMMSS>` (with `-2`, `-3`.. when taken).
     pub fn default_path(base: &Path, script: &Path) -> PathBuf {
-        let stem = script.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
+        let stem = script
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "run".into());
         let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S");
         let first = base.join(format!("{stem}-{stamp}"));
         if !first.exists() {
@@ -133,7 +141,9 @@ impl RunDir {
             StopReason::Terminate => 2,
             StopReason::Deadline => 3,
         };
-        let _ = self.soft_stop.compare_exchange(0, code, Ordering::SeqCst, Ordering::SeqCst);
+        let _ = self
+            .soft_stop
+            .compare_exchange(0, code, Ordering::SeqCst, Ordering::SeqCst);
     }
 
     pub fn soft_stop(&self) -> Option<StopReason> {
@@ -174,19 +184,25 @@ impl RunDir {
             bail!("checkpoint_save: step {step} is negative");
         }
         let dir = self.checkpoints_dir();
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
         let tmp = dir.join(format!(".step-{step}.tmp-{}", std::process::id()));
         if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
+            std::fs::remove_dir_all(&tmp)
+                .with_context(|| format!("cannot remove {}", tmp.display()))?;
         }
-        std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        std::fs::create_dir_all(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
         let write = || -> Result<()> {
             crate::tensor::io::save_safetensors(tensors, &tmp.join("tensors.safetensors"))?;
             let mut meta = serde_json::Map::new();
             meta.insert("step".into(), step.into());
             meta.insert("state".into(), state.clone());
             meta.insert("time".into(), unix_time().into());
-            crate::fsutil::atomic_write(&tmp.join("state.json"), serde_json::to_string_pretty(&meta)?.as_bytes())?;
+            crate::fsutil::atomic_write(
+                &tmp.join("state.json"),
+                serde_json::to_string_pretty(&meta)?.as_bytes(),
+            )?;
             Ok(())
         };
         if let Err(e) = write() {
@@ -198,11 +214,14 @@ impl RunDir {
             // Replace an older save of the same step: move it aside first so a crash in between
             // never leaves neither.
             let old = dir.join(format!(".step-{step}.old-{}", std::process::id()));
-            std::fs::rename(&target, &old).with_context(|| format!("cannot move {} aside", target.display()))?;
-            std::fs::rename(&tmp, &target).with_context(|| format!("cannot move {} into place", tmp.display()))?;
+            std::fs::rename(&target, &old)
+                .with_context(|| format!("cannot move {} aside", target.display()))?;
+            std::fs::rename(&tmp, &target)
+                .with_context(|| format!("cannot move {} into place", tmp.display()))?;
             let _ = std::fs::remove_dir_all(&old);
         } else {
-            std::fs::rename(&tmp, &target).with_context(|| format!("cannot move {} into place", tmp.display()))?;
+            std::fs::rename(&tmp, &target)
+                .with_context(|| format!("cannot move {} into place", tmp.display()))?;
         }
         if let Ok(d) = File::open(&dir) {
             let _ = d.sync_all();
@@ -219,7 +238,8 @@ impl RunDir {
         steps.sort_by_key(|(s, _)| *s);
         let excess = steps.len().saturating_sub(self.keep_checkpoints);
         for (_, path) in steps.into_iter().take(excess) {
-            std::fs::remove_dir_all(&path).with_context(|| format!("cannot remove old checkpoint {}", path.display()))?;
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("cannot remove old checkpoint {}", path.display()))?;
         }
         Ok(())
     }
@@ -233,7 +253,11 @@ impl RunDir {
 
     /// Append one JSON line to `metrics.jsonl` (with `time`). Returns the names of halting
     /// keys whose value is non-finite (the line is written all the same).
-    pub fn log_metrics(&self, mut record: serde_json::Map<String, serde_json::Value>, nonfinite: &[String]) -> Result<Vec<String>> {
+    pub fn log_metrics(
+        &self,
+        mut record: serde_json::Map<String, serde_json::Value>,
+        nonfinite: &[String],
+    ) -> Result<Vec<String>> {
         record.insert("time".into(), unix_time().into());
         let line = serde_json::to_string(&record)?;
         let _guard = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
@@ -267,7 +291,8 @@ pub fn list_checkpoints(dir: &Path) -> Vec<(i64, PathBuf)> {
             let name = e.file_name().to_string_lossy().into_owned();
             let step: i64 = name.strip_prefix("step-")?.parse().ok()?;
             let p = e.path();
-            (p.join("state.json").is_file() && p.join("tensors.safetensors").is_file()).then_some((step, p))
+            (p.join("state.json").is_file() && p.join("tensors.safetensors").is_file())
+                .then_some((step, p))
         })
         .collect()
 }
@@ -278,10 +303,14 @@ pub fn latest_checkpoint(dir: &Path, device: &Device) -> Result<Option<Checkpoin
     };
     let tensors = crate::tensor::io::load_safetensors(&path.join("tensors.safetensors"), device)?;
     let state_path = path.join("state.json");
-    let text = std::fs::read_to_string(&state_path).with_context(|| format!("cannot read {}", state_path.display()))?;
-    let meta: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", state_path.display()))?;
-    let state = meta.get("state").cloned().unwrap_or(serde_json::Value::Object(Default::default()));
+    let text = std::fs::read_to_string(&state_path)
+        .with_context(|| format!("cannot read {}", state_path.display()))?;
+    let meta: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: invalid JSON", state_path.display()))?;
+    let state = meta
+        .get("state")
+        .cloned()
+        .unwrap_or(serde_json::Value::Object(Default::default()));
     Ok(Some(Checkpoint {
         step,
         path,
@@ -314,9 +343,13 @@ mod tests {
         let mut m = HashMap::new();
         m.insert("x".to_string(), t);
         for step in 1..=5 {
-            run.save_checkpoint(step, &m, &serde_json::json!({"k": step})).unwrap();
+            run.save_checkpoint(step, &m, &serde_json::json!({"k": step}))
+                .unwrap();
         }
-        let mut steps: Vec<i64> = list_checkpoints(&run.checkpoints_dir()).into_iter().map(|(s, _)| s).collect();
+        let mut steps: Vec<i64> = list_checkpoints(&run.checkpoints_dir())
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
         steps.sort();
         assert_eq!(steps, vec![3, 4, 5]);
         let latest = run.latest_checkpoint(&Device::Cpu).unwrap().unwrap();

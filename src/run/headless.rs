@@ -66,7 +66,10 @@ pub fn run(mut h: Headless) -> i32 {
             log::report("error: give a SCRIPT or --resume RUN_DIR");
             return 2;
         };
-        let path = h.run_dir.clone().unwrap_or_else(|| RunDir::default_path(Path::new("runs"), &script));
+        let path = h
+            .run_dir
+            .clone()
+            .unwrap_or_else(|| RunDir::default_path(Path::new("runs"), &script));
         (script, path, None)
     };
     if !script.is_file() {
@@ -76,16 +79,25 @@ pub fn run(mut h: Headless) -> i32 {
     let source = match std::fs::read_to_string(&script) {
         Ok(s) => s,
         Err(e) => {
-            log::report(&format!("error: cannot read script {}: {e}", script.display()));
+            log::report(&format!(
+                "error: cannot read script {}: {e}",
+                script.display()
+            ));
             return Failure::NotFound.exit_code();
         }
     };
-    let original = stored.as_ref().map(|s| PathBuf::from(&s.script)).unwrap_or_else(|| script.clone());
+    let original = stored
+        .as_ref()
+        .map(|s| PathBuf::from(&s.script))
+        .unwrap_or_else(|| script.clone());
     if let Some(stored) = &stored {
         h.params = match rhai::serde::to_dynamic(&stored.params).map(|d| d.try_cast::<Map>()) {
             Ok(Some(m)) => m,
             _ => {
-                log::report(&format!("error: {}: `params` is not a map", run_path.join("params.json").display()));
+                log::report(&format!(
+                    "error: {}: `params` is not a map",
+                    run_path.join("params.json").display()
+                ));
                 return 1;
             }
         };
@@ -114,7 +126,11 @@ pub fn run(mut h: Headless) -> i32 {
     };
     // Parse errors are reported before a run folder is made.
     {
-        let se = engine_for(&original, Host::new(RunControl::new(), candle_core::Device::Cpu, 0), h.limits.clone());
+        let se = engine_for(
+            &original,
+            Host::new(RunControl::new(), candle_core::Device::Cpu, 0),
+            h.limits.clone(),
+        );
         if let Err(e) = se.engine.compile(&source) {
             let name = original.display().to_string();
             log::report(&format!(
@@ -128,7 +144,11 @@ pub fn run(mut h: Headless) -> i32 {
         Ok(r) => r,
         Err(e) => {
             log::report(&format!("error: {e:#}"));
-            return if e.downcast_ref::<Locked>().is_some() { EXIT_LOCKED } else { 1 };
+            return if e.downcast_ref::<Locked>().is_some() {
+                EXIT_LOCKED
+            } else {
+                1
+            };
         }
     };
     run.keep_checkpoints = h.keep_checkpoints;
@@ -149,17 +169,25 @@ pub fn run(mut h: Headless) -> i32 {
     if !resuming {
         h.params.entry("resume".into()).or_insert(Dynamic::FALSE);
         if let Err(e) = write_stored(&run_path, &script, &source, &h) {
-            log::report(&format!("error: cannot write the run folder {}: {e:#}", run_path.display()));
+            log::report(&format!(
+                "error: cannot write the run folder {}: {e:#}",
+                run_path.display()
+            ));
             return 1;
         }
         tracing::info!("run folder {}", run_path.display());
     } else {
         h.params.insert("resume".into(), Dynamic::TRUE);
-        let latest = super::dir::list_checkpoints(&run.checkpoints_dir()).into_iter().map(|(s, _)| s).max();
+        let latest = super::dir::list_checkpoints(&run.checkpoints_dir())
+            .into_iter()
+            .map(|(s, _)| s)
+            .max();
         tracing::info!(
             "resuming {} ({})",
             run_path.display(),
-            latest.map(|s| format!("latest checkpoint: step {s}")).unwrap_or_else(|| "no checkpoint yet".into())
+            latest
+                .map(|s| format!("latest checkpoint: step {s}"))
+                .unwrap_or_else(|| "no checkpoint yet".into())
         );
     }
     let control = RunControl::new();
@@ -189,8 +217,10 @@ fn read_stored(dir: &Path) -> anyhow::Result<StoredParams> {
         anyhow::bail!("no such run folder");
     }
     let path = dir.join("params.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: not a params file of lpo", path.display()))
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a params file of lpo", path.display()))
 }
 
 fn write_stored(dir: &Path, script: &Path, source: &str, h: &Headless) -> anyhow::Result<()> {
@@ -198,7 +228,10 @@ fn write_stored(dir: &Path, script: &Path, source: &str, h: &Headless) -> anyhow
     let params: serde_json::Value = rhai::serde::from_dynamic(&Dynamic::from_map(h.params.clone()))
         .map_err(|e| anyhow::anyhow!("params: {e}"))?;
     let stored = StoredParams {
-        script: std::path::absolute(script).unwrap_or_else(|_| script.to_path_buf()).display().to_string(),
+        script: std::path::absolute(script)
+            .unwrap_or_else(|_| script.to_path_buf())
+            .display()
+            .to_string(),
         params,
         seed: h.seed,
         device: h.device.clone(),
@@ -213,5 +246,8 @@ fn write_stored(dir: &Path, script: &Path, source: &str, h: &Headless) -> anyhow
         started: chrono::Local::now().to_rfc3339(),
         lpo_version: env!("CARGO_PKG_VERSION").into(),
     };
-    crate::fsutil::atomic_write(&dir.join("params.json"), serde_json::to_string_pretty(&stored)?.as_bytes())
+    crate::fsutil::atomic_write(
+        &dir.join("params.json"),
+        serde_json::to_string_pretty(&stored)?.as_bytes(),
+    )
 }

@@ -11,12 +11,17 @@ static BARS: OnceLock<indicatif::MultiProgress> = OnceLock::new();
 
 /// The progress bars of this process (drawn on stderr).
 pub fn bars() -> &'static indicatif::MultiProgress {
-    BARS.get_or_init(|| indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr()))
+    BARS.get_or_init(|| {
+        indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr())
+    })
 }
 
 /// From now on, every log line is also appended to `path`.
 pub fn tee_to(path: &Path) -> std::io::Result<()> {
-    let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
     *LOG_FILE.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
     Ok(())
 }

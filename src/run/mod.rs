@@ -52,7 +52,9 @@ pub fn parse_set(arg: &str) -> Result<(String, Dynamic), String> {
         .ok_or_else(|| format!("--set `{arg}`: expected key=value"))?;
     let key = key.trim();
     if key.is_empty() || !key.chars().all(|c| c.is_alphanumeric() || c == '_') {
-        return Err(format!("--set `{arg}`: `{key}` is not a valid parameter name"));
+        return Err(format!(
+            "--set `{arg}`: `{key}` is not a valid parameter name"
+        ));
     }
     Ok((key.to_string(), typed_value(value)))
 }
@@ -97,7 +99,10 @@ pub fn run_script(opts: RunOptions, control: std::sync::Arc<RunControl>) -> i32 
     if let Some(run) = &opts.run {
         host = host.with_run_dir(run.clone());
     }
-    let name_path = opts.source_name.clone().unwrap_or_else(|| opts.script.clone());
+    let name_path = opts
+        .source_name
+        .clone()
+        .unwrap_or_else(|| opts.script.clone());
     let se = engine_for(&name_path, host, opts.limits);
     let name = name_path.display().to_string();
     let mut ast = match se.engine.compile(&source) {
@@ -128,9 +133,12 @@ pub fn run_script(opts: RunOptions, control: std::sync::Arc<RunControl>) -> i32 
         Err(err) => {
             let failure = classify(&err, &control);
             let text = match failure {
-                Failure::Stopped(reason) => {
-                    report::format_at(&name, &source, err.position(), &format!("stopped: {}", reason.describe()))
-                }
+                Failure::Stopped(reason) => report::format_at(
+                    &name,
+                    &source,
+                    err.position(),
+                    &format!("stopped: {}", reason.describe()),
+                ),
                 _ => report::format_eval_error(&name, &source, &err),
             };
             log::report(&format!("error: {text}"));
@@ -148,7 +156,11 @@ pub fn check_script(path: &Path) -> i32 {
             return Failure::NotFound.exit_code();
         }
     };
-    let se = engine_for(path, Host::new(RunControl::new(), candle_core::Device::Cpu, 0), Limits::default());
+    let se = engine_for(
+        path,
+        Host::new(RunControl::new(), candle_core::Device::Cpu, 0),
+        Limits::default(),
+    );
     let errors = report::all_parse_errors(&se.engine, &source);
     let name = path.display().to_string();
     for e in &errors {

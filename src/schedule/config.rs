@@ -99,7 +99,11 @@ fn line_of(text: &str, offset: usize) -> usize {
 fn header_line(text: &str, job: &str) -> Option<usize> {
     let patterns = [format!("[jobs.{job}]"), format!("[jobs.\"{job}\"]")];
     text.lines()
-        .position(|l| patterns.iter().any(|p| l.trim_start().starts_with(p.as_str())))
+        .position(|l| {
+            patterns
+                .iter()
+                .any(|p| l.trim_start().starts_with(p.as_str()))
+        })
         .map(|i| i + 1)
 }
 
@@ -113,16 +117,28 @@ impl Schedule {
     pub fn parse(file: &Path, text: &str) -> Result<Schedule, Invalid> {
         let name = file.display();
         let raw: FileToml = toml::from_str(text).map_err(|e| {
-            let at = e.span().map(|s| format!(":{}", line_of(text, s.start))).unwrap_or_default();
+            let at = e
+                .span()
+                .map(|s| format!(":{}", line_of(text, s.start)))
+                .unwrap_or_default();
             Invalid(format!("{name}{at}: {}", e.message().trim()))
         })?;
-        let base = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let base = file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
         let mut jobs = Vec::new();
         let mut after_lines = HashMap::new();
         for (job_name, j) in raw.jobs {
-            let job_line = header_line(text, &job_name).map(|l| format!(":{l}")).unwrap_or_default();
-            if job_name.is_empty() || !job_name.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '-') {
+            let job_line = header_line(text, &job_name)
+                .map(|l| format!(":{l}"))
+                .unwrap_or_default();
+            if job_name.is_empty()
+                || !job_name
+                    .chars()
+                    .all(|c| c.is_alphanumeric() || c == '_' || c == '-')
+            {
                 return Err(Invalid(format!(
                     "{name}{job_line}: job name `{job_name}`: use letters, digits, `_` and `-`"
                 )));
@@ -166,10 +182,16 @@ impl Schedule {
             }
             let backoff_seconds = j.backoff_seconds.unwrap_or(60.0);
             if !(backoff_seconds.is_finite() && backoff_seconds >= 0.0) {
-                return Err(Invalid(format!("{name}{job_line}: job `{job_name}`: backoff_seconds must be >= 0")));
+                return Err(Invalid(format!(
+                    "{name}{job_line}: job `{job_name}`: backoff_seconds must be >= 0"
+                )));
             }
-            if j.timeout_seconds.is_some_and(|t| !(t.is_finite() && t > 0.0)) {
-                return Err(Invalid(format!("{name}{job_line}: job `{job_name}`: timeout_seconds must be > 0")));
+            if j.timeout_seconds
+                .is_some_and(|t| !(t.is_finite() && t > 0.0))
+            {
+                return Err(Invalid(format!(
+                    "{name}{job_line}: job `{job_name}`: timeout_seconds must be > 0"
+                )));
             }
             let params = serde_json::to_value(j.params.unwrap_or_default())
                 .map_err(|e| Invalid(format!("{name}{job_line}: job `{job_name}`: params: {e}")))?;
@@ -204,7 +226,12 @@ impl Schedule {
             Invalid(format!(
                 "{name}:{}: dependency cycle in `after`: {}",
                 after_lines.get(first).copied().unwrap_or(0),
-                cycle.iter().chain(std::iter::once(first)).cloned().collect::<Vec<_>>().join(" -> after -> ")
+                cycle
+                    .iter()
+                    .chain(std::iter::once(first))
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(" -> after -> ")
             ))
         })?;
         let poll_seconds = raw.poll_seconds.unwrap_or(30.0);

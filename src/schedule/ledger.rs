@@ -100,8 +100,14 @@ impl Drop for LockGuard {
 
 impl Ledger {
     pub fn beside(schedule: &Path) -> Self {
-        let stem = schedule.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "schedule".into());
-        let dir = schedule.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let stem = schedule
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "schedule".into());
+        let dir = schedule
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         Self {
             path: dir.join(format!("{stem}.ledger.jsonl")),
             lock_path: dir.join(format!("{stem}.lock")),
@@ -119,7 +125,8 @@ impl Ledger {
             .write(true)
             .open(&self.lock_path)
             .with_context(|| format!("cannot open {}", self.lock_path.display()))?;
-        f.lock().with_context(|| format!("cannot lock {}", self.lock_path.display()))?;
+        f.lock()
+            .with_context(|| format!("cannot lock {}", self.lock_path.display()))?;
         Ok(LockGuard(f))
     }
 
@@ -129,7 +136,8 @@ impl Ledger {
         if !self.path.exists() {
             self.append(&Record::new(now, Event::Created))?;
         }
-        let text = std::fs::read_to_string(&self.path).with_context(|| format!("cannot read {}", self.path.display()))?;
+        let text = std::fs::read_to_string(&self.path)
+            .with_context(|| format!("cannot read {}", self.path.display()))?;
         let lines: Vec<&str> = text.lines().collect();
         let mut out = Vec::new();
         for (i, line) in lines.iter().enumerate() {
@@ -139,7 +147,11 @@ impl Ledger {
             match serde_json::from_str::<Record>(line) {
                 Ok(r) => out.push(r),
                 Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => {}
-                Err(e) => anyhow::bail!("{}:{}: not a ledger record: {e}", self.path.display(), i + 1),
+                Err(e) => anyhow::bail!(
+                    "{}:{}: not a ledger record: {e}",
+                    self.path.display(),
+                    i + 1
+                ),
             }
         }
         Ok(out)

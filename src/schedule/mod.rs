@@ -66,9 +66,17 @@ pub enum Action {
     /// Start afresh (a new run folder) for `slot` (a cron occurrence or `after:<job>`).
     Start { slot: String, attempt: u32 },
     /// Continue an interrupted run in its folder.
-    Resume { run_dir: PathBuf, slot: String, attempt: u32 },
+    Resume {
+        run_dir: PathBuf,
+        slot: String,
+        attempt: u32,
+    },
     /// A retry after a failure, not before `not_before`.
-    Retry { slot: String, attempt: u32, not_before: DateTime<Utc> },
+    Retry {
+        slot: String,
+        attempt: u32,
+        not_before: DateTime<Utc>,
+    },
     /// Running in another process: leave it alone.
     Running { pid: Option<u32> },
 }
@@ -130,7 +138,10 @@ fn pid_alive(pid: u32) -> bool {
     // A zombie (dead, not yet reaped) is not running.
     let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
         .unwrap_or(false);
     exists && !zombie
 }
@@ -156,8 +167,12 @@ impl Scheduler {
         let last_start = mine.iter().rev().find(|(_, r)| r.event == Event::Start);
         // 1. An unfinished or interrupted run.
         if let Some((start_idx, start)) = last_start {
-            let end = mine.iter().find(|(i, r)| i > start_idx && r.event == Event::End);
-            let gave_up = mine.iter().any(|(i, r)| i > start_idx && r.event == Event::GaveUp);
+            let end = mine
+                .iter()
+                .find(|(i, r)| i > start_idx && r.event == Event::End);
+            let gave_up = mine
+                .iter()
+                .any(|(i, r)| i > start_idx && r.event == Event::GaveUp);
             let run_dir = start.run_dir.clone().unwrap_or_default();
             let slot = start.slot.clone().unwrap_or_default();
             let attempt = start.attempt.unwrap_or(1);
@@ -167,16 +182,25 @@ impl Scheduler {
                     if alive {
                         return Some(Action::Running { pid: start.pid });
                     }
-                    return Some(Action::Resume { run_dir, slot, attempt });
+                    return Some(Action::Resume {
+                        run_dir,
+                        slot,
+                        attempt,
+                    });
                 }
                 Some((_, end)) => {
                     let code = end.exit_code.unwrap_or(1);
                     if interrupted(code) {
-                        return Some(Action::Resume { run_dir, slot, attempt });
+                        return Some(Action::Resume {
+                            run_dir,
+                            slot,
+                            attempt,
+                        });
                     }
                     if code != 0 && !gave_up && attempt <= job.retries {
                         let wait = job.backoff_seconds * 2f64.powi(attempt as i32 - 1);
-                        let not_before = end.time + chrono::Duration::milliseconds((wait * 1000.0) as i64);
+                        let not_before =
+                            end.time + chrono::Duration::milliseconds((wait * 1000.0) as i64);
                         return Some(Action::Retry {
                             slot,
                             attempt: attempt + 1,
@@ -195,7 +219,9 @@ impl Scheduler {
                     return None;
                 }
                 let slot = occurrence.to_rfc3339();
-                let started_slot = last_start.and_then(|(_, r)| r.slot.as_deref()).and_then(|s| DateTime::parse_from_rfc3339(s).ok());
+                let started_slot = last_start
+                    .and_then(|(_, r)| r.slot.as_deref())
+                    .and_then(|s| DateTime::parse_from_rfc3339(s).ok());
                 if started_slot.is_some_and(|s| s >= occurrence) {
                     return None;
                 }
@@ -247,7 +273,10 @@ impl Scheduler {
             }
         }
         if failures > 0 {
-            eprintln!("schedule: {failures} job(s) failed after their retries (see the ledger {})", self.ledger.path().display());
+            eprintln!(
+                "schedule: {failures} job(s) failed after their retries (see the ledger {})",
+                self.ledger.path().display()
+            );
             1
         } else {
             0
@@ -273,7 +302,9 @@ impl Scheduler {
                     self.sleep(wait.min(Duration::from_secs_f64(self.schedule.poll_seconds)));
                 }
                 Ok(Step::Idle) => {
-                    let wait = self.next_occurrence().map(|t| (t - self.clock.now()).to_std().unwrap_or_default());
+                    let wait = self
+                        .next_occurrence()
+                        .map(|t| (t - self.clock.now()).to_std().unwrap_or_default());
                     let poll = Duration::from_secs_f64(self.schedule.poll_seconds);
                     let mut wait = wait.map_or(poll, |w| w.min(poll));
                     if let Some(limit) = stop_after {
@@ -318,15 +349,25 @@ impl Scheduler {
         for job in &self.schedule.jobs {
             match self.action(job, &records, now) {
                 None => {}
-                Some(Action::Running { pid }) => {
-                    if !reported_running.contains(&job.name) {
-                        reported_running.push(job.name.clone());
-                        let pid = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
-                        self.log(&format!("job `{}` is already running{pid}: not started again", job.name));
-                        self.ledger.append(&Record::new(now, Event::Skipped).job(&job.name).reason("already running"))?;
-                    }
+                Some(Action::Running { pid }) if !reported_running.contains(&job.name) => {
+                    reported_running.push(job.name.clone());
+                    let pid = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+                    self.log(&format!(
+                        "job `{}` is already running{pid}: not started again",
+                        job.name
+                    ));
+                    self.ledger.append(
+                        &Record::new(now, Event::Skipped)
+                            .job(&job.name)
+                            .reason("already running"),
+                    )?;
                 }
-                Some(Action::Retry { not_before, slot, attempt }) if not_before > now => {
+                Some(Action::Running { .. }) => {}
+                Some(Action::Retry {
+                    not_before,
+                    slot,
+                    attempt,
+                }) if not_before > now => {
                     let _ = (slot, attempt);
                     earliest_retry = Some(earliest_retry.map_or(not_before, |t| t.min(not_before)));
                 }
@@ -346,7 +387,11 @@ impl Scheduler {
             Action::Start { slot, attempt } | Action::Retry { slot, attempt, .. } => {
                 (self.fresh_run_dir(&job.name), slot, attempt, false)
             }
-            Action::Resume { run_dir, slot, attempt } => (run_dir, slot, attempt, true),
+            Action::Resume {
+                run_dir,
+                slot,
+                attempt,
+            } => (run_dir, slot, attempt, true),
             Action::Running { .. } => unreachable!("filtered above"),
         };
         let mut cmd = self.command(&job, &run_dir, resume)?;
@@ -360,7 +405,11 @@ impl Scheduler {
             Ok(c) => c,
             Err(e) => {
                 self.ledger.append(
-                    &Record::new(now, Event::Start).job(&job.name).attempt(attempt).slot(&slot).run_dir(&run_dir),
+                    &Record::new(now, Event::Start)
+                        .job(&job.name)
+                        .attempt(attempt)
+                        .slot(&slot)
+                        .run_dir(&run_dir),
                 )?;
                 self.ledger.append(
                     &Record::new(self.clock.now(), Event::End)
@@ -373,7 +422,11 @@ impl Scheduler {
                 return Ok(Step::Ran { gave_up: false });
             }
         };
-        let mut start = Record::new(now, Event::Start).job(&job.name).attempt(attempt).slot(&slot).run_dir(&run_dir);
+        let mut start = Record::new(now, Event::Start)
+            .job(&job.name)
+            .attempt(attempt)
+            .slot(&slot)
+            .run_dir(&run_dir);
         start.pid = Some(child.id());
         start.resume = Some(resume);
         self.ledger.append(&start)?;
@@ -403,7 +456,10 @@ impl Scheduler {
                 .exit_code(code)
                 .reason(status_word),
         )?;
-        self.log(&format!("job `{}` ended: {status_word} (exit code {code})", job.name));
+        self.log(&format!(
+            "job `{}` ended: {status_word} (exit code {code})",
+            job.name
+        ));
         let mut gave_up = false;
         if status_word == "failed" && attempt > job.retries {
             gave_up = true;
@@ -413,7 +469,10 @@ impl Scheduler {
                     .attempt(attempt)
                     .run_dir(&run_dir)
                     .exit_code(code)
-                    .reason(&format!("failed {attempt} time(s); retries = {}", job.retries)),
+                    .reason(&format!(
+                        "failed {attempt} time(s); retries = {}",
+                        job.retries
+                    )),
             )?;
             eprintln!(
                 "schedule: job `{}` failed {attempt} time(s) (last exit code {code}, run folder {}); giving up",

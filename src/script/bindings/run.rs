@@ -46,13 +46,20 @@ pub mod run_api {
     /// atomically; older ones beyond `--keep-checkpoints` (default 3) are removed.
     /// `tensors` maps names to tensors, `state` is any map of plain values. Returns the folder.
     #[rhai_fn(return_raw)]
-    pub fn checkpoint_save(ctx: NativeCallContext, step: i64, tensors: Map, state: Map) -> ScriptResult<String> {
+    pub fn checkpoint_save(
+        ctx: NativeCallContext,
+        step: i64,
+        tensors: Map,
+        state: Map,
+    ) -> ScriptResult<String> {
         let run = helpers::require_run(&ctx, "checkpoint_save")?;
         let tensors = helpers::tensor_map(tensors, "checkpoint_save").or_script(&ctx)?;
         let state: serde_json::Value = rhai::serde::from_dynamic(&Dynamic::from_map(state))
             .map_err(|e| format!("checkpoint_save: state is not plain data: {e}"))
             .or_script(&ctx)?;
-        let path = run.save_checkpoint(step, &tensors, &state).or_script(&ctx)?;
+        let path = run
+            .save_checkpoint(step, &tensors, &state)
+            .or_script(&ctx)?;
         tracing::info!("checkpoint step {step}: {}", path.display());
         Ok(path.display().to_string())
     }
@@ -68,11 +75,18 @@ pub mod run_api {
         let Some(ck) = run.latest_checkpoint(&host.device).or_script(&ctx)? else {
             return Ok(Dynamic::UNIT);
         };
-        let tensors: Map = ck.tensors.into_iter().map(|(k, t)| (k.into(), Dynamic::from(t))).collect();
+        let tensors: Map = ck
+            .tensors
+            .into_iter()
+            .map(|(k, t)| (k.into(), Dynamic::from(t)))
+            .collect();
         let mut out = Map::new();
         out.insert("step".into(), Dynamic::from(ck.step));
         out.insert("tensors".into(), Dynamic::from_map(tensors));
-        out.insert("state".into(), rhai::serde::to_dynamic(ck.state).or_script(&ctx)?);
+        out.insert(
+            "state".into(),
+            rhai::serde::to_dynamic(ck.state).or_script(&ctx)?,
+        );
         out.insert("path".into(), Dynamic::from(ck.path.display().to_string()));
         Ok(Dynamic::from_map(out))
     }
@@ -84,7 +98,10 @@ pub mod run_api {
     pub fn log_metrics(ctx: NativeCallContext, metrics: Map) -> ScriptResult<()> {
         let host = Host::of(&ctx);
         let (record, nonfinite) = helpers::metrics_record(metrics).or_script(&ctx)?;
-        let step = record.get("step").map(|s| s.to_string()).unwrap_or_else(|| "?".into());
+        let step = record
+            .get("step")
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "?".into());
         let halting = match &host.run {
             Some(run) => run.log_metrics(record, &nonfinite).or_script(&ctx)?,
             None => {
@@ -96,7 +113,10 @@ pub mod run_api {
             return Ok(());
         }
         let last = match &host.run {
-            Some(run) => match crate::run::dir::list_checkpoints(&run.checkpoints_dir()).into_iter().max_by_key(|(s, _)| *s) {
+            Some(run) => match crate::run::dir::list_checkpoints(&run.checkpoints_dir())
+                .into_iter()
+                .max_by_key(|(s, _)| *s)
+            {
                 Some((s, p)) => format!("the last good checkpoint is {} (step {s})", p.display()),
                 None => "no checkpoint was written before".into(),
             },
@@ -104,7 +124,11 @@ pub mod run_api {
         };
         Err(format!(
             "log_metrics: non-finite {} at step {step}: the run is halted; {last}",
-            halting.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+            halting
+                .iter()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
         ))
         .or_script(&ctx)
     }
@@ -194,19 +218,24 @@ pub mod helpers {
                 let type_name = v.type_name();
                 v.try_cast::<Tensor>()
                     .map(|t| (k.to_string(), t))
-                    .ok_or_else(|| format!("{fn_name}: tensors entry `{k}` is a {type_name}, not a tensor"))
+                    .ok_or_else(|| {
+                        format!("{fn_name}: tensors entry `{k}` is a {type_name}, not a tensor")
+                    })
             })
             .collect()
     }
 
     /// The JSON record of a metrics map and the keys whose float value is not finite.
     #[allow(clippy::type_complexity)]
-    pub fn metrics_record(map: Map) -> Result<(serde_json::Map<String, serde_json::Value>, Vec<String>), String> {
+    pub fn metrics_record(
+        map: Map,
+    ) -> Result<(serde_json::Map<String, serde_json::Value>, Vec<String>), String> {
         let mut record = serde_json::Map::new();
         let mut nonfinite = Vec::new();
         for (k, v) in map {
             let v = match v.clone().try_cast::<Tensor>() {
-                Some(t) => crate::script::convert::tensor_item(&t).map_err(|e| format!("log_metrics: `{k}`: {e}"))?,
+                Some(t) => crate::script::convert::tensor_item(&t)
+                    .map_err(|e| format!("log_metrics: `{k}`: {e}"))?,
                 None => v,
             };
             let json = if let Ok(f) = v.as_float() {
@@ -227,7 +256,10 @@ pub mod helpers {
 
     pub fn sleep(ctx: &NativeCallContext, seconds: f64) -> ScriptResult<()> {
         if !seconds.is_finite() || seconds < 0.0 {
-            return Err(host_error(ctx, format!("sleep: {seconds} is not a duration in seconds")));
+            return Err(host_error(
+                ctx,
+                format!("sleep: {seconds} is not a duration in seconds"),
+            ));
         }
         let host = Host::of(ctx);
         let end = Instant::now() + Duration::from_secs_f64(seconds);
@@ -285,8 +317,10 @@ pub mod helpers {
             bar.inc(n);
             return;
         }
-        let decile = if s.total == 0 { 0 } else { s.pos.min(s.total) * 10 / s.total };
-        let due = s.last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(2));
+        let decile = (s.pos.min(s.total) * 10).checked_div(s.total).unwrap_or(0);
+        let due = s
+            .last_log
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(2));
         if decile > s.last_decile && due {
             s.last_decile = decile;
             s.last_log = Some(Instant::now());
@@ -295,8 +329,14 @@ pub mod helpers {
     }
 
     fn log_line(s: &ProgressState) {
-        let label = if s.label.is_empty() { "progress".to_string() } else { s.label.clone() };
-        let pct = if s.total == 0 { 100 } else { s.pos.min(s.total) * 100 / s.total };
+        let label = if s.label.is_empty() {
+            "progress".to_string()
+        } else {
+            s.label.clone()
+        };
+        let pct = (s.pos.min(s.total) * 100)
+            .checked_div(s.total)
+            .unwrap_or(100);
         if s.message.is_empty() {
             tracing::info!("{label}: {}/{} ({pct}%)", s.pos, s.total);
         } else {
