@@ -307,3 +307,39 @@ fn bad_schedule_files_are_rejected_with_line_and_reason() {
         .unwrap();
     assert_eq!(out.status.code(), Some(66));
 }
+
+#[test]
+fn the_foreground_scheduler_runs_jobs_as_they_fall_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(d, "ck.rhai", CHECKPOINTING);
+    // Every second (a leading seconds field); the clock starts just before a whole second.
+    write(
+        d,
+        "jobs.toml",
+        "poll_seconds = 0.2\n[jobs.tick]\nscript = \"ck.rhai\"\ncron = \"* * * * * *\"\nparams = { steps = 2 }\n",
+    );
+    let out = lpo(d)
+        .args([
+            "schedule",
+            "jobs.toml",
+            "--now",
+            "2026-01-01T00:00:00Z",
+            "--stop-after",
+            "2.5",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let l = ledger(d);
+    let starts = events(&l, "tick", "start");
+    assert!((2..=4).contains(&starts.len()), "{l:?}");
+    let slots: std::collections::HashSet<_> =
+        starts.iter().map(|r| r["slot"].to_string()).collect();
+    assert_eq!(slots.len(), starts.len(), "each occurrence runs once");
+    assert_eq!(events(&l, "tick", "end").len(), starts.len());
+}
