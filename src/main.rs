@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use lpo::control::{install_signal_handlers, RunControl};
+use lpo::control::RunControl;
 use lpo::run::headless::Headless;
 use lpo::run::{check_script, parse_set};
 use lpo::script::{build_engine, EngineOptions, Host, Limits};
@@ -253,10 +253,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            // The REPL installs its signal handler itself, after the line editor's.
             let control = RunControl::new();
-            if let Err(e) = install_signal_handlers(control.clone()) {
-                eprintln!("warning: cannot install signal handlers: {e}");
-            }
             lpo::repl::run_repl(Host::new(control.clone(), device, session.seed), control)
         }
     };

@@ -264,3 +264,25 @@ fn every_exit_code_of_the_contract() {
     let (code, err) = finish(child);
     assert_eq!(code, 130, "{err}");
 }
+
+#[test]
+fn fns_markdown_is_the_api_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = lpo(dir.path())
+        .args(["fns", "--markdown"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let md = String::from_utf8(out.stdout).unwrap();
+    for want in [
+        "# lpo script API reference",
+        "## Functions",
+        "## Tensor methods",
+        "- `checkpoint_save(step: int, tensors: Map, state: Map) -> String`",
+        "atomically",
+        "## stdlib `util`",
+        "- `util::param(p, key, fallback)`",
+    ] {
+        assert!(md.contains(want), "missing {want:?} in\n{md}");
+    }
+}

@@ -117,12 +117,9 @@ cron = "0 12 * * *"
     );
     let train_dir = PathBuf::from(events(&l, "train", "start")[0]["run_dir"].as_str().unwrap());
     assert!(train_dir.join("result.json").is_file());
-    assert_eq!(
-        std::fs::read_to_string(train_dir.join("params.json"))
-            .unwrap()
-            .contains("\"steps\": 6"),
-        true
-    );
+    assert!(std::fs::read_to_string(train_dir.join("params.json"))
+        .unwrap()
+        .contains("\"steps\": 6"));
 
     // Thirty seconds later nothing is due again.
     let (code, err) = schedule(d, "2026-01-01T00:00:30Z");
@@ -309,4 +306,40 @@ fn bad_schedule_files_are_rejected_with_line_and_reason() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(66));
+}
+
+#[test]
+fn the_foreground_scheduler_runs_jobs_as_they_fall_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(d, "ck.rhai", CHECKPOINTING);
+    // Every second (a leading seconds field); the clock starts just before a whole second.
+    write(
+        d,
+        "jobs.toml",
+        "poll_seconds = 0.2\n[jobs.tick]\nscript = \"ck.rhai\"\ncron = \"* * * * * *\"\nparams = { steps = 2 }\n",
+    );
+    let out = lpo(d)
+        .args([
+            "schedule",
+            "jobs.toml",
+            "--now",
+            "2026-01-01T00:00:00Z",
+            "--stop-after",
+            "2.5",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let l = ledger(d);
+    let starts = events(&l, "tick", "start");
+    assert!((2..=4).contains(&starts.len()), "{l:?}");
+    let slots: std::collections::HashSet<_> =
+        starts.iter().map(|r| r["slot"].to_string()).collect();
+    assert_eq!(slots.len(), starts.len(), "each occurrence runs once");
+    assert_eq!(events(&l, "tick", "end").len(), starts.len());
 }

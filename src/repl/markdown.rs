@@ -26,14 +26,13 @@ fn group_of(f: &FunctionDoc) -> String {
 }
 
 fn entry(out: &mut String, f: &FunctionDoc) {
-    let sig = match f.name.strip_prefix("get$") {
-        Some(prop) => format!(
-            "{} (property `.{prop}`)",
+    match f.name.strip_prefix("get$") {
+        Some(prop) => out.push_str(&format!(
+            "- `{}` (property `.{prop}`)",
             f.signature.replacen(&f.name, prop, 1)
-        ),
-        None => f.signature.clone(),
-    };
-    out.push_str(&format!("- `{sig}`"));
+        )),
+        None => out.push_str(&format!("- `{}`", f.signature)),
+    }
     if f.doc.is_empty() {
         out.push('\n');
     } else {

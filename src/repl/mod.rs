@@ -223,7 +223,6 @@ fn history_path() -> Option<PathBuf> {
 
 pub fn run_repl(host: Host, control: Arc<RunControl>) -> i32 {
     crate::control::REPL_MODE.store(true, std::sync::atomic::Ordering::SeqCst);
-    let _ = control;
     let mut session = Session::new(host);
     let names = Arc::new(Mutex::new(session.names()));
     let config = rustyline::Config::builder()
@@ -239,6 +238,11 @@ pub fn run_repl(host: Host, control: Arc<RunControl>) -> i32 {
             }
         };
     editor.set_helper(Some(ReplHelper::new(names.clone())));
+    // After the editor: rustyline replaces the SIGINT handler when it opens the terminal, and
+    // Ctrl-C during an evaluation must reach the run control.
+    if let Err(e) = crate::control::install_signal_handlers(control.clone()) {
+        eprintln!("warning: cannot install signal handlers: {e}");
+    }
     let history = history_path();
     if let Some(h) = &history {
         if let Some(dir) = h.parent() {

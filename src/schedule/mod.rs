@@ -349,21 +349,20 @@ impl Scheduler {
         for job in &self.schedule.jobs {
             match self.action(job, &records, now) {
                 None => {}
-                Some(Action::Running { pid }) => {
-                    if !reported_running.contains(&job.name) {
-                        reported_running.push(job.name.clone());
-                        let pid = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
-                        self.log(&format!(
-                            "job `{}` is already running{pid}: not started again",
-                            job.name
-                        ));
-                        self.ledger.append(
-                            &Record::new(now, Event::Skipped)
-                                .job(&job.name)
-                                .reason("already running"),
-                        )?;
-                    }
+                Some(Action::Running { pid }) if !reported_running.contains(&job.name) => {
+                    reported_running.push(job.name.clone());
+                    let pid = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+                    self.log(&format!(
+                        "job `{}` is already running{pid}: not started again",
+                        job.name
+                    ));
+                    self.ledger.append(
+                        &Record::new(now, Event::Skipped)
+                            .job(&job.name)
+                            .reason("already running"),
+                    )?;
                 }
+                Some(Action::Running { .. }) => {}
                 Some(Action::Retry {
                     not_before,
                     slot,

@@ -317,11 +317,7 @@ pub mod helpers {
             bar.inc(n);
             return;
         }
-        let decile = if s.total == 0 {
-            0
-        } else {
-            s.pos.min(s.total) * 10 / s.total
-        };
+        let decile = (s.pos.min(s.total) * 10).checked_div(s.total).unwrap_or(0);
         let due = s
             .last_log
             .is_none_or(|t| t.elapsed() >= Duration::from_secs(2));
@@ -338,11 +334,9 @@ pub mod helpers {
         } else {
             s.label.clone()
         };
-        let pct = if s.total == 0 {
-            100
-        } else {
-            s.pos.min(s.total) * 100 / s.total
-        };
+        let pct = (s.pos.min(s.total) * 100)
+            .checked_div(s.total)
+            .unwrap_or(100);
         if s.message.is_empty() {
             tracing::info!("{label}: {}/{} ({pct}%)", s.pos, s.total);
         } else {
