@@ -40,16 +40,6 @@ fn module_source(file: &str) -> String {
     std::fs::read_to_string(file).unwrap_or_default()
 }
 
-/// The text of a module file, or of the copy of `stdlib/` compiled into the binary.
-fn module_source(file: &str) -> String {
-    if let Some(name) = file.strip_prefix("<stdlib>/").and_then(|n| n.strip_suffix(".rhai")) {
-        if let Some((_, src)) = crate::script::resolver::EMBEDDED_STDLIB.iter().find(|(n, _)| *n == name) {
-            return src.to_string();
-        }
-    }
-    std::fs::read_to_string(file).unwrap_or_default()
-}
-
 /// `line:col` of a position (Rhai's own Display says "line 3, position 7").
 fn line_col(pos: Position) -> String {
     match (pos.line(), pos.position()) {

@@ -28,9 +28,6 @@ pub fn register_all(engine: &mut Engine) {
     engine.register_global_module(exported_module!(io::io_api).into());
     engine.register_global_module(exported_module!(system::system_api).into());
     engine.register_global_module(exported_module!(unet::unet_api).into());
-    engine.register_type_with_name::<text::ScriptTokenizer>("Tokenizer");
-    engine.register_type_with_name::<text::ScriptTextEncoder>("TextEncoder");
-    engine.register_type_with_name::<vae::ScriptVae>("Vae");
     engine.register_type_with_name::<text::Tokenizer>("Tokenizer");
     engine.register_type_with_name::<text::TextEncoder>("TextEncoder");
     engine.register_type_with_name::<vae::Vae>("Vae");
