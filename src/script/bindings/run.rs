@@ -359,7 +359,10 @@ pub mod helpers {
         }
         s.finished = true;
         match &s.bar {
-            Some(bar) => bar.finish(),
+            Some(bar) => {
+                bar.finish();
+                crate::run::log::bars().remove(bar);
+            }
             None => log_line(&s),
         }
     }
