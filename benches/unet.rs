@@ -10,10 +10,16 @@ use lpo::models::unet::{UNet2DConditionModel, UNetConfig};
 use lpo::tensor::SeededRng;
 
 fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     format!("{cpus} CPUs available (nproc), {model}")
 }
@@ -27,7 +33,15 @@ fn time_ms(reps: usize, mut f: impl FnMut()) -> f64 {
     start.elapsed().as_secs_f64() * 1000.0 / reps as f64
 }
 
-fn bench(name: &str, unet: &UNet2DConditionModel, trainable: &UNet2DConditionModel, b: usize, hw: usize, tokens: usize, reps: usize) {
+fn bench(
+    name: &str,
+    unet: &UNet2DConditionModel,
+    trainable: &UNet2DConditionModel,
+    b: usize,
+    hw: usize,
+    tokens: usize,
+    reps: usize,
+) {
     let dev = Device::Cpu;
     let mut rng = SeededRng::new(0);
     let x = rng.randn((b, 4, hw, hw), &dev).unwrap();
@@ -55,12 +69,23 @@ fn main() {
     let dev = Device::Cpu;
     let dir = Path::new("tests/fixtures/tiny-lrm/unet");
     let frozen = UNet2DConditionModel::load(dir, DType::F32, &dev, WeightMode::Frozen).unwrap();
-    let trainable = UNet2DConditionModel::load(dir, DType::F32, &dev, WeightMode::Trainable).unwrap();
+    let trainable =
+        UNet2DConditionModel::load(dir, DType::F32, &dev, WeightMode::Trainable).unwrap();
     bench("tiny-lrm UNet", &frozen, &trainable, 4, 16, 77, 10);
 
     let text = std::fs::read_to_string("tests/fixtures/configs/sd15.json").unwrap();
     let cfg = UNetConfig::from_json(&text, "tests/fixtures/configs/sd15.json").unwrap();
-    let frozen = UNet2DConditionModel::random(cfg.clone(), 0, DType::F32, &dev, WeightMode::Frozen).unwrap();
-    let trainable = UNet2DConditionModel::random(cfg, 0, DType::F32, &dev, WeightMode::Trainable).unwrap();
-    bench("SD1.5-shaped UNet (random weights)", &frozen, &trainable, 1, 32, 77, 2);
+    let frozen =
+        UNet2DConditionModel::random(cfg.clone(), 0, DType::F32, &dev, WeightMode::Frozen).unwrap();
+    let trainable =
+        UNet2DConditionModel::random(cfg, 0, DType::F32, &dev, WeightMode::Trainable).unwrap();
+    bench(
+        "SD1.5-shaped UNet (random weights)",
+        &frozen,
+        &trainable,
+        1,
+        32,
+        77,
+        2,
+    );
 }

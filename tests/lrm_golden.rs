@@ -5,8 +5,13 @@ use lpo::control::RunControl;
 use lpo::script::{build_engine, EngineOptions, Host};
 
 fn eval_f64(script: &str) -> f64 {
-    let se = build_engine(Host::new(RunControl::new(), Device::Cpu, 0), &EngineOptions::default());
-    se.engine.eval::<f64>(script).unwrap_or_else(|e| panic!("{e}\n{script}"))
+    let se = build_engine(
+        Host::new(RunControl::new(), Device::Cpu, 0),
+        &EngineOptions::default(),
+    );
+    se.engine
+        .eval::<f64>(script)
+        .unwrap_or_else(|e| panic!("{e}\n{script}"))
 }
 
 const TOL: f64 = 1e-4;
@@ -14,9 +19,18 @@ const TOL: f64 = 1e-4;
 #[test]
 fn scores_match_golden_multiscale_single_scale_and_cfg_on_all_stages() {
     for (opts, key) in [
-        ("#{multi_scale: true, guidance_scale: 7.5, multi_scale_cfg: false}", "score_multiscale"),
-        ("#{multi_scale: false, guidance_scale: 7.5}", "score_single_scale"),
-        ("#{multi_scale: true, guidance_scale: 7.5, multi_scale_cfg: true}", "score_multiscale_cfgall"),
+        (
+            "#{multi_scale: true, guidance_scale: 7.5, multi_scale_cfg: false}",
+            "score_multiscale",
+        ),
+        (
+            "#{multi_scale: false, guidance_scale: 7.5}",
+            "score_single_scale",
+        ),
+        (
+            "#{multi_scale: true, guidance_scale: 7.5, multi_scale_cfg: true}",
+            "score_multiscale_cfgall",
+        ),
     ] {
         let d = eval_f64(&format!(
             r#"let g = load_safetensors("tests/fixtures/golden/lrm.safetensors");
@@ -63,13 +77,21 @@ fn pair_loss_matches_golden_with_ties_and_aux_coefficient() {
 
 #[test]
 fn bad_input_is_a_clear_error() {
-    let se = build_engine(Host::new(RunControl::new(), Device::Cpu, 0), &EngineOptions::default());
+    let se = build_engine(
+        Host::new(RunControl::new(), Device::Cpu, 0),
+        &EngineOptions::default(),
+    );
     let err = se
         .engine
-        .eval::<rhai::Dynamic>(r#"load_lrm("tests/fixtures/tiny-lrm", #{multi_scale: true, guidance: 2})"#)
+        .eval::<rhai::Dynamic>(
+            r#"load_lrm("tests/fixtures/tiny-lrm", #{multi_scale: true, guidance: 2})"#,
+        )
         .unwrap_err()
         .to_string();
-    assert!(err.contains("`guidance`") && err.contains("guidance_scale"), "{err}");
+    assert!(
+        err.contains("`guidance`") && err.contains("guidance_scale"),
+        "{err}"
+    );
     let err = se
         .engine
         .eval::<rhai::Dynamic>(
@@ -85,5 +107,8 @@ fn bad_input_is_a_clear_error() {
         .eval::<rhai::Dynamic>(r#"load_lrm("tests/fixtures/tiny-sd")"#)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("projections") || err.contains("state_dict.pt"), "{err}");
+    assert!(
+        err.contains("projections") || err.contains("state_dict.pt"),
+        "{err}"
+    );
 }

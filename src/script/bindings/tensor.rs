@@ -70,9 +70,17 @@ mod helpers {
     }
 
     /// An index tensor as i64; float indices are an error (as in PyTorch), not truncated.
-    pub(super) fn int_index(ctx: &NativeCallContext, idx: &Tensor, what: &str) -> ScriptResult<Tensor> {
+    pub(super) fn int_index(
+        ctx: &NativeCallContext,
+        idx: &Tensor,
+        what: &str,
+    ) -> ScriptResult<Tensor> {
         if ops::is_float(idx.dtype()) {
-            return Err(format!("{what}: index must be an int tensor, got {}", idx.dtype().as_str())).or_script(ctx);
+            return Err(format!(
+                "{what}: index must be an int tensor, got {}",
+                idx.dtype().as_str()
+            ))
+            .or_script(ctx);
         }
         idx.to_dtype(DType::I64).or_script(ctx)
     }
@@ -374,7 +382,15 @@ pub mod tensor_api {
     #[rhai_fn(return_raw, pure)]
     pub fn matmul(ctx: NativeCallContext, a: &mut Tensor, b: Tensor) -> ScriptResult<Tensor> {
         a.broadcast_matmul(&b)
-            .map_err(|e| format!("matmul: cannot multiply {}{:?} by {}{:?}: {e}", a.dtype().as_str(), a.dims(), b.dtype().as_str(), b.dims()))
+            .map_err(|e| {
+                format!(
+                    "matmul: cannot multiply {}{:?} by {}{:?}: {e}",
+                    a.dtype().as_str(),
+                    a.dims(),
+                    b.dtype().as_str(),
+                    b.dims()
+                )
+            })
             .or_script(&ctx)
     }
 
@@ -771,7 +787,9 @@ pub mod tensor_api {
     pub fn cat(ctx: NativeCallContext, items: Array, dim: i64) -> ScriptResult<Tensor> {
         let ts = tensors(&ctx, &items, "cat")?;
         let d = dim_of(&ctx, &ts[0], dim)?;
-        Tensor::cat(&ts, d).map_err(|e| format!("cat: {e}")).or_script(&ctx)
+        Tensor::cat(&ts, d)
+            .map_err(|e| format!("cat: {e}"))
+            .or_script(&ctx)
     }
     /// Stack along a new dim.
     #[rhai_fn(return_raw)]
@@ -782,7 +800,9 @@ pub mod tensor_api {
         if d < 0 || d > rank {
             return Err(format!("stack: dim {dim} out of range")).or_script(&ctx);
         }
-        Tensor::stack(&ts, d as usize).map_err(|e| format!("stack: {e}")).or_script(&ctx)
+        Tensor::stack(&ts, d as usize)
+            .map_err(|e| format!("stack: {e}"))
+            .or_script(&ctx)
     }
 
     // ---- comparisons between tensors ----
