@@ -4,6 +4,7 @@
 //! The compiled core (tensors, models, sampler, losses, optimizer, checkpoints) knows nothing
 //! of scripts; `script` registers thin bindings over it.
 
+pub mod bench;
 pub mod control;
 pub mod diffusion;
 pub mod eval;

@@ -129,6 +129,33 @@ enum Command {
         /// Only functions whose name contains this text.
         filter: Option<String>,
     },
+    /// Time LPO's sampling and training steps on full-size SD1.5 / SDXL shapes with random
+    /// weights (see scripts/gpu_check.sh), printing a JSON report.
+    Bench {
+        #[arg(long, value_enum, default_value_t = lpo::bench::BenchModel::Sd15)]
+        model: lpo::bench::BenchModel,
+        /// Compute device: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Model dtype: f32, bf16 or f16 (LoRA master weights and optimizer state stay f32).
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// How the training step gets its reference prediction.
+        #[arg(long, value_enum, default_value_t = lpo::bench::Reference::LoraOff)]
+        reference: lpo::bench::Reference,
+        #[arg(long, value_enum, default_value_t = lpo::bench::Phase::All)]
+        phase: lpo::bench::Phase,
+        /// Candidates per prompt.
+        #[arg(long, default_value_t = 4)]
+        k: usize,
+        /// Timed repetitions after one warm-up.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        #[arg(long)]
+        sample_batch: Option<usize>,
+        #[arg(long)]
+        train_batch: Option<usize>,
+    },
     /// Interactive session.
     Repl {
         #[command(flatten)]
@@ -243,6 +270,45 @@ fn main() -> ExitCode {
                 }
             } else {
                 print_functions(&se.engine, json, filter.as_deref())
+            }
+        }
+        Command::Bench {
+            model,
+            device,
+            dtype,
+            reference,
+            phase,
+            k,
+            repeats,
+            sample_batch,
+            train_batch,
+        } => {
+            let device = match lpo::tensor::parse_device(&device) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
+            let opts = lpo::bench::BenchOptions {
+                model,
+                dtype,
+                reference,
+                phase,
+                k,
+                repeats: repeats.max(1),
+                sample_batch,
+                train_batch,
+            };
+            match lpo::bench::run(opts, &device) {
+                Ok(report) => {
+                    println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+                    0
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    1
+                }
             }
         }
         Command::Repl { session } => {
