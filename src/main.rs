@@ -302,7 +302,10 @@ fn main() -> ExitCode {
             };
             match lpo::bench::run(opts, &device) {
                 Ok(report) => {
-                    println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&report).unwrap_or_default()
+                    );
                     0
                 }
                 Err(e) => {

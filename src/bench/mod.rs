@@ -124,7 +124,12 @@ fn shapes(model: BenchModel) -> Shapes {
     }
 }
 
-fn added_cond(model: BenchModel, rows: usize, dtype: DType, device: &Device) -> Result<Option<AddedCond>> {
+fn added_cond(
+    model: BenchModel,
+    rows: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Option<AddedCond>> {
     if model != BenchModel::Sdxl {
         return Ok(None);
     }
@@ -183,20 +188,26 @@ pub fn run(opts: BenchOptions, device: &Device) -> Result<BenchReport> {
     };
 
     if matches!(opts.phase, Phase::Sample | Phase::All) {
-        let lrm_unet = UNet2DConditionModel::random(config.clone(), 2, dtype, device, WeightMode::Frozen)
-            .context("LRM UNet")?;
+        let lrm_unet =
+            UNet2DConditionModel::random(config.clone(), 2, dtype, device, WeightMode::Frozen)
+                .context("LRM UNet")?;
         report.load_seconds = t_load.elapsed().as_secs_f64();
         let b = report.sample_batch;
         let k = opts.k;
         let x = rng.randn((b, c, h, w), device)?.to_dtype(dtype)?;
-        let ehs = rng.randn((2 * b, s.text_len, s.text_dim), device)?.to_dtype(dtype)?;
-        let lrm_ehs = rng.randn((2 * k * b, s.text_len, s.text_dim), device)?.to_dtype(dtype)?;
+        let ehs = rng
+            .randn((2 * b, s.text_len, s.text_dim), device)?
+            .to_dtype(dtype)?;
+        let lrm_ehs = rng
+            .randn((2 * k * b, s.text_len, s.text_dim), device)?
+            .to_dtype(dtype)?;
         let added = added_cond(opts.model, 2 * b, dtype, device)?;
         let lrm_added = added_cond(opts.model, 2 * k * b, dtype, device)?;
         let t = Tensor::full(501i64, b, device)?;
         let t_lrm = Tensor::full(501i64, 2 * k * b, device)?;
         let stages = stage_indices(config.block_out_channels.len(), config.layers_per_block);
-        let feat: usize = config.block_out_channels.iter().sum::<usize>() + config.block_out_channels.last().unwrap();
+        let feat: usize = config.block_out_channels.iter().sum::<usize>()
+            + config.block_out_channels.last().unwrap();
         let visual = (rng.randn((s.text_dim, feat), device)? * 0.02)?.to_dtype(dtype)?;
         let mut step_rng = SeededRng::new(3);
         report.ms_per_sampling_step = Some(timed(device, opts.repeats, || {
@@ -207,7 +218,8 @@ pub fn run(opts: BenchOptions, device: &Device) -> Result<BenchReport> {
             let flat = cands.reshape((k * b, c, h, w))?;
             let doubled = Tensor::cat(&[&flat, &flat], 0)?;
             let f = lrm_unet.features(&doubled, &t_lrm, &lrm_ehs, lrm_added.as_ref())?;
-            let pool = |x: &Tensor| -> candle_core::Result<Tensor> { x.mean(D::Minus1)?.mean(D::Minus1) };
+            let pool =
+                |x: &Tensor| -> candle_core::Result<Tensor> { x.mean(D::Minus1)?.mean(D::Minus1) };
             let mut parts = Vec::new();
             for &i in &stages {
                 parts.push(pool(&f.down[i])?.narrow(0, 0, k * b)?);
@@ -237,12 +249,20 @@ pub fn run(opts: BenchOptions, device: &Device) -> Result<BenchReport> {
             report.load_seconds = t_load.elapsed().as_secs_f64();
         }
         let params = Params::from_vars(policy.trainable_vars())?;
-        let mut opt = AdamW::new(params, AdamWConfig { lr: 5e-5, ..AdamWConfig::default() })?;
+        let mut opt = AdamW::new(
+            params,
+            AdamWConfig {
+                lr: 5e-5,
+                ..AdamWConfig::default()
+            },
+        )?;
         let b = report.train_batch;
         let x_t = rng.randn((b, c, h, w), device)?.to_dtype(dtype)?;
         let x_w = rng.randn((b, c, h, w), device)?.to_dtype(dtype)?;
         let x_l = rng.randn((b, c, h, w), device)?.to_dtype(dtype)?;
-        let ehs = rng.randn((2 * b, s.text_len, s.text_dim), device)?.to_dtype(dtype)?;
+        let ehs = rng
+            .randn((2 * b, s.text_len, s.text_dim), device)?
+            .to_dtype(dtype)?;
         let added = added_cond(opts.model, 2 * b, dtype, device)?;
         let t = Tensor::full(501i64, b, device)?;
         let x2 = Tensor::cat(&[&x_t, &x_t], 0)?;
@@ -261,8 +281,15 @@ pub fn run(opts: BenchOptions, device: &Device) -> Result<BenchReport> {
                 }
             };
             let ref_pred = cfg_guided(&ref_pred, guidance)?;
-            let lp_ref = scheduler.log_probs(&ref_pred, &t, &x_t, &[x_w.clone(), x_l.clone()], 1.0)?;
-            let out = lpo_loss(&lp[0], &lp_ref[0].detach(), &lp[1], &lp_ref[1].detach(), LpoLossConfig::default())?;
+            let lp_ref =
+                scheduler.log_probs(&ref_pred, &t, &x_t, &[x_w.clone(), x_l.clone()], 1.0)?;
+            let out = lpo_loss(
+                &lp[0],
+                &lp_ref[0].detach(),
+                &lp[1],
+                &lp_ref[1].detach(),
+                LpoLossConfig::default(),
+            )?;
             opt.backward(&out.loss, 1.0)?;
             opt.step()
         })?);

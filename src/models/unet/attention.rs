@@ -65,19 +65,62 @@ impl Attention {
             k = k.to_dtype(DType::F32)?;
             v = v.to_dtype(DType::F32)?;
         }
+        let kt = k.t()?.contiguous()?;
+        let m = kt.dim(D::Minus1)?;
+        // Sliced attention: the [B, heads, N, M] score matrix is built a block of queries at a
+        // time, so its size stays bounded (64x64 latents: N = M = 4096). Each query row's
+        // softmax only sees its own row, so the result is exactly the unsliced one.
+        let rows = (attention_slice() / (b * self.heads * m).max(1)).max(1);
+        let out = if rows >= n {
+            self.attend(&q, &kt, &v, half)?
+        } else {
+            let mut parts = Vec::with_capacity(n.div_ceil(rows));
+            let mut start = 0;
+            while start < n {
+                let len = rows.min(n - start);
+                parts.push(self.attend(&q.narrow(2, start, len)?, &kt, &v, half)?);
+                start += len;
+            }
+            Tensor::cat(&parts, 2)?
+        };
+        let out = out.to_dtype(dtype)?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, n, self.heads * self.head_dim))?;
+        self.to_out.forward(&out)
+    }
+}
+
+/// Largest attention score matrix (elements) built at once by default (256 MiB in f32);
+/// larger ones are sliced by queries.
+pub const ATTENTION_SLICE_ELEMENTS: usize = 1 << 26;
+
+static SLICE_ELEMENTS: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(ATTENTION_SLICE_ELEMENTS);
+
+/// Set the attention slice size (score-matrix elements built at once) for this process: smaller
+/// saves memory at 64x64+ latents, larger saves kernel launches. Results do not change.
+pub fn set_attention_slice(elements: usize) {
+    SLICE_ELEMENTS.store(elements.max(1), std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn attention_slice() -> usize {
+    SLICE_ELEMENTS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+impl Attention {
+    /// softmax(q kᵀ / sqrt(d)) v for one block of queries; the softmax runs in f32 for half
+    /// precision inputs.
+    fn attend(&self, q: &Tensor, kt: &Tensor, v: &Tensor, half: bool) -> Result<Tensor> {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+        let scores = (q.contiguous()?.matmul(kt)? * scale)?;
         let probs = if half {
             candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
                 .to_dtype(v.dtype())?
         } else {
             candle_nn::ops::softmax(&scores, D::Minus1)?
         };
-        let out = probs.matmul(&v)?.to_dtype(dtype)?;
-        let out = out
-            .transpose(1, 2)?
-            .reshape((b, n, self.heads * self.head_dim))?;
-        self.to_out.forward(&out)
+        probs.matmul(v)
     }
 }
 
