@@ -79,7 +79,11 @@ fn winners_scored_highest_and_count_equals_valid_comparisons() {
     let m: Map = engine().eval(&script).unwrap();
     let count = m["count"].as_int().unwrap();
     let expected = f64s(&vec![m["expected_valid"].clone()])[0];
-    assert_eq!(m["steps_logged"].as_int().unwrap(), 3, "divert from step 1 of 4");
+    assert_eq!(
+        m["steps_logged"].as_int().unwrap(),
+        3,
+        "divert from step 1 of 4"
+    );
     assert_eq!(count as f64, expected, "records vs valid comparisons");
     assert_eq!(count, m["logged_valid"].as_int().unwrap());
     assert!(count > 0, "no valid pair at threshold 0.02");
@@ -105,9 +109,22 @@ fn winners_scored_highest_and_count_equals_valid_comparisons() {
     assert_eq!(max.len(), count as usize);
     for i in 0..win.len() {
         let tol = 1e-3 * (1.0 + max[i].abs());
-        assert!((win[i] - max[i]).abs() < tol, "winner {i}: rescored {} vs best logged {}", win[i], max[i]);
-        assert!((lose[i] - min[i]).abs() < tol, "loser {i}: rescored {} vs worst logged {}", lose[i], min[i]);
-        assert!(win[i] + tol >= mid[i] && mid[i] + tol >= lose[i], "winner beats the middle candidate, which beats the loser");
+        assert!(
+            (win[i] - max[i]).abs() < tol,
+            "winner {i}: rescored {} vs best logged {}",
+            win[i],
+            max[i]
+        );
+        assert!(
+            (lose[i] - min[i]).abs() < tol,
+            "loser {i}: rescored {} vs worst logged {}",
+            lose[i],
+            min[i]
+        );
+        assert!(
+            win[i] + tol >= mid[i] && mid[i] + tol >= lose[i],
+            "winner beats the middle candidate, which beats the loser"
+        );
         assert!(win[i] > lose[i]);
     }
 }
@@ -140,21 +157,53 @@ fn candidates_follow_the_ddim_step() {
     let k = 4000;
     let c = s.candidates(&eps, &t, &x, k, 1.0, &mut rng).unwrap();
     let mean = c.mean(0).unwrap();
-    let var = c.broadcast_sub(&mean).unwrap().sqr().unwrap().mean(0).unwrap();
+    let var = c
+        .broadcast_sub(&mean)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean(0)
+        .unwrap();
     let want_mean = s.prev_sample_mean(&eps, &t, &x, 1.0).unwrap();
     let want_std = s.std_dev(&t, 1.0).unwrap().to_vec1::<f32>().unwrap();
     for b in 0..2 {
-        let m = mean.get(b).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let w = want_mean.get(b).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let sd = var.get(b).unwrap().flatten_all().unwrap().sqrt().unwrap().to_vec1::<f32>().unwrap();
+        let m = mean
+            .get(b)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let w = want_mean
+            .get(b)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let sd = var
+            .get(b)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let sigma = want_std[b];
         assert!(sigma > 0.01);
         // standard error of a mean of 4000 draws: sigma / 63; 5 SE bound
         for (i, (a, e)) in m.iter().zip(&w).enumerate() {
-            assert!((a - e).abs() < 5.0 * sigma / (k as f32).sqrt(), "row {b} elem {i}: mean {a} vs {e}");
+            assert!(
+                (a - e).abs() < 5.0 * sigma / (k as f32).sqrt(),
+                "row {b} elem {i}: mean {a} vs {e}"
+            );
         }
         for v in sd {
-            assert!((v / sigma - 1.0).abs() < 0.06, "row {b}: std {v} vs sigma {sigma}");
+            assert!(
+                (v / sigma - 1.0).abs() < 0.06,
+                "row {b}: std {v} vs sigma {sigma}"
+            );
         }
     }
 }
@@ -193,12 +242,18 @@ fn empty_prompts_and_bad_compare_results_are_clear_errors() {
         fn out_of_range(s, t, o) {{ #{{indices: (ones([2, 3]) * 5).to_dtype("i64"), valid: ones([3])}} }}
         lpo_sample(policy, te, tok, sched, lrm, prompts, Fn("out_of_range"), #{{k: 2, steps: 2}})"#
     ));
-    assert!(e.contains("`out_of_range`") && e.contains("outside 0..2"), "{e}");
+    assert!(
+        e.contains("`out_of_range`") && e.contains("outside 0..2"),
+        "{e}"
+    );
 
     let e = err_of(&format!(
         r#"{SETUP} lpo_sample(policy, te, tok, sched, lrm, prompts, |s, t, o| 42, #{{k: 2, steps: 2}})"#
     ));
-    assert!(e.contains("returned a i64") || e.contains("returned a"), "{e}");
+    assert!(
+        e.contains("returned a i64") || e.contains("returned a"),
+        "{e}"
+    );
 
     let e = err_of(&format!(
         r#"{SETUP} lpo_sample(policy, te, tok, sched, lrm, prompts, |s, t, o| 1, #{{k: 1, steps: 2}})"#
@@ -238,7 +293,10 @@ fn a_text_encoder_that_does_not_fit_is_named() {
         lpo_sample(policy, te16, tok, sched, lrm, prompts, |s, t, o| 1, #{{k: 2, steps: 2}})"#,
         te16.display()
     ));
-    assert!(e.contains("hidden states of size 16") && e.contains("cross_attention_dim"), "{e}");
+    assert!(
+        e.contains("hidden states of size 16") && e.contains("cross_attention_dim"),
+        "{e}"
+    );
     // An LRM folder whose text encoder does not fit its projections.
     let lrm = tmp.path().join("lrm");
     for sub in ["unet", "tokenizer"] {

@@ -58,7 +58,10 @@ fn one_step_raises_the_winners_log_ratio_margin() {
     // fresh LoRA (B = 0): policy == reference, so the margin starts at 0 exactly
     assert_eq!(before, 0.0);
     assert_eq!(num(&m["lp_win"]), num(&m["lp_win_ref"]));
-    assert!((num(&m["loss"]) - 2f64.ln()).abs() < 1e-6, "loss at init is ln 2");
+    assert!(
+        (num(&m["loss"]) - 2f64.ln()).abs() < 1e-6,
+        "loss at init is ln 2"
+    );
     assert!(after > before, "margin {before} -> {after}");
     assert_eq!(num(&m["ref_diff"]), 0.0);
 }
@@ -76,7 +79,10 @@ fn run_recipe(dir: &Path, extra: &[(&str, Dynamic)]) -> Map {
         ("lr", Dynamic::from(1e-3_f64)),
         (
             "prompts",
-            Dynamic::from_array(vec![Dynamic::from("a red circle"), Dynamic::from("a blue square")]),
+            Dynamic::from_array(vec![
+                Dynamic::from("a red circle"),
+                Dynamic::from("a blue square"),
+            ]),
         ),
     ] {
         params.insert(k.into(), v);
@@ -97,7 +103,10 @@ fn weights(m: &Map) -> Vec<(String, Vec<f32>)> {
         .iter()
         .map(|(k, t)| {
             let t = t.clone().cast::<Tensor>();
-            (k.to_string(), t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            (
+                k.to_string(),
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            )
         })
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
@@ -127,7 +136,10 @@ fn resume_after_an_interrupted_epoch_matches_an_uninterrupted_run() {
     assert_eq!(a.len(), b.len());
     for ((na, va), (nb, vb)) in a.iter().zip(&b) {
         assert_eq!(na, nb);
-        assert!(va.iter().zip(vb).all(|(x, y)| x.to_bits() == y.to_bits()), "`{na}` differs");
+        assert!(
+            va.iter().zip(vb).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "`{na}` differs"
+        );
     }
     // the run trained something
     assert!(a.iter().any(|(_, v)| v.iter().any(|x| *x != 0.0)));
