@@ -6,6 +6,7 @@ pub mod diffusion;
 pub mod eval;
 pub mod io;
 pub mod loss;
+pub mod lpo;
 pub mod lrm;
 pub mod rng;
 pub mod run;
@@ -44,4 +45,7 @@ pub fn register_all(engine: &mut Engine) {
     engine.register_global_module(exported_module!(eval::eval_api).into());
     engine.register_type_with_name::<lrm::ScriptLrm>("Lrm");
     engine.register_global_module(exported_module!(lrm::lrm_api).into());
+    engine.register_type_with_name::<lpo::ScriptPolicy>("LpoPolicy");
+    engine.register_type_with_name::<lpo::Records>("Records");
+    engine.register_global_module(exported_module!(lpo::lpo_api).into());
 }
