@@ -7,6 +7,7 @@ pub mod eval;
 pub mod io;
 pub mod loss;
 pub mod lrm;
+pub mod lrm_data;
 pub mod rng;
 pub mod run;
 pub mod shapes;
@@ -44,4 +45,6 @@ pub fn register_all(engine: &mut Engine) {
     engine.register_global_module(exported_module!(eval::eval_api).into());
     engine.register_type_with_name::<lrm::ScriptLrm>("Lrm");
     engine.register_global_module(exported_module!(lrm::lrm_api).into());
+    engine.register_type_with_name::<lrm_data::ScriptPreferences>("Preferences");
+    engine.register_global_module(exported_module!(lrm_data::lrm_data_api).into());
 }
