@@ -41,8 +41,16 @@ fn model() -> LatentRewardModel {
 fn inputs(lrm: &LatentRewardModel) -> Inputs {
     let dev = Device::Cpu;
     let mut rng = SeededRng::new(3);
-    let x0 = rng.randn((2, 4, 16, 16), &dev).unwrap().to_dtype(DType::F64).unwrap();
-    let x1 = rng.randn((2, 4, 16, 16), &dev).unwrap().to_dtype(DType::F64).unwrap();
+    let x0 = rng
+        .randn((2, 4, 16, 16), &dev)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let x1 = rng
+        .randn((2, 4, 16, 16), &dev)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
     Inputs {
         ids: lrm.tokenize(&["a red circle", "a blue square"]).unwrap(),
         x0,
@@ -56,8 +64,15 @@ fn inputs(lrm: &LatentRewardModel) -> Inputs {
 }
 
 fn l2n(x: &Tensor) -> Tensor {
-    x.broadcast_div(&x.sqr().unwrap().sum_keepdim(D::Minus1).unwrap().sqrt().unwrap())
-        .unwrap()
+    x.broadcast_div(
+        &x.sqr()
+            .unwrap()
+            .sum_keepdim(D::Minus1)
+            .unwrap()
+            .sqrt()
+            .unwrap(),
+    )
+    .unwrap()
 }
 
 /// The pair loss (pair type, aux coefficient 1) computed in f64 from the LRM's own features,
@@ -76,8 +91,14 @@ fn loss64(lrm: &LatentRewardModel, i: &Inputs) -> Tensor {
     .unwrap();
     let img = l2n(&lrm.image_features(&x, &t, &both).unwrap());
     let txt = l2n(&cond.features);
-    let s0 = (&txt * img.narrow(0, 0, 2).unwrap()).unwrap().sum(1).unwrap();
-    let s1 = (&txt * img.narrow(0, 2, 2).unwrap()).unwrap().sum(1).unwrap();
+    let s0 = (&txt * img.narrow(0, 0, 2).unwrap())
+        .unwrap()
+        .sum(1)
+        .unwrap();
+    let s1 = (&txt * img.narrow(0, 2, 2).unwrap())
+        .unwrap()
+        .sum(1)
+        .unwrap();
     let scale = lrm.scale().unwrap().to_dtype(DType::F64).unwrap();
     let logits = Tensor::stack(&[s0, s1], 1)
         .unwrap()
@@ -117,7 +138,10 @@ fn every_trainable_tensor_gets_a_gradient_and_up_blocks_are_not_trainable() {
             !LatentRewardModel::unused_unet_tensor(n),
             "{n} is never run by the LRM but is listed as trainable"
         );
-        assert!(!n.starts_with("text_encoder."), "text encoder is frozen: {n}");
+        assert!(
+            !n.starts_with("text_encoder."),
+            "text encoder is frozen: {n}"
+        );
     }
     let i = inputs(&lrm);
     let out = lrm
@@ -135,7 +159,10 @@ fn every_trainable_tensor_gets_a_gradient_and_up_blocks_are_not_trainable() {
     // the library's pair loss (f32 logits) and the f64 one used below agree
     let l64 = scalar(&loss64(&lrm, &i));
     let l32 = scalar(&out.loss);
-    assert!((l64 - l32).abs() < 1e-5, "pair_loss {l32} vs f64 loss {l64}");
+    assert!(
+        (l64 - l32).abs() < 1e-5,
+        "pair_loss {l32} vs f64 loss {l64}"
+    );
     let grads = out.loss.backward().unwrap();
     for (name, var) in &vars {
         let g = grads

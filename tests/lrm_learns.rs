@@ -43,12 +43,25 @@ fn tiny_lrm_learns_a_text_dependent_preference_and_accuracy_falls_with_noise() {
         get("train_s"),
         start.elapsed().as_secs_f64()
     );
-    assert_eq!(get("counted"), 120.0, "no ties in this set: every pair counts");
+    assert_eq!(
+        get("counted"),
+        120.0,
+        "no ties in this set: every pair counts"
+    );
     assert_eq!(get("steps"), steps as f64);
     assert!(get("loss_last") < get("loss_first"), "the loss went down");
     // Untrained, the model knows nothing about the rule: near chance.
-    assert!((0.3..0.7).contains(&b1), "before training: t=1 accuracy {b1}");
+    assert!(
+        (0.3..0.7).contains(&b1),
+        "before training: t=1 accuracy {b1}"
+    );
     assert!(a1 >= 0.85, "after training: t=1 accuracy {a1}");
-    assert!(a951 > 0.56, "after training: t=951 accuracy {a951} is not above chance");
-    assert!(a951 < a1, "noise at t=951 should cost accuracy: {a951} vs {a1}");
+    assert!(
+        a951 > 0.56,
+        "after training: t=951 accuracy {a951} is not above chance"
+    );
+    assert!(
+        a951 < a1,
+        "noise at t=951 should cost accuracy: {a951} vs {a1}"
+    );
 }

@@ -86,12 +86,20 @@ fn image_batches_decode_crop_noise_and_count_bad_images_once() {
     assert_eq!(get("s0"), "1");
     assert_eq!(get("n"), "3", "the pair with the broken image is left out");
     assert_eq!(get("skipped"), "1");
-    assert_eq!(get("shape"), "[3, 3, 8, 8]", "pixel space: images are the latents");
+    assert_eq!(
+        get("shape"),
+        "[3, 3, 8, 8]",
+        "pixel space: images are the latents"
+    );
     assert_eq!(get("t"), "[[1, 1], [1, 1], [1, 1]]");
     assert_eq!(get("idx"), "[0, 2, 3]");
     assert_eq!(get("prompts"), r#"["red", "red", "green"]"#);
     assert_eq!(get("labels"), "[1.0, 0.5, 0.0]");
-    assert_eq!(get("num"), "[2.0, 2.0, 1.0]", "pairs per prompt after the skip at read");
+    assert_eq!(
+        get("num"),
+        "[2.0, 2.0, 1.0]",
+        "pairs per prompt after the skip at read"
+    );
     // clean images are in [-1, 1]
     let clean_max: f64 = get("clean_max").parse().unwrap();
     let clean_min: f64 = get("clean_min").parse().unwrap();
@@ -111,9 +119,7 @@ fn image_batches_decode_crop_noise_and_count_bad_images_once() {
 }
 
 fn m_get(m: &rhai::Map, k: &str) -> String {
-    m.get(k)
-        .unwrap_or_else(|| panic!("no key {k}"))
-        .to_string()
+    m.get(k).unwrap_or_else(|| panic!("no key {k}")).to_string()
 }
 
 #[test]
@@ -248,12 +254,19 @@ fn recipe_trains_with_accumulation_and_both_loss_and_evaluates() {
         "#,
     );
     assert_eq!(m_get(&out, "steps"), "2");
-    assert_eq!(m_get(&out, "n_params"), "3", "projections only with train_unet: false");
+    assert_eq!(
+        m_get(&out, "n_params"),
+        "3",
+        "projections only with train_unet: false"
+    );
     assert_eq!(m_get(&out, "pairs"), "4", "2 micro-batches of 2 pairs");
     assert_eq!(m_get(&out, "n_results"), "2");
     assert_eq!(m_get(&out, "counted"), "8");
     let table = m_get(&out, "table");
-    assert!(table.contains("accuracy") && table.contains("800"), "{table}");
+    assert!(
+        table.contains("accuracy") && table.contains("800"),
+        "{table}"
+    );
     let bad = m_get(&out, "bad");
     assert!(bad.contains("unknown setting 'stepz'"), "{bad}");
 }
@@ -269,7 +282,14 @@ fn train_recipe_checkpoints_and_resumes_exactly() {
         .current_dir(root)
         .args(["run", "scripts/train_lrm.rhai", "--run-dir"])
         .arg(&a)
-        .args(["--set", "steps=4", "--set", "checkpoint_every=2", "--set", "batch_size=2"])
+        .args([
+            "--set",
+            "steps=4",
+            "--set",
+            "checkpoint_every=2",
+            "--set",
+            "batch_size=2",
+        ])
         .args(["--set", "synthetic_pairs=16"])
         .output()
         .unwrap();
@@ -309,7 +329,10 @@ fn train_recipe_checkpoints_and_resumes_exactly() {
     }
     std::fs::write(b.join("metrics.jsonl"), {
         let text = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
-        text.lines().take(2).map(|l| format!("{l}\n")).collect::<String>()
+        text.lines()
+            .take(2)
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
     })
     .unwrap();
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_lpo"))
@@ -323,5 +346,9 @@ fn train_recipe_checkpoints_and_resumes_exactly() {
         "{}",
         String::from_utf8_lossy(&status.stderr)
     );
-    assert_eq!(losses(&b), full, "resumed steps 3 and 4 match the uninterrupted run");
+    assert_eq!(
+        losses(&b),
+        full,
+        "resumed steps 3 and 4 match the uninterrupted run"
+    );
 }

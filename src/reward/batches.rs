@@ -82,7 +82,7 @@ impl LatentPairs {
                     num_examples.len()
                 );
             }
-            if let Some(bad) = num_examples.iter().find(|v| !(**v > 0.0)) {
+            if let Some(bad) = num_examples.iter().find(|v| v.is_nan() || **v <= 0.0) {
                 bail!("latent pairs: num_examples must be > 0, got {bad}");
             }
             num_examples
@@ -221,7 +221,10 @@ impl PreferenceData {
     }
 
     pub fn skipped(&self) -> Vec<Skipped> {
-        self.skipped.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.skipped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// One line per reason with its count (empty when nothing was skipped).
@@ -299,7 +302,10 @@ impl PreferenceData {
             }
             PairSource::Images(pairs) => {
                 if opts.resolution == 0 || opts.resolution > 4096 {
-                    bail!("batch: resolution must be in 1..=4096, got {}", opts.resolution);
+                    bail!(
+                        "batch: resolution must be in 1..=4096, got {}",
+                        opts.resolution
+                    );
                 }
                 let mut imgs_0 = Vec::new();
                 let mut imgs_1 = Vec::new();
@@ -370,7 +376,10 @@ impl PreferenceData {
                         let both = Tensor::cat(&[&x0, &x1], 0)?
                             .to_device(vae.device())?
                             .to_dtype(vae.dtype())?;
-                        let z = vae.encode(&both).context("batch: VAE encode")?.sample(rng)?;
+                        let z = vae
+                            .encode(&both)
+                            .context("batch: VAE encode")?
+                            .sample(rng)?;
                         let z = match vae.shift_factor() {
                             Some(s) => (z - s)?,
                             None => z,
@@ -458,7 +467,10 @@ impl PreferenceData {
 pub fn read_csv(path: &std::path::Path) -> Result<(Vec<String>, Vec<Vec<CsvValue>>)> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read CSV {}", path.display()))?;
-    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty());
     let Some((_, header)) = lines.next() else {
         bail!("{}: empty CSV (no header line)", path.display());
     };
@@ -469,7 +481,8 @@ pub fn read_csv(path: &std::path::Path) -> Result<(Vec<String>, Vec<Vec<CsvValue
         .collect();
     let mut rows = Vec::new();
     for (i, line) in lines {
-        let fields = split_csv_line(line).with_context(|| format!("{}:{}", path.display(), i + 1))?;
+        let fields =
+            split_csv_line(line).with_context(|| format!("{}:{}", path.display(), i + 1))?;
         if fields.len() != columns.len() {
             bail!(
                 "{}:{}: {} fields but the header has {} columns",

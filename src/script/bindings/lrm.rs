@@ -308,7 +308,10 @@ pub mod lrm_api {
     /// and conv_out are left out, the LRM never runs them), plus the text encoder(s)
     /// (`text_encoder.*`) with `train_text`. Pick parts with `p.select(prefix)`.
     #[rhai_fn(return_raw, pure)]
-    pub fn params(ctx: NativeCallContext, lrm: &mut ScriptLrm) -> ScriptResult<crate::train::Params> {
+    pub fn params(
+        ctx: NativeCallContext,
+        lrm: &mut ScriptLrm,
+    ) -> ScriptResult<crate::train::Params> {
         crate::train::Params::from_vars(lrm.trainable_vars()).or_script(&ctx)
     }
 

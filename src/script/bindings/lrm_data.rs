@@ -178,18 +178,34 @@ pub mod lrm_data_api {
 
     /// The prompt of pair `i`.
     #[rhai_fn(return_raw, pure)]
-    pub fn prompt(ctx: NativeCallContext, data: &mut ScriptPreferences, i: i64) -> ScriptResult<String> {
+    pub fn prompt(
+        ctx: NativeCallContext,
+        data: &mut ScriptPreferences,
+        i: i64,
+    ) -> ScriptResult<String> {
         if i < 0 || i as usize >= data.len() {
-            return Err(format!("prompt: index {i} out of range (0..{})", data.len())).or_script(&ctx);
+            return Err(format!(
+                "prompt: index {i} out of range (0..{})",
+                data.len()
+            ))
+            .or_script(&ctx);
         }
         Ok(data.prompt(i as usize).to_string())
     }
 
     /// `#{label_0, label_1, num_examples}` of pair `i`.
     #[rhai_fn(return_raw, pure)]
-    pub fn labels(ctx: NativeCallContext, data: &mut ScriptPreferences, i: i64) -> ScriptResult<Map> {
+    pub fn labels(
+        ctx: NativeCallContext,
+        data: &mut ScriptPreferences,
+        i: i64,
+    ) -> ScriptResult<Map> {
         if i < 0 || i as usize >= data.len() {
-            return Err(format!("labels: index {i} out of range (0..{})", data.len())).or_script(&ctx);
+            return Err(format!(
+                "labels: index {i} out of range (0..{})",
+                data.len()
+            ))
+            .or_script(&ctx);
         }
         let (a, b, n) = data.labels(i as usize);
         let mut m = Map::new();
@@ -261,8 +277,9 @@ pub mod lrm_data_api {
                 let arr = v.cast::<Array>();
                 arr.iter()
                     .map(|x| {
-                        x.as_int()
-                            .map_err(|_| format!("batch: timesteps must be ints, got {}", x.type_name()))
+                        x.as_int().map_err(|_| {
+                            format!("batch: timesteps must be ints, got {}", x.type_name())
+                        })
                     })
                     .collect::<Result<Vec<i64>, String>>()
                     .or_script(&ctx)?
