@@ -290,6 +290,37 @@ impl LatentRewardModel {
         )
     }
 
+    /// An LRM around a UNet and text side already built (e.g. `UNet2DConditionModel::random`
+    /// for benchmarks), with random projections: visual N(0, 0.02) [dim, features], text
+    /// N(0, 0.02) [dim, hidden] (SD style), logit_scale 2.6592.
+    pub fn with_random_projections(
+        unet: UNet2DConditionModel,
+        text: TextSide,
+        projection_dim: usize,
+        seed: u64,
+        options: LrmOptions,
+        dir: &Path,
+    ) -> Result<Self> {
+        let device = unet.device().clone();
+        let dtype = options.dtype;
+        let feat = Self::feature_dim(&unet, options.multi_scale);
+        let mut rng = SeededRng::new(seed);
+        let visual = (rng.randn((projection_dim, feat), &device)? * 0.02)?.to_dtype(dtype)?;
+        let text_proj = match &text {
+            TextSide::Sd { encoder, .. } => Some(
+                (rng.randn((projection_dim, encoder.hidden_size()), &device)? * 0.02)?
+                    .to_dtype(dtype)?,
+            ),
+            TextSide::Sdxl { .. } => None,
+        };
+        let projections = Projections {
+            visual,
+            text: text_proj,
+            logit_scale: Tensor::new(INITIAL_LOGIT_SCALE as f32, &device)?,
+        };
+        Self::assemble(unet, text, projections, options, dir)
+    }
+
     /// Width of the concatenated pooled feature.
     pub fn feature_dim(unet: &UNet2DConditionModel, multi_scale: bool) -> usize {
         let channels = &unet.config.block_out_channels;
@@ -333,7 +364,13 @@ impl LatentRewardModel {
                 Ok(t)
             }
         };
-        let logit_scale = wrap("logit_scale", projections.logit_scale, &mut projection_vars)?;
+        // f32 (scores are f32), except in an f64 model (gradient checks) where it follows.
+        let logit_scale = if options.dtype == DType::F64 {
+            projections.logit_scale.to_dtype(DType::F64)?
+        } else {
+            projections.logit_scale
+        };
+        let logit_scale = wrap("logit_scale", logit_scale, &mut projection_vars)?;
         let text_projection = match projections.text {
             Some(t) => Some(wrap("text_projection.weight", t, &mut projection_vars)?),
             None => None,
@@ -656,14 +693,23 @@ impl LatentRewardModel {
         )?)
     }
 
-    /// What the optimizer steps, sorted by name: projections (and UNet / text encoders when
-    /// loaded trainable).
+    /// True for UNet tensors the LRM never runs (the decoder half: up blocks, conv_norm_out,
+    /// conv_out); `name` is the UNet-relative path, optionally prefixed `unet.`.
+    pub fn unused_unet_tensor(name: &str) -> bool {
+        let n = name.strip_prefix("unet.").unwrap_or(name);
+        n.starts_with("up_blocks.") || n.starts_with("conv_norm_out.") || n.starts_with("conv_out.")
+    }
+
+    /// What the optimizer steps, sorted by name: projections (and the UNet's encoder half /
+    /// text encoders when loaded trainable). Only tensors the score depends on: the UNet's up
+    /// blocks, conv_norm_out and conv_out are left out (they never get a gradient).
     pub fn trainable_vars(&self) -> Vec<(String, Var)> {
         let mut vars = self.projection_vars.clone();
         vars.extend(
             self.unet
                 .trainable_vars()
                 .into_iter()
+                .filter(|(n, _)| !Self::unused_unet_tensor(n))
                 .map(|(n, v)| (format!("unet.{n}"), v)),
         );
         let text_vars = match &self.text {

@@ -303,6 +303,18 @@ pub mod lrm_api {
             .collect()
     }
 
+    /// The trainable tensors as `Params` for `adamw(lrm.params(), #{...})`: the projections,
+    /// and when loaded `trainable` the UNet's encoder half (`unet.*`; up blocks, conv_norm_out
+    /// and conv_out are left out, the LRM never runs them), plus the text encoder(s)
+    /// (`text_encoder.*`) with `train_text`. Pick parts with `p.select(prefix)`.
+    #[rhai_fn(return_raw, pure)]
+    pub fn params(
+        ctx: NativeCallContext,
+        lrm: &mut ScriptLrm,
+    ) -> ScriptResult<crate::train::Params> {
+        crate::train::Params::from_vars(lrm.trainable_vars()).or_script(&ctx)
+    }
+
     /// Number of trainable elements.
     #[rhai_fn(get = "trainable_count", pure)]
     pub fn trainable_count(lrm: &mut ScriptLrm) -> i64 {

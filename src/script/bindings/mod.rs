@@ -8,6 +8,7 @@ pub mod io;
 pub mod loss;
 pub mod lpo;
 pub mod lrm;
+pub mod lrm_data;
 pub mod rng;
 pub mod run;
 pub mod shapes;
@@ -48,4 +49,6 @@ pub fn register_all(engine: &mut Engine) {
     engine.register_type_with_name::<lpo::ScriptPolicy>("LpoPolicy");
     engine.register_type_with_name::<lpo::Records>("Records");
     engine.register_global_module(exported_module!(lpo::lpo_api).into());
+    engine.register_type_with_name::<lrm_data::ScriptPreferences>("Preferences");
+    engine.register_global_module(exported_module!(lrm_data::lrm_data_api).into());
 }
