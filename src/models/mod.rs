@@ -6,6 +6,7 @@ pub mod clip_text;
 pub mod config;
 pub mod loading;
 pub mod lora;
+pub mod lora_export;
 pub mod nn;
 pub mod tokenizer;
 pub mod unet;

@@ -71,6 +71,8 @@ pub struct UNet2DConditionModel {
     base_vars: Vec<(String, Var)>,
     param_count: usize,
     lora: LoraHub,
+    /// The folder the weights came from (`load`), for exports that need every base weight.
+    source_dir: Option<std::path::PathBuf>,
 }
 
 /// Var-builder backend over loaded tensors or seeded random draws; checks names and shapes
@@ -183,7 +185,9 @@ impl UNet2DConditionModel {
         let weights = Weights::load(dir, WEIGHTS_STEM, dtype, device)?;
         let what = weights.describe();
         let source = Source::Tensors(weights.tensors);
-        Self::build(config, source, what, dtype, device, mode)
+        let mut model = Self::build(config, source, what, dtype, device, mode)?;
+        model.source_dir = Some(dir.to_path_buf());
+        Ok(model)
     }
 
     /// A model of `config` with seeded random weights (conv/linear N(0, 1/fan_in), norm scales 1,
@@ -382,6 +386,7 @@ impl UNet2DConditionModel {
             base_vars: Vec::new(),
             param_count: 0,
             lora: hub.clone(),
+            source_dir: None,
         })
     }
 
@@ -569,6 +574,11 @@ impl UNet2DConditionModel {
     /// Number of LoRA parameters (elements).
     pub fn lora_param_count(&self) -> usize {
         self.lora.vars("").iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// The folder `load` read the weights from (None for a random model).
+    pub fn source_dir(&self) -> Option<&Path> {
+        self.source_dir.as_deref()
     }
 
     pub fn lora(&self) -> &LoraHub {

@@ -304,6 +304,58 @@ pub mod unet_api {
             .or_script(&ctx)
     }
 
+    /// Export the adapters for other tools: `#{format: "peft"}` (default; diffusers'
+    /// `load_lora_weights`: `unet.<module>.lora_A.weight` / `lora_B.weight`, alpha/rank folded
+    /// into lora_B so alpha == rank) or `#{format: "kohya"}` (webui: `lora_unet_<module_>.lora_down.weight`,
+    /// `.lora_up.weight`, `.alpha`).
+    #[rhai_fn(return_raw)]
+    pub fn export_lora(
+        ctx: NativeCallContext,
+        unet: &mut ScriptUNet,
+        path: &str,
+        opts: Map,
+    ) -> ScriptResult<()> {
+        let o = Options::new(&opts, "export_lora", &["format"]).or_script(&ctx)?;
+        let format = o.string("format", "peft").or_script(&ctx)?;
+        let path = std::path::Path::new(path);
+        match format.as_str() {
+            "peft" | "diffusers" => {
+                crate::models::lora_export::export_peft(unet.lora(), path).or_script(&ctx)
+            }
+            "kohya" | "webui" => {
+                crate::models::lora_export::export_kohya(unet.lora(), path).or_script(&ctx)
+            }
+            other => Err(format!(
+                "export_lora: unknown format `{other}` (expected \"peft\" or \"kohya\")"
+            ))
+            .or_script(&ctx),
+        }
+    }
+
+    /// Load adapters from a kohya/webui LoRA file (`lora_unet_*.lora_down.weight`, `.lora_up.weight`,
+    /// `.alpha`); returns the number of layers.
+    #[rhai_fn(return_raw, volatile)]
+    pub fn import_kohya(
+        ctx: NativeCallContext,
+        unet: &mut ScriptUNet,
+        path: &str,
+    ) -> ScriptResult<i64> {
+        crate::models::lora_export::import_kohya(unet.lora(), std::path::Path::new(path))
+            .map(|n| n as i64)
+            .or_script(&ctx)
+    }
+
+    /// Write a diffusers UNet folder (`config.json` + `diffusion_pytorch_model.safetensors`) with
+    /// the LoRA adapters merged into the base weights (the model itself is unchanged).
+    #[rhai_fn(return_raw)]
+    pub fn save_merged(
+        ctx: NativeCallContext,
+        unet: &mut ScriptUNet,
+        dir: &str,
+    ) -> ScriptResult<()> {
+        crate::models::lora_export::save_merged(unet, std::path::Path::new(dir)).or_script(&ctx)
+    }
+
     /// Fold the adapters into the base weights (adapters removed); returns the number merged.
     #[rhai_fn(return_raw)]
     pub fn merge_lora(ctx: NativeCallContext, unet: &mut ScriptUNet) -> ScriptResult<i64> {

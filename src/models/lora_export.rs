@@ -1,0 +1,250 @@
+//! LoRA exports users can take elsewhere.
+//!
+//! - **PEFT/diffusers** (`export_peft`): keys `unet.<module path>.lora_A.weight` / `lora_B.weight`,
+//!   as diffusers' `load_lora_weights` expects for a PEFT state dict. diffusers reads the rank
+//!   from the shapes and uses `lora_alpha = rank` unless told otherwise, so when our alpha differs
+//!   from the rank the scale `alpha / rank` is folded into `lora_B` (the product `scale * B A` is
+//!   unchanged); the file then holds an alpha == rank adapter. The true rank/alpha and the folding
+//!   are noted in the safetensors metadata (`lora_rank`, `lora_alpha` = rank, `lora_alpha_orig`).
+//! - **kohya/webui** (`export_kohya`): `lora_unet_<module path, `.` -> `_`>.lora_down.weight` (= A),
+//!   `.lora_up.weight` (= B), `.alpha` (0-d f32); the scale is `alpha / rank` as in our adapters.
+//!   `import_kohya` reads such a file back (our layers are matched by their flattened names).
+//! - **Merged UNet folder** (`save_merged`): `config.json` + `diffusion_pytorch_model.safetensors`
+//!   in diffusers layout, every base weight from the folder the UNet was loaded from, with
+//!   `W + scale * B A` for every adapted layer (whether or not the adapter switch is on).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::loading::Weights;
+use super::lora::{LoraAdapter, LoraHub, LoraLinear};
+use super::unet::{UNet2DConditionModel, WEIGHTS_STEM};
+
+/// The kohya name of a module path: `lora_unet_` + the path with `.` replaced by `_`.
+pub fn kohya_name(path: &str) -> String {
+    format!("lora_unet_{}", path.replace('.', "_"))
+}
+
+fn cpu_f32(t: &Tensor) -> Result<Tensor> {
+    Ok(t.detach()
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?
+        .contiguous()?)
+}
+
+fn adapted(hub: &LoraHub, what: &str) -> Result<Vec<(Arc<LoraLinear>, LoraAdapter)>> {
+    let v: Vec<_> = hub
+        .layers()
+        .into_iter()
+        .filter_map(|l| l.adapter().map(|a| (l, a)))
+        .collect();
+    if v.is_empty() {
+        bail!("{what}: the model has no LoRA adapters");
+    }
+    Ok(v)
+}
+
+fn write(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    meta: HashMap<String, String>,
+    what: &str,
+) -> Result<()> {
+    let bytes = safetensors::serialize(tensors, Some(meta))
+        .with_context(|| format!("{what}: cannot serialize {}", path.display()))?;
+    crate::fsutil::atomic_write(path, &bytes)
+        .with_context(|| format!("{what}: cannot write {}", path.display()))
+}
+
+/// PEFT/diffusers file (see the module docs): alpha folded into `lora_B` so that alpha == rank.
+pub fn export_peft(hub: &LoraHub, path: &Path) -> Result<()> {
+    let layers = adapted(hub, "export_lora")?;
+    let mut out = HashMap::new();
+    let mut ranks = Vec::new();
+    let mut alphas = Vec::new();
+    for (l, ad) in &layers {
+        let a = cpu_f32(ad.a.as_tensor())?;
+        let b = (cpu_f32(ad.b.as_tensor())? * ad.scale())?;
+        out.insert(format!("unet.{}.lora_A.weight", l.path), a);
+        out.insert(format!("unet.{}.lora_B.weight", l.path), b);
+        ranks.push(ad.rank);
+        alphas.push(ad.alpha);
+    }
+    let rank = ranks[0];
+    let mut meta: HashMap<String, String> = [
+        ("format", "pt".to_string()),
+        ("lora_rank", rank.to_string()),
+        ("lora_alpha", rank.to_string()),
+        ("lora_alpha_orig", alphas[0].to_string()),
+        (
+            "lpo_note",
+            "alpha/rank folded into lora_B; load with lora_alpha = rank (diffusers' default)"
+                .to_string(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    if ranks.iter().any(|&r| r != rank) {
+        meta.remove("lora_rank");
+        meta.remove("lora_alpha");
+    }
+    write(path, &out, meta, "export_lora")
+}
+
+/// kohya/webui file: `lora_unet_*.lora_down.weight`, `.lora_up.weight`, `.alpha` (0-d f32).
+pub fn export_kohya(hub: &LoraHub, path: &Path) -> Result<()> {
+    let layers = adapted(hub, "export_lora")?;
+    let mut out = HashMap::new();
+    for (l, ad) in &layers {
+        let name = kohya_name(&l.path);
+        out.insert(
+            format!("{name}.lora_down.weight"),
+            cpu_f32(ad.a.as_tensor())?,
+        );
+        out.insert(format!("{name}.lora_up.weight"), cpu_f32(ad.b.as_tensor())?);
+        out.insert(
+            format!("{name}.alpha"),
+            Tensor::new(ad.alpha as f32, &Device::Cpu)?,
+        );
+    }
+    let meta: HashMap<String, String> = [
+        ("format", "pt"),
+        ("ss_network_module", "networks.lora"),
+        ("ss_network_dim", &layers[0].1.rank.to_string()),
+        ("ss_network_alpha", &layers[0].1.alpha.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    write(path, &out, meta, "export_lora")
+}
+
+/// Read a kohya/webui file into `hub`'s layers (replacing their adapters). Returns the count.
+pub fn import_kohya(hub: &LoraHub, path: &Path) -> Result<usize> {
+    let tensors = crate::tensor::io::load_safetensors(path, &Device::Cpu)
+        .with_context(|| format!("import_kohya: {}", path.display()))?;
+    let by_name: HashMap<String, Arc<LoraLinear>> = hub
+        .layers()
+        .into_iter()
+        .map(|l| (kohya_name(&l.path), l))
+        .collect();
+    type Parts = (Option<Tensor>, Option<Tensor>, Option<f64>);
+    let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
+    for (key, t) in tensors {
+        let (module, which) = if let Some(m) = key.strip_suffix(".lora_down.weight") {
+            (m, 0)
+        } else if let Some(m) = key.strip_suffix(".lora_up.weight") {
+            (m, 1)
+        } else if let Some(m) = key.strip_suffix(".alpha") {
+            (m, 2)
+        } else {
+            bail!("import_kohya: {}: unexpected key `{key}`", path.display());
+        };
+        if !by_name.contains_key(module) {
+            bail!(
+                "import_kohya: {}: `{key}` names no LoRA-capable layer of this model",
+                path.display()
+            );
+        }
+        let e = parts.entry(module.to_string()).or_default();
+        match which {
+            0 => e.0 = Some(t),
+            1 => e.1 = Some(t),
+            _ => {
+                let v = t
+                    .to_dtype(DType::F64)?
+                    .flatten_all()?
+                    .to_vec1::<f64>()?
+                    .first()
+                    .copied()
+                    .with_context(|| format!("import_kohya: `{key}` is empty"))?;
+                e.2 = Some(v)
+            }
+        }
+    }
+    if parts.is_empty() {
+        bail!("import_kohya: {} holds no LoRA tensors", path.display());
+    }
+    for (module, (down, up, alpha)) in &parts {
+        let layer = &by_name[module];
+        let (Some(a), Some(b)) = (down, up) else {
+            bail!(
+                "import_kohya: {}: `{module}` lacks lora_down or lora_up",
+                path.display()
+            );
+        };
+        let (rank, in_dim) = a.dims2()?;
+        let (out_dim, rank_b) = b.dims2()?;
+        if rank != rank_b || in_dim != layer.in_dim()? || out_dim != layer.out_dim()? {
+            bail!(
+                "import_kohya: {}: `{module}` has lora_down {:?} / lora_up {:?}, expected [r, {}] / [{}, r]",
+                path.display(),
+                a.dims(),
+                b.dims(),
+                layer.in_dim()?,
+                layer.out_dim()?
+            );
+        }
+        let w = layer.weight()?;
+        let a = a.to_dtype(w.dtype())?.to_device(w.device())?;
+        let b = b.to_dtype(w.dtype())?.to_device(w.device())?;
+        layer.set_adapter(Some(LoraAdapter {
+            a: Var::from_tensor(&a)?,
+            b: Var::from_tensor(&b)?,
+            rank,
+            alpha: alpha.unwrap_or(rank as f64),
+        }))?;
+    }
+    Ok(parts.len())
+}
+
+/// Write `dir/config.json` + `dir/diffusion_pytorch_model.safetensors` with the adapters merged.
+pub fn save_merged(unet: &UNet2DConditionModel, dir: &Path) -> Result<()> {
+    let Some(src) = unet.source_dir() else {
+        bail!("save_merged: this UNet was not loaded from a folder (random weights), so its base weights cannot be written");
+    };
+    let weights =
+        Weights::load(src, WEIGHTS_STEM, unet.dtype(), &Device::Cpu).with_context(|| {
+            format!(
+                "save_merged: cannot re-read the base weights of {}",
+                src.display()
+            )
+        })?;
+    let mut tensors = weights.tensors;
+    for layer in unet.lora().layers() {
+        let key = format!("{}.weight", layer.path);
+        if !tensors.contains_key(&key) {
+            bail!(
+                "save_merged: base weights in {} lack `{key}`",
+                src.display()
+            );
+        }
+        let mut w = layer.weight()?.detach().to_device(&Device::Cpu)?;
+        if let Some(ad) = layer.adapter() {
+            let delta =
+                (cpu_f32(ad.b.as_tensor())?.matmul(&cpu_f32(ad.a.as_tensor())?)? * ad.scale())?;
+            w = (w.to_dtype(DType::F32)? + delta)?.to_dtype(unet.dtype())?;
+        }
+        tensors.insert(key, w.contiguous()?);
+    }
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("save_merged: cannot create {}", dir.display()))?;
+    let config = match std::fs::read(src.join("config.json")) {
+        Ok(bytes) => bytes,
+        Err(_) => serde_json::to_vec_pretty(&unet.config)?,
+    };
+    crate::fsutil::atomic_write(&dir.join("config.json"), &config)
+        .with_context(|| format!("save_merged: cannot write {}/config.json", dir.display()))?;
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    write(
+        &dir.join(format!("{WEIGHTS_STEM}.safetensors")),
+        &tensors,
+        meta,
+        "save_merged",
+    )
+}
