@@ -1,0 +1,62 @@
+//! Prompt files in scripts: `read_prompts(path)`.
+
+use rhai::plugin::*;
+
+/// Prompts of a file: a JSON list of `{caption}` (or `{prompt}`) objects or strings (the paper's
+/// 4k prompts), or plain text with one prompt per line (blank lines skipped).
+pub fn parse_prompts(text: &str, path: &str) -> Result<Vec<String>, String> {
+    let trimmed = text.trim_start();
+    let prompts: Vec<String> = if trimmed.starts_with('[') {
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| format!("{path}: invalid JSON: {e}"))?;
+        let items = value
+            .as_array()
+            .ok_or_else(|| format!("{path}: expected a JSON list"))?;
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| match item {
+                serde_json::Value::String(s) => Ok(s.clone()),
+                serde_json::Value::Object(o) => o
+                    .get("caption")
+                    .or_else(|| o.get("prompt"))
+                    .and_then(|v| v.as_str())
+                    .map(String::from)
+                    .ok_or_else(|| {
+                        format!("{path}: item {i} has no string `caption` (or `prompt`)")
+                    }),
+                other => Err(format!(
+                    "{path}: item {i} is {other}, expected a string or {{\"caption\": ...}}"
+                )),
+            })
+            .collect::<Result<_, _>>()?
+    } else {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect()
+    };
+    if prompts.is_empty() {
+        return Err(format!("{path}: the prompt file holds no prompts"));
+    }
+    Ok(prompts)
+}
+
+#[export_module]
+pub mod prompts_api {
+    use rhai::{Array, Dynamic};
+
+    use crate::script::error::{OrScriptError, ScriptResult};
+
+    /// Prompts from a file: a JSON list of `{caption}` objects (or strings), as the paper's 4k
+    /// prompts, or plain text with one prompt per line. An error when it holds none.
+    #[rhai_fn(return_raw, volatile)]
+    pub fn read_prompts(ctx: NativeCallContext, path: &str) -> ScriptResult<Array> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("read_prompts: cannot read {path}: {e}"))
+            .or_script(&ctx)?;
+        let prompts = super::parse_prompts(&text, path).or_script(&ctx)?;
+        Ok(prompts.into_iter().map(Dynamic::from).collect())
+    }
+}
