@@ -167,3 +167,25 @@ fn exports_without_adapters_or_base_fail_clearly() {
         out[1]
     );
 }
+
+#[test]
+fn merged_folder_of_a_fully_fine_tuned_unet_holds_the_trained_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let script = format!(
+        r#"
+        let u = load_unet("tests/fixtures/tiny-sd", #{{trainable: true}});
+        let p = lpo_policy(u, #{{full: true, reference: "tests/fixtures/tiny-sd"}});
+        let m = p.params.to_map();
+        m["conv_in.bias"] = m["conv_in.bias"] + 0.5;
+        p.params.load_map(m);
+        u.save_merged("{d}/full");
+        let a = load_safetensors("{d}/full/diffusion_pytorch_model.safetensors");
+        let b = load_safetensors("tests/fixtures/tiny-sd/unet/diffusion_pytorch_model.safetensors");
+        [max_abs_diff(a["conv_in.bias"], b["conv_in.bias"]), max_abs_diff(a["conv_out.weight"], b["conv_out.weight"])]
+    "#
+    );
+    let out: rhai::Array = engine().eval(&script).unwrap();
+    assert!((out[0].as_float().unwrap() - 0.5).abs() < 1e-6, "{:?}", out);
+    assert_eq!(out[1].as_float().unwrap(), 0.0);
+}

@@ -11,7 +11,8 @@
 //!   `import_kohya` reads such a file back (our layers are matched by their flattened names).
 //! - **Merged UNet folder** (`save_merged`): `config.json` + `diffusion_pytorch_model.safetensors`
 //!   in diffusers layout, every base weight from the folder the UNet was loaded from, with
-//!   `W + scale * B A` for every adapted layer (whether or not the adapter switch is on).
+//!   `W + scale * B A` for every adapted layer (whether or not the adapter switch is on); for a
+//!   fully fine-tuned UNet (loaded trainable) the trained weights are written instead.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -216,6 +217,23 @@ pub fn save_merged(unet: &UNet2DConditionModel, dir: &Path) -> Result<()> {
             )
         })?;
     let mut tensors = weights.tensors;
+    // full fine-tuning: the trained base weights replace the file's
+    if !unet.lora().has_adapters() {
+        for (name, var) in unet.trainable_vars() {
+            if !tensors.contains_key(&name) {
+                bail!(
+                    "save_merged: trained weight `{name}` is not among the base weights of {}",
+                    src.display()
+                );
+            }
+            let t = var
+                .as_tensor()
+                .detach()
+                .to_device(&Device::Cpu)?
+                .contiguous()?;
+            tensors.insert(name, t);
+        }
+    }
     for layer in unet.lora().layers() {
         let key = format!("{}.weight", layer.path);
         if !tensors.contains_key(&key) {
