@@ -166,7 +166,7 @@ fn candidates_follow_the_ddim_step() {
         .unwrap();
     let want_mean = s.prev_sample_mean(&eps, &t, &x, 1.0).unwrap();
     let want_std = s.std_dev(&t, 1.0).unwrap().to_vec1::<f32>().unwrap();
-    for b in 0..2 {
+    for (b, &std_b) in want_std.iter().enumerate().take(2) {
         let m = mean
             .get(b)
             .unwrap()
@@ -190,7 +190,7 @@ fn candidates_follow_the_ddim_step() {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        let sigma = want_std[b];
+        let sigma = std_b;
         assert!(sigma > 0.01);
         // standard error of a mean of 4000 draws: sigma / 63; 5 SE bound
         for (i, (a, e)) in m.iter().zip(&w).enumerate() {

@@ -50,20 +50,24 @@ impl Default for LrmOptions {
     }
 }
 
-/// The text side of an LRM.
+/// The text side of an LRM (one per model, so the variants' sizes do not matter).
+#[allow(clippy::large_enum_variant)]
 pub enum TextSide {
     Sd {
         encoder: ClipTextModel,
         tokenizer: ClipTokenizer,
     },
-    Sdxl {
-        encoder: ClipTextModel,
-        tokenizer: ClipTokenizer,
-        encoder_2: ClipTextModel,
-        tokenizer_2: ClipTokenizer,
-        /// [6]: original size, crop top-left, target size.
-        time_ids: Tensor,
-    },
+    Sdxl(Box<SdxlText>),
+}
+
+/// SDXL's two text encoders and the added time ids.
+pub struct SdxlText {
+    pub encoder: ClipTextModel,
+    pub tokenizer: ClipTokenizer,
+    pub encoder_2: ClipTextModel,
+    pub tokenizer_2: ClipTokenizer,
+    /// [6]: original size, crop top-left, target size.
+    pub time_ids: Tensor,
 }
 
 /// Token ids for one batch of prompts (SDXL: one tensor per tokenizer).
@@ -191,13 +195,13 @@ impl LatentRewardModel {
             let size = sdxl_image_size(dir, &unet) as f32;
             let time_ids =
                 Tensor::new(&[size, size, 0.0, 0.0, size, size], device)?.to_dtype(dtype)?;
-            TextSide::Sdxl {
+            TextSide::Sdxl(Box::new(SdxlText {
                 encoder,
                 tokenizer,
                 encoder_2,
                 tokenizer_2,
                 time_ids,
-            }
+            }))
         } else {
             TextSide::Sd { encoder, tokenizer }
         };
@@ -311,7 +315,7 @@ impl LatentRewardModel {
                 (rng.randn((projection_dim, encoder.hidden_size()), &device)? * 0.02)?
                     .to_dtype(dtype)?,
             ),
-            TextSide::Sdxl { .. } => None,
+            TextSide::Sdxl(_) => None,
         };
         let projections = Projections {
             visual,
@@ -414,7 +418,7 @@ impl LatentRewardModel {
     }
 
     pub fn is_sdxl(&self) -> bool {
-        matches!(self.text, TextSide::Sdxl { .. })
+        matches!(self.text, TextSide::Sdxl(_))
     }
 
     /// Tokenize prompts with the folder's tokenizer(s).
@@ -424,13 +428,9 @@ impl LatentRewardModel {
             TextSide::Sd { tokenizer, .. } => {
                 PromptIds::Single(tokenizer.encode_on(prompts, device)?)
             }
-            TextSide::Sdxl {
-                tokenizer,
-                tokenizer_2,
-                ..
-            } => PromptIds::Pair(
-                tokenizer.encode_on(prompts, device)?,
-                tokenizer_2.encode_on(prompts, device)?,
+            TextSide::Sdxl(x) => PromptIds::Pair(
+                x.tokenizer.encode_on(prompts, device)?,
+                x.tokenizer_2.encode_on(prompts, device)?,
             ),
         })
     }
@@ -462,15 +462,8 @@ impl LatentRewardModel {
                     uncond_added: None,
                 })
             }
-            (
-                TextSide::Sdxl {
-                    encoder,
-                    encoder_2,
-                    time_ids,
-                    ..
-                },
-                PromptIds::Pair(ids, ids_2),
-            ) => {
+            (TextSide::Sdxl(x), PromptIds::Pair(ids, ids_2)) => {
+                let (encoder, encoder_2, time_ids) = (&x.encoder, &x.encoder_2, &x.time_ids);
                 let encode = |a: &Tensor, b2: &Tensor| -> Result<(Tensor, Tensor)> {
                     let o1 = encoder.encode(a)?;
                     let o2 = encoder_2.encode(b2)?;
@@ -512,7 +505,7 @@ impl LatentRewardModel {
             (TextSide::Sd { .. }, PromptIds::Pair(..)) => {
                 bail!("this LRM has one text encoder: pass one ids tensor, not a pair")
             }
-            (TextSide::Sdxl { .. }, PromptIds::Single(_)) => {
+            (TextSide::Sdxl(_), PromptIds::Single(_)) => {
                 bail!("this SDXL-style LRM has two text encoders: pass [ids, ids_2] or prompt strings")
             }
         }
@@ -714,12 +707,10 @@ impl LatentRewardModel {
         );
         let text_vars = match &self.text {
             TextSide::Sd { encoder, .. } => encoder.trainable_vars(),
-            TextSide::Sdxl {
-                encoder, encoder_2, ..
-            } => {
-                let mut v = encoder.trainable_vars();
+            TextSide::Sdxl(x) => {
+                let mut v = x.encoder.trainable_vars();
                 v.extend(
-                    encoder_2
+                    x.encoder_2
                         .trainable_vars()
                         .into_iter()
                         .map(|(n, v)| (format!("2.{n}"), v)),
