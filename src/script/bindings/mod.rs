@@ -10,6 +10,7 @@ pub mod lrm;
 pub mod rng;
 pub mod run;
 pub mod shapes;
+pub mod shapes_pipe;
 pub mod system;
 pub mod tensor;
 pub mod text;
@@ -44,4 +45,5 @@ pub fn register_all(engine: &mut Engine) {
     engine.register_global_module(exported_module!(eval::eval_api).into());
     engine.register_type_with_name::<lrm::ScriptLrm>("Lrm");
     engine.register_global_module(exported_module!(lrm::lrm_api).into());
+    engine.register_global_module(exported_module!(shapes_pipe::shapes_pipe_api).into());
 }
