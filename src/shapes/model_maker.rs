@@ -78,10 +78,12 @@ pub fn unet_config(spec: &ShapesModelSpec) -> Result<UNetConfig> {
     if n < 2 {
         anyhow::bail!("block_out_channels needs at least 2 entries");
     }
-    let mut down = vec!["CrossAttnDownBlock2D"; n - 1];
-    down.push("DownBlock2D");
-    let mut up = vec!["UpBlock2D"];
-    up.extend(vec!["CrossAttnUpBlock2D"; n - 1]);
+    // Cross-attention below the full resolution only: attention over 256 pixels is most of
+    // the CPU cost and the conditioning (one shape, one colour) is global.
+    let mut down = vec!["DownBlock2D"];
+    down.extend(vec!["CrossAttnDownBlock2D"; n - 1]);
+    let mut up = vec!["CrossAttnUpBlock2D"; n - 1];
+    up.push("UpBlock2D");
     let value = json!({
         "_class_name": "UNet2DConditionModel",
         "in_channels": 3,

@@ -193,6 +193,22 @@ pub mod shapes_pipe_api {
             .collect())
     }
 
+    /// Write an array of maps as JSON Lines (one compact object per line), atomically.
+    /// Returns the number of lines.
+    #[rhai_fn(return_raw)]
+    pub fn write_jsonl(ctx: NativeCallContext, rows: Array, path: &str) -> ScriptResult<i64> {
+        let mut text = String::new();
+        for (i, row) in rows.iter().enumerate() {
+            let v: serde_json::Value = rhai::serde::from_dynamic(row)
+                .map_err(|e| format!("write_jsonl: row {i} is not plain data: {e}"))
+                .or_script(&ctx)?;
+            text.push_str(&serde_json::to_string(&v).or_script(&ctx)?);
+            text.push('\n');
+        }
+        crate::fsutil::atomic_write(Path::new(path), text.as_bytes()).or_script(&ctx)?;
+        Ok(rows.len() as i64)
+    }
+
     /// Load a PNG/JPEG as [3, H, W] f32 in [-1, 1] at its own size.
     #[rhai_fn(return_raw, volatile)]
     pub fn load_png(ctx: NativeCallContext, path: &str) -> ScriptResult<Tensor> {
