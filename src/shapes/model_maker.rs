@@ -181,7 +181,10 @@ pub fn write_tokenizer(dir: &Path, max_length: usize) -> Result<()> {
 
 /// Seeded random weights of a `CLIPTextModel` (`text_model.` keys): embeddings N(0, 1), linear
 /// weights N(0, 1/fan_in), layer-norm scales 1, biases 0.
-fn text_encoder_weights(spec: &ShapesModelSpec, rng: &mut SeededRng) -> Result<HashMap<String, Tensor>> {
+fn text_encoder_weights(
+    spec: &ShapesModelSpec,
+    rng: &mut SeededRng,
+) -> Result<HashMap<String, Tensor>> {
     let dev = Device::Cpu;
     let h = spec.text_hidden;
     let inter = 2 * h;
@@ -198,14 +201,15 @@ fn text_encoder_weights(spec: &ShapesModelSpec, rng: &mut SeededRng) -> Result<H
         "embeddings.position_embedding.weight".into(),
         rng.randn((spec.max_length, h), &dev)?,
     );
-    let mut linear = |put: &mut dyn FnMut(String, Tensor), name: String, o: usize, i: usize| -> Result<()> {
-        put(
-            format!("{name}.weight"),
-            (rng.randn((o, i), &dev)? * (1.0 / (i as f64).sqrt()))?,
-        );
-        put(format!("{name}.bias"), Tensor::zeros(o, DType::F32, &dev)?);
-        Ok(())
-    };
+    let mut linear =
+        |put: &mut dyn FnMut(String, Tensor), name: String, o: usize, i: usize| -> Result<()> {
+            put(
+                format!("{name}.weight"),
+                (rng.randn((o, i), &dev)? * (1.0 / (i as f64).sqrt()))?,
+            );
+            put(format!("{name}.bias"), Tensor::zeros(o, DType::F32, &dev)?);
+            Ok(())
+        };
     for l in 0..spec.text_layers {
         let p = format!("encoder.layers.{l}");
         for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
@@ -214,12 +218,24 @@ fn text_encoder_weights(spec: &ShapesModelSpec, rng: &mut SeededRng) -> Result<H
         linear(&mut put, format!("{p}.mlp.fc1"), inter, h)?;
         linear(&mut put, format!("{p}.mlp.fc2"), h, inter)?;
         for ln in ["layer_norm1", "layer_norm2"] {
-            put(format!("{p}.{ln}.weight"), Tensor::ones(h, DType::F32, &dev)?);
-            put(format!("{p}.{ln}.bias"), Tensor::zeros(h, DType::F32, &dev)?);
+            put(
+                format!("{p}.{ln}.weight"),
+                Tensor::ones(h, DType::F32, &dev)?,
+            );
+            put(
+                format!("{p}.{ln}.bias"),
+                Tensor::zeros(h, DType::F32, &dev)?,
+            );
         }
     }
-    put("final_layer_norm.weight".into(), Tensor::ones(h, DType::F32, &dev)?);
-    put("final_layer_norm.bias".into(), Tensor::zeros(h, DType::F32, &dev)?);
+    put(
+        "final_layer_norm.weight".into(),
+        Tensor::ones(h, DType::F32, &dev)?,
+    );
+    put(
+        "final_layer_norm.bias".into(),
+        Tensor::zeros(h, DType::F32, &dev)?,
+    );
     Ok(m)
 }
 
@@ -284,8 +300,8 @@ pub fn copy_model_dir(src: &Path, dst: &Path) -> Result<()> {
         if path.is_dir() {
             copy_model_dir(&path, &target)?;
         } else if path.is_file() {
-            let bytes = std::fs::read(&path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
             atomic_write(&target, &bytes)?;
         }
     }
@@ -295,7 +311,8 @@ pub fn copy_model_dir(src: &Path, dst: &Path) -> Result<()> {
 /// Write the whole model folder; returns the UNet's parameter count.
 pub fn make_shapes_model(out: &Path, spec: &ShapesModelSpec) -> Result<usize> {
     let cfg = unet_config(spec)?;
-    let unet = UNet2DConditionModel::random(cfg, spec.seed, DType::F32, &Device::Cpu, WeightMode::Frozen)?;
+    let unet =
+        UNet2DConditionModel::random(cfg, spec.seed, DType::F32, &Device::Cpu, WeightMode::Frozen)?;
     unet.save(&out.join("unet"), DType::F32)?;
     let mut rng = SeededRng::new(spec.seed.wrapping_add(1));
     write_text_encoder(&out.join("text_encoder"), spec, &mut rng)?;

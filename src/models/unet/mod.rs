@@ -654,8 +654,7 @@ impl UNet2DConditionModel {
             .into_iter()
             .map(|(n, t)| Ok((n, t.to_dtype(dtype)?)))
             .collect::<candle_core::Result<HashMap<_, _>>>()?;
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let mut config = serde_json::to_value(&self.config)?;
         if let Some(obj) = config.as_object_mut() {
             obj.insert("_class_name".into(), "UNet2DConditionModel".into());

@@ -102,7 +102,9 @@ pub mod shapes_pipe_api {
         let spec = ShapesModelSpec {
             seed: o.i64("seed", 0).or_script(&ctx)? as u64,
             block_out_channels: boc,
-            layers_per_block: o.usize("layers_per_block", d.layers_per_block).or_script(&ctx)?,
+            layers_per_block: o
+                .usize("layers_per_block", d.layers_per_block)
+                .or_script(&ctx)?,
             text_hidden: o.usize("text_hidden", d.text_hidden).or_script(&ctx)?,
             text_layers: o.usize("text_layers", d.text_layers).or_script(&ctx)?,
             text_heads: o.usize("text_heads", d.text_heads).or_script(&ctx)?,
