@@ -638,8 +638,8 @@ impl UNet2DConditionModel {
             .collect();
         for layer in self.lora.layers() {
             let name = format!("{}.weight", layer.path);
-            if map.contains_key(&name) {
-                map.insert(name, layer.weight()?.detach());
+            if let Some(slot) = map.get_mut(&name) {
+                *slot = layer.weight()?.detach();
             }
         }
         Ok(map)

@@ -94,7 +94,7 @@ pub mod shapes_pipe_api {
                         .ok()
                         .filter(|&i| i > 0)
                         .map(|i| i as usize)
-                        .ok_or_else(|| "new_shapes_model: block_out_channels must be positive ints")
+                        .ok_or("new_shapes_model: block_out_channels must be positive ints")
                 })
                 .collect::<Result<Vec<_>, _>>()
                 .or_script(&ctx)?,
