@@ -156,6 +156,18 @@ enum Command {
         #[arg(long)]
         train_batch: Option<usize>,
     },
+    /// Write a new random model in the diffusers layout (`shapes`: the tiny pixel-space model of
+    /// the shapes world: unet/, text_encoder/, tokenizer/, scheduler/).
+    NewModel {
+        /// Which model: `shapes`.
+        kind: String,
+        /// The output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of the random weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Interactive session.
     Repl {
         #[command(flatten)]
@@ -306,6 +318,26 @@ fn main() -> ExitCode {
                         "{}",
                         serde_json::to_string_pretty(&report).unwrap_or_default()
                     );
+                    0
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    1
+                }
+            }
+        }
+        Command::NewModel { kind, out, seed } => {
+            if kind != "shapes" {
+                eprintln!("error: new-model: unknown model `{kind}` (known: shapes)");
+                return ExitCode::from(2);
+            }
+            let spec = lpo::shapes::model_maker::ShapesModelSpec {
+                seed,
+                ..Default::default()
+            };
+            match lpo::shapes::model_maker::make_shapes_model(&out, &spec) {
+                Ok(n) => {
+                    println!("wrote {} (UNet: {n} parameters)", out.display());
                     0
                 }
                 Err(e) => {

@@ -3,6 +3,7 @@
 
 pub mod dataset;
 pub mod judge;
+pub mod model_maker;
 pub mod world;
 
 pub use dataset::{make_batch, Batch, BatchOptions, Split};

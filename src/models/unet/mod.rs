@@ -69,6 +69,8 @@ pub struct UNet2DConditionModel {
     conv_out: Conv2d,
     /// The trainable base weights (WeightMode::Trainable), sorted by name.
     base_vars: Vec<(String, Var)>,
+    /// Every base weight by name (a `Var`'s tensor for trainable models, so it follows updates).
+    base_tensors: Vec<(String, Tensor)>,
     param_count: usize,
     lora: LoraHub,
     /// The folder the weights came from (`load`), for exports that need every base weight.
@@ -82,6 +84,7 @@ struct Backend {
     what: String,
     trainable: bool,
     vars: Mutex<Vec<(String, Var)>>,
+    tensors: Mutex<Vec<(String, Tensor)>>,
     params: std::sync::atomic::AtomicUsize,
 }
 
@@ -94,11 +97,20 @@ impl Backend {
     fn wrap(&self, name: &str, t: Tensor) -> candle_core::Result<Tensor> {
         self.params
             .fetch_add(t.elem_count(), std::sync::atomic::Ordering::Relaxed);
+        let lock_err = |_| candle_core::Error::Msg("tensor list lock poisoned".into());
         if !self.trainable {
+            self.tensors
+                .lock()
+                .map_err(lock_err)?
+                .push((name.to_string(), t.clone()));
             return Ok(t);
         }
         let var = Var::from_tensor(&t)?;
         let out = var.as_tensor().clone();
+        self.tensors
+            .lock()
+            .map_err(lock_err)?
+            .push((name.to_string(), out.clone()));
         self.vars
             .lock()
             .map_err(|_| candle_core::Error::Msg("var list lock poisoned".into()))?
@@ -224,6 +236,7 @@ impl UNet2DConditionModel {
             what: what.clone(),
             trainable: mode == WeightMode::Trainable,
             vars: Mutex::new(Vec::new()),
+            tensors: Mutex::new(Vec::new()),
             params: Default::default(),
         };
         // Keep a handle on the var list: build through an Arc'd backend.
@@ -245,6 +258,14 @@ impl UNet2DConditionModel {
         );
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         model.base_vars = vars;
+        let mut tensors = std::mem::take(
+            &mut *shared
+                .tensors
+                .lock()
+                .map_err(|_| anyhow::anyhow!("tensor list lock poisoned"))?,
+        );
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        model.base_tensors = tensors;
         model.lora = lora;
         Ok(model)
     }
@@ -384,6 +405,7 @@ impl UNet2DConditionModel {
             conv_norm_out,
             conv_out,
             base_vars: Vec::new(),
+            base_tensors: Vec::new(),
             param_count: 0,
             lora: hub.clone(),
             source_dir: None,
@@ -611,6 +633,47 @@ impl UNet2DConditionModel {
             bail!("load_lora: this UNet was loaded trainable; load it frozen to use LoRA");
         }
         self.lora.load(path)
+    }
+
+    /// The current base weights by diffusers name (detached; merged LoRA layers included).
+    /// Errors while unmerged adapters are attached: merge them or save them with `save_lora`.
+    pub fn weights_map(&self) -> anyhow::Result<HashMap<String, Tensor>> {
+        if self.lora.has_adapters() {
+            bail!("the UNet has unmerged LoRA adapters: merge_lora() first, or save_lora()");
+        }
+        let mut map: HashMap<String, Tensor> = self
+            .base_tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), t.detach()))
+            .collect();
+        for layer in self.lora.layers() {
+            let name = format!("{}.weight", layer.path);
+            if let Some(slot) = map.get_mut(&name) {
+                *slot = layer.weight()?.detach();
+            }
+        }
+        Ok(map)
+    }
+
+    /// Write a diffusers UNet folder: `dir/config.json` and
+    /// `dir/diffusion_pytorch_model.safetensors` with weights stored as `dtype` (f32 or f16;
+    /// loading converts back to the compute dtype). Both files are written atomically.
+    pub fn save(&self, dir: &Path, dtype: DType) -> anyhow::Result<()> {
+        let map = self
+            .weights_map()?
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.to_dtype(dtype)?)))
+            .collect::<candle_core::Result<HashMap<_, _>>>()?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut config = serde_json::to_value(&self.config)?;
+        if let Some(obj) = config.as_object_mut() {
+            obj.insert("_class_name".into(), "UNet2DConditionModel".into());
+        }
+        crate::fsutil::atomic_write(
+            &dir.join("config.json"),
+            serde_json::to_string_pretty(&config)?.as_bytes(),
+        )?;
+        crate::tensor::io::save_safetensors(&map, &dir.join(format!("{WEIGHTS_STEM}.safetensors")))
     }
 
     /// Fold every adapter into its base weight (the adapters are removed).

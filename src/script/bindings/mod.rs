@@ -13,6 +13,7 @@ pub mod prompts;
 pub mod rng;
 pub mod run;
 pub mod shapes;
+pub mod shapes_pipe;
 pub mod system;
 pub mod tensor;
 pub mod text;
@@ -53,4 +54,5 @@ pub fn register_all(engine: &mut Engine) {
     engine.register_global_module(exported_module!(lpo::lpo_api).into());
     engine.register_type_with_name::<lrm_data::ScriptPreferences>("Preferences");
     engine.register_global_module(exported_module!(lrm_data::lrm_data_api).into());
+    engine.register_global_module(exported_module!(shapes_pipe::shapes_pipe_api).into());
 }

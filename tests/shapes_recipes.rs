@@ -1,0 +1,353 @@
+//! The shapes pipeline on tiny budgets: the model maker's output loads with the standard
+//! loaders (tokenizer ids, shapes, save/load round trip), and each recipe (pretrain ->
+//! make_pairs -> train_lrm) runs a few steps through the real binary and writes its files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use lpo::control::RunControl;
+use lpo::script::{build_engine, EngineOptions, Host};
+
+const LPO: &str = env!("CARGO_BIN_EXE_lpo");
+
+fn lpo(dir: &Path, args: &[&str]) -> Output {
+    let mut child = Command::new(LPO)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn lpo");
+    let start = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("lpo {args:?} did not finish in 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn ok(o: &Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what} failed ({:?}):\n{}\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn recipe(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts/shapes")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+fn engine() -> lpo::script::ScriptEngine {
+    build_engine(
+        Host::new(RunControl::new(), Device::Cpu, 0),
+        &EngineOptions::default(),
+    )
+}
+
+fn read_json(p: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn model_maker_output_loads_and_round_trips() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    ok(
+        &lpo(dir, &["new-model", "shapes", "--out", "m", "--seed", "3"]),
+        "new-model",
+    );
+    ok(
+        &lpo(dir, &["new-model", "shapes", "--out", "m2", "--seed", "3"]),
+        "new-model",
+    );
+    ok(
+        &lpo(dir, &["new-model", "shapes", "--out", "m3", "--seed", "4"]),
+        "new-model",
+    );
+    let w = |m: &str| {
+        std::fs::read(dir.join(m).join("unet/diffusion_pytorch_model.safetensors")).unwrap()
+    };
+    assert_eq!(w("m"), w("m2"), "same seed, same weights");
+    assert_ne!(w("m"), w("m3"), "another seed, other weights");
+    let bad = lpo(dir, &["new-model", "sdxl", "--out", "x"]);
+    assert_eq!(bad.status.code(), Some(2));
+
+    let e = engine();
+    let script = format!(
+        r#"
+        let d = "{d}";
+        let tok = load_tokenizer(d + "/tokenizer");
+        let ids = tok.encode(["a red circle", "A  Blue   TRIANGLE", "", "a mauve circle"]).to_array();
+        let te = load_text_encoder(d + "/text_encoder");
+        let enc = te.encode(tok.encode(["a red circle", "a red square"]));
+        let unet = load_unet(d);
+        let s = load_scheduler(d + "/scheduler");
+        let r = rng(5);
+        let x = r.randn([2, 3, 16, 16]);
+        let eps = unet.forward(x, tensor([500, 10]), enc.hidden);
+        unet.save(d + "/copy/unet");
+        let back = load_unet(d + "/copy");
+        let eps2 = back.forward(x, tensor([500, 10]), enc.hidden);
+        unet.save(d + "/half/unet", #{{dtype: "f16"}});
+        let eps3 = load_unet(d + "/half").forward(x, tensor([500, 10]), enc.hidden);
+        let pooled_differs = (enc.pooled.narrow(0, 0, 1) - enc.pooled.narrow(0, 1, 1)).abs().max().item();
+        #{{
+            ids: ids,
+            hidden: enc.hidden.shape,
+            eps: eps.shape,
+            params: unet.param_count,
+            exact: max_abs_diff(eps, eps2),
+            half: max_abs_diff(eps, eps3),
+            scale: eps.abs().max().item(),
+            pooled_differs: pooled_differs,
+            steps: s.num_train_timesteps,
+            vocab: tok.vocab_size,
+            max_len: tok.max_length
+        }}
+        "#,
+        d = dir.join("m").display()
+    );
+    let m: rhai::Map = e.engine.eval(&script).unwrap();
+    let ints = |v: &rhai::Dynamic| -> Vec<Vec<i64>> {
+        v.clone()
+            .into_array()
+            .unwrap()
+            .into_iter()
+            .map(|r| {
+                r.into_array()
+                    .unwrap()
+                    .into_iter()
+                    .map(|x| x.as_int().unwrap())
+                    .collect()
+            })
+            .collect()
+    };
+    let ids = ints(&m["ids"]);
+    // bos 0, eos 1, pad 2, unk 3, "a" 4, colours 5.., shapes 11..
+    assert_eq!(ids[0], vec![0, 4, 5, 11, 1, 2, 2, 2]);
+    assert_eq!(
+        ids[1],
+        vec![0, 4, 7, 13, 1, 2, 2, 2],
+        "lowercase + whitespace"
+    );
+    assert_eq!(ids[2], vec![0, 1, 2, 2, 2, 2, 2, 2], "empty prompt");
+    assert_eq!(ids[3], vec![0, 4, 3, 11, 1, 2, 2, 2], "unknown word");
+    assert_eq!(m["vocab"].as_int().unwrap(), 14);
+    assert_eq!(m["max_len"].as_int().unwrap(), 8);
+    let shape = |k: &str| -> Vec<i64> {
+        m[k].clone()
+            .into_array()
+            .unwrap()
+            .into_iter()
+            .map(|x| x.as_int().unwrap())
+            .collect()
+    };
+    assert_eq!(shape("hidden"), vec![2, 8, 64]);
+    assert_eq!(shape("eps"), vec![2, 3, 16, 16]);
+    let params = m["params"].as_int().unwrap();
+    assert!(
+        (1_000_000..=2_000_000).contains(&params),
+        "{params} parameters"
+    );
+    assert_eq!(
+        m["exact"].as_float().unwrap(),
+        0.0,
+        "f32 save/load is exact"
+    );
+    let half = m["half"].as_float().unwrap();
+    let scale = m["scale"].as_float().unwrap();
+    assert!(
+        half < 1e-2 * scale.max(1.0),
+        "f16 storage: {half} vs scale {scale}"
+    );
+    assert!(
+        m["pooled_differs"].as_float().unwrap() > 1e-3,
+        "pooled output at eos differs by prompt"
+    );
+    assert_eq!(m["steps"].as_int().unwrap(), 1000);
+}
+
+#[test]
+fn recipes_run_on_a_tiny_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // 1. Pretrain: 4 steps, a checkpoint at step 2, a tiny sampled evaluation.
+    let o = lpo(
+        dir,
+        &[
+            "run",
+            &recipe("pretrain.rhai"),
+            "--run-dir",
+            "pre",
+            "--set",
+            "steps=4",
+            "--set",
+            "batch=2",
+            "--set",
+            "ckpt_every=2",
+            "--set",
+            "log_every=1",
+            "--set",
+            "eval_n=3",
+            "--set",
+            "eval_steps=2",
+            "--set",
+            "out=base",
+        ],
+    );
+    ok(&o, "pretrain");
+    let base = dir.join("base");
+    for f in [
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "tokenizer/tokenizer.json",
+        "scheduler/scheduler_config.json",
+        "pretrain.json",
+    ] {
+        assert!(base.join(f).is_file(), "missing {f}");
+    }
+    assert!(dir.join("pre/checkpoints/step-2").is_dir());
+    assert!(dir.join("pre/samples.png").is_file());
+    let pj = read_json(&base.join("pretrain.json"));
+    assert_eq!(pj["judged"]["n"], 3);
+    let a = pj["judged"]["aligned"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&a));
+    let metrics = std::fs::read_to_string(dir.join("pre/metrics.jsonl")).unwrap();
+    assert_eq!(
+        metrics.lines().filter(|l| l.contains("\"loss\"")).count(),
+        4
+    );
+    let first = std::fs::read(base.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+
+    // Resume from the step-2 checkpoint: the same final weights, bit for bit.
+    ok(&lpo(dir, &["run", "--resume", "pre"]), "pretrain resume");
+    let again = std::fs::read(base.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    assert!(first == again, "resume from step 2 gives the same weights");
+
+    // 2. Pairs from the base.
+    let o = lpo(
+        dir,
+        &[
+            "run",
+            &recipe("make_pairs.rhai"),
+            "--run-dir",
+            "mp",
+            "--set",
+            "base=base",
+            "--set",
+            "pairs=4",
+            "--set",
+            "steps=2",
+            "--set",
+            "chunk=3",
+            "--set",
+            "out=pairs",
+        ],
+    );
+    ok(&o, "make_pairs");
+    let manifest = std::fs::read_to_string(dir.join("pairs/pairs.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = manifest
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 4);
+    for r in &rows {
+        for k in ["image_0", "image_1"] {
+            assert!(dir.join("pairs").join(r[k].as_str().unwrap()).is_file());
+        }
+        let (l0, l1) = (
+            r["label_0"].as_f64().unwrap(),
+            r["label_1"].as_f64().unwrap(),
+        );
+        assert_eq!(l0 + l1, 1.0);
+        let (g0, g1) = (
+            r["grade_0"].as_f64().unwrap(),
+            r["grade_1"].as_f64().unwrap(),
+        );
+        let want = if g0 > g1 {
+            1.0
+        } else if g0 < g1 {
+            0.0
+        } else {
+            0.5
+        };
+        assert_eq!(l0, want, "label follows the judge's grade");
+    }
+    // The manifest reads with the preference-set reader.
+    let e = engine();
+    let n: i64 = e
+        .engine
+        .eval(&format!(
+            r#"let p = read_pair_manifest("{}"); let x = load_png(p[0].image_0); if x.shape == [3, 16, 16] {{ p.len() }} else {{ -1 }}"#,
+            dir.join("pairs/pairs.jsonl").display()
+        ))
+        .unwrap();
+    assert_eq!(n, 4);
+
+    // 3. LRM: decided labels so the held-out accuracy is computed.
+    let decided: String = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut r = r.clone();
+            r["label_0"] = serde_json::json!(if i % 2 == 0 { 1.0 } else { 0.0 });
+            r["label_1"] = serde_json::json!(if i % 2 == 0 { 0.0 } else { 1.0 });
+            format!("{r}\n")
+        })
+        .collect();
+    std::fs::write(dir.join("pairs/decided.jsonl"), decided).unwrap();
+    let o = lpo(
+        dir,
+        &[
+            "run",
+            &recipe("train_lrm.rhai"),
+            "--run-dir",
+            "lr",
+            "--set",
+            "base=base",
+            "--set",
+            "pairs=pairs/decided.jsonl",
+            "--set",
+            "steps=2",
+            "--set",
+            "batch=2",
+            "--set",
+            "eval_frac=0.5",
+            "--set",
+            "out=lrm",
+        ],
+    );
+    ok(&o, "train_lrm");
+    let ev = read_json(&dir.join("lrm/lrm_eval.json"));
+    assert_eq!(ev["train_pairs"], 2);
+    assert_eq!(ev["eval_pairs"], 2);
+    for t in ["t1", "t201", "t501", "t801", "t951"] {
+        let a = ev["accuracy"][t].as_f64().unwrap();
+        assert!([0.0, 0.5, 1.0].contains(&a), "{t}: {a}");
+    }
+    let s: f64 = e
+        .engine
+        .eval(&format!(
+            r#"let l = load_lrm("{}"); l.score(zeros([1, 3, 16, 16]), ["a red circle"], 500).item()"#,
+            dir.join("lrm").display()
+        ))
+        .unwrap();
+    assert!(s.is_finite());
+}
