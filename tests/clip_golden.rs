@@ -2,19 +2,16 @@
 //! lrm.safetensors `text_features`), the penultimate/pooled/projection semantics, gradients
 //! (every trainable tensor, central finite differences in f64) and bad input.
 
+mod common;
+use common::{assert_close, engine, fixtures, get};
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, D};
-use lpo::control::RunControl;
 use lpo::models::clip_text::ClipTextModel;
 use lpo::models::loading::WeightMode;
-use lpo::script::{build_engine, EngineOptions, Host};
 use lpo::tensor::SeededRng;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 fn te_dir() -> PathBuf {
     fixtures().join("tiny-sd/text_encoder")
@@ -22,54 +19,6 @@ fn te_dir() -> PathBuf {
 
 fn golden(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixtures().join("golden").join(name), &Device::Cpu).unwrap()
-}
-
-fn engine() -> rhai::Engine {
-    build_engine(
-        Host::new(RunControl::new(), Device::Cpu, 0),
-        &EngineOptions::default(),
-    )
-    .engine
-}
-
-/// |a - b| <= atol + rtol * |b| everywhere, with the worst offender in the message.
-fn assert_close(a: &Tensor, b: &Tensor, atol: f64, rtol: f64, what: &str) {
-    assert_eq!(a.dims(), b.dims(), "{what}: shapes differ");
-    let a = a
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let b = b
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let mut worst = (0.0, 0usize);
-    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-        let excess = (x - y).abs() - (atol + rtol * y.abs());
-        if excess > worst.0 {
-            worst = (excess, i);
-        }
-    }
-    assert!(
-        worst.0 <= 0.0,
-        "{what}: entry {} = {} vs reference {}",
-        worst.1,
-        a[worst.1],
-        b[worst.1]
-    );
-}
-
-fn get(map: &rhai::Map, key: &str) -> Tensor {
-    map.get(key)
-        .unwrap_or_else(|| panic!("no `{key}`"))
-        .clone()
-        .cast::<Tensor>()
 }
 
 /// A copy of the text encoder folder with an edited config and optionally other weights.

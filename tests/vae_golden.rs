@@ -2,19 +2,16 @@
 //! the script API, the seeded sample, gradients (decode w.r.t. latents by central finite
 //! differences in f64; every trainable tensor reached) and bad input.
 
+mod common;
+use common::{assert_close, engine, fixtures, get};
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
-use lpo::control::RunControl;
 use lpo::models::loading::WeightMode;
 use lpo::models::vae::AutoencoderKL;
-use lpo::script::{build_engine, EngineOptions, Host};
 use lpo::tensor::SeededRng;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 fn vae_dir() -> PathBuf {
     fixtures().join("tiny-sd/vae")
@@ -22,53 +19,6 @@ fn vae_dir() -> PathBuf {
 
 fn golden() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixtures().join("golden/vae.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn engine() -> rhai::Engine {
-    build_engine(
-        Host::new(RunControl::new(), Device::Cpu, 0),
-        &EngineOptions::default(),
-    )
-    .engine
-}
-
-fn assert_close(a: &Tensor, b: &Tensor, atol: f64, rtol: f64, what: &str) {
-    assert_eq!(a.dims(), b.dims(), "{what}: shapes differ");
-    let a = a
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let b = b
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let mut worst = (0.0, 0usize);
-    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-        let excess = (x - y).abs() - (atol + rtol * y.abs());
-        if excess > worst.0 {
-            worst = (excess, i);
-        }
-    }
-    assert!(
-        worst.0 <= 0.0,
-        "{what}: entry {} = {} vs reference {}",
-        worst.1,
-        a[worst.1],
-        b[worst.1]
-    );
-}
-
-fn get(map: &rhai::Map, key: &str) -> Tensor {
-    map.get(key)
-        .unwrap_or_else(|| panic!("no `{key}`"))
-        .clone()
-        .cast::<Tensor>()
 }
 
 fn variant(edit: impl Fn(&mut serde_json::Value), truncate: bool) -> tempfile::TempDir {

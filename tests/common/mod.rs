@@ -1,0 +1,58 @@
+//! Helpers shared by the golden tests: fixture paths, a script engine on the CPU, tolerant
+//! tensor comparison.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use lpo::control::RunControl;
+use lpo::script::{build_engine, EngineOptions, Host};
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// A script engine as `lpo run` builds it, on the CPU with seed 0.
+pub fn engine() -> rhai::Engine {
+    build_engine(
+        Host::new(RunControl::new(), Device::Cpu, 0),
+        &EngineOptions::default(),
+    )
+    .engine
+}
+
+/// |a - b| <= atol + rtol * |b| everywhere, with the worst offender in the message.
+pub fn assert_close(a: &Tensor, b: &Tensor, atol: f64, rtol: f64, what: &str) {
+    assert_eq!(a.dims(), b.dims(), "{what}: shapes differ");
+    let flat = |t: &Tensor| {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
+    let (a, b) = (flat(a), flat(b));
+    let mut worst = (0.0, 0usize);
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        let excess = (x - y).abs() - (atol + rtol * y.abs());
+        if excess > worst.0 {
+            worst = (excess, i);
+        }
+    }
+    assert!(
+        worst.0 <= 0.0,
+        "{what}: entry {} = {} vs reference {}",
+        worst.1,
+        a[worst.1],
+        b[worst.1]
+    );
+}
+
+/// The tensor at `key` of a script map.
+pub fn get(map: &rhai::Map, key: &str) -> Tensor {
+    map.get(key)
+        .unwrap_or_else(|| panic!("no `{key}`"))
+        .clone()
+        .cast::<Tensor>()
+}
