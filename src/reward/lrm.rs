@@ -37,6 +37,20 @@ pub struct LrmOptions {
     pub train_text: bool,
 }
 
+impl LrmOptions {
+    /// How the UNet (with the projections) and the text encoder(s) load.
+    pub fn weight_modes(&self) -> (WeightMode, WeightMode) {
+        let mode = |trainable: bool| {
+            if trainable {
+                WeightMode::Trainable
+            } else {
+                WeightMode::Frozen
+            }
+        };
+        (mode(self.trainable), mode(self.train_text))
+    }
+}
+
 impl Default for LrmOptions {
     fn default() -> Self {
         Self {
@@ -167,16 +181,7 @@ impl LatentRewardModel {
     /// (`projections.safetensors` or the official `state_dict.pt`).
     pub fn load(dir: &Path, options: LrmOptions, device: &Device) -> Result<Self> {
         let dtype = options.dtype;
-        let unet_mode = if options.trainable {
-            WeightMode::Trainable
-        } else {
-            WeightMode::Frozen
-        };
-        let text_mode = if options.train_text {
-            WeightMode::Trainable
-        } else {
-            WeightMode::Frozen
-        };
+        let (unet_mode, text_mode) = options.weight_modes();
         let unet = UNet2DConditionModel::load(&dir.join("unet"), dtype, device, unet_mode)
             .with_context(|| format!("LRM {}: UNet", dir.display()))?;
         let encoder = ClipTextModel::load(&dir.join("text_encoder"), dtype, device, text_mode)
@@ -241,16 +246,7 @@ impl LatentRewardModel {
         device: &Device,
     ) -> Result<Self> {
         let dtype = options.dtype;
-        let unet_mode = if options.trainable {
-            WeightMode::Trainable
-        } else {
-            WeightMode::Frozen
-        };
-        let text_mode = if options.train_text {
-            WeightMode::Trainable
-        } else {
-            WeightMode::Frozen
-        };
+        let (unet_mode, text_mode) = options.weight_modes();
         let unet = UNet2DConditionModel::load(&base.join("unet"), dtype, device, unet_mode)?;
         let encoder = ClipTextModel::load(&base.join("text_encoder"), dtype, device, text_mode)?;
         let tokenizer = ClipTokenizer::load(&base.join("tokenizer"))?;
