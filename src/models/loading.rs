@@ -1,14 +1,14 @@
 //! Weights from the diffusers folder layout: `<stem>.safetensors`, the `<stem>.fp16.safetensors`
 //! variant, or shards listed in `<stem>.safetensors.index.json`. Stored f16/bf16 weights are
-//! converted to the compute dtype. Weights load **frozen** (plain tensors: no graph, inference
-//! memory stays at weight size) or **trainable** (candle `Var`s collected in a `VarMap`).
+//! converted to the compute dtype. Models build from them **frozen** (plain tensors: no graph,
+//! inference memory stays at weight size) or **trainable** (candle `Var`s), through a builder that
+//! names the file and key of a missing or mis-shaped tensor (`checked_vb`, the UNet's source).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{VarBuilder, VarMap};
+use candle_core::{DType, Device, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightMode {
@@ -122,39 +122,4 @@ impl Weights {
             .collect();
         self
     }
-
-    /// A var builder over these weights: frozen gives plain tensors, trainable gives `Var`s
-    /// gathered in the returned map (the optimizer's parameter list).
-    pub fn into_var_builder(
-        self,
-        mode: WeightMode,
-    ) -> Result<(VarBuilder<'static>, Option<VarMap>)> {
-        match mode {
-            WeightMode::Frozen => Ok((
-                VarBuilder::from_tensors(self.tensors, self.dtype, &self.device),
-                None,
-            )),
-            WeightMode::Trainable => {
-                let varmap = VarMap::new();
-                {
-                    let mut data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
-                    for (name, t) in self.tensors {
-                        if t.dtype().is_float() {
-                            data.insert(name, Var::from_tensor(&t)?);
-                        }
-                    }
-                }
-                let vb = VarBuilder::from_varmap(&varmap, self.dtype, &self.device);
-                Ok((vb, Some(varmap)))
-            }
-        }
-    }
-}
-
-/// Names of `VarMap` entries sorted, for stable listings and optimizer order.
-pub fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
-    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
-    let mut vars: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    vars
 }

@@ -362,16 +362,7 @@ impl Encoder {
         let mut cin = ch[0];
         for (i, &cout) in ch.iter().enumerate() {
             let bvb = vb.pp(format!("down_blocks.{i}"));
-            let resnets = (0..cfg.layers_per_block)
-                .map(|j| {
-                    ResnetBlock::new(
-                        bvb.pp(format!("resnets.{j}")),
-                        if j == 0 { cin } else { cout },
-                        cout,
-                        g,
-                    )
-                })
-                .collect::<candle_core::Result<Vec<_>>>()?;
+            let resnets = resnet_stack(&bvb, cfg.layers_per_block, cin, cout, g)?;
             let down = if i + 1 < ch.len() {
                 Some(conv(bvb.pp("downsamplers.0.conv"), cout, cout, 3, 2, 0)?)
             } else {
@@ -401,6 +392,26 @@ impl Encoder {
     }
 }
 
+/// `n` resnets of a block: the first maps `cin` to `cout`, the rest keep `cout`.
+fn resnet_stack(
+    vb: &VarBuilder,
+    n: usize,
+    cin: usize,
+    cout: usize,
+    groups: usize,
+) -> candle_core::Result<Vec<ResnetBlock>> {
+    (0..n)
+        .map(|j| {
+            ResnetBlock::new(
+                vb.pp(format!("resnets.{j}")),
+                if j == 0 { cin } else { cout },
+                cout,
+                groups,
+            )
+        })
+        .collect()
+}
+
 #[derive(Debug, Clone)]
 struct Decoder {
     conv_in: Conv2d,
@@ -420,16 +431,7 @@ impl Decoder {
         let mut cin = ch[0];
         for (i, &cout) in ch.iter().enumerate() {
             let bvb = vb.pp(format!("up_blocks.{i}"));
-            let resnets = (0..cfg.layers_per_block + 1)
-                .map(|j| {
-                    ResnetBlock::new(
-                        bvb.pp(format!("resnets.{j}")),
-                        if j == 0 { cin } else { cout },
-                        cout,
-                        g,
-                    )
-                })
-                .collect::<candle_core::Result<Vec<_>>>()?;
+            let resnets = resnet_stack(&bvb, cfg.layers_per_block + 1, cin, cout, g)?;
             let up = if i + 1 < ch.len() {
                 Some(conv(bvb.pp("upsamplers.0.conv"), cout, cout, 3, 1, 1)?)
             } else {

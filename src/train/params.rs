@@ -48,8 +48,8 @@ impl Params {
         })
     }
 
-    /// Every variable of a candle_nn `VarMap` (what `Weights::into_var_builder(Trainable)`
-    /// returns), sorted by name.
+    /// Every variable of a candle_nn `VarMap` (e.g. the one behind `VarBuilder::from_varmap`),
+    /// sorted by name.
     pub fn from_varmap(varmap: &candle_nn::VarMap) -> Result<Self> {
         let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
         let mut vars: Vec<(String, Var)> =
