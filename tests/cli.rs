@@ -1,6 +1,8 @@
 //! The command line contract of API.md through the real binary: every exit code, `--set`
 //! typing, `check` and `fns`. Every run happens in a temporary working directory.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -9,25 +11,7 @@ use std::time::{Duration, Instant};
 const LPO: &str = env!("CARGO_BIN_EXE_lpo");
 
 fn lpo(dir: &Path, args: &[&str]) -> Output {
-    let mut child = Command::new(LPO)
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn lpo");
-    let start = Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if start.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            panic!("lpo {args:?} did not finish in 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::run_lpo(dir, args, Duration::from_secs(30))
 }
 
 fn write(dir: &Path, name: &str, text: &str) {

@@ -2,36 +2,18 @@
 //! loaders (tokenizer ids, shapes, save/load round trip), and each recipe (pretrain ->
 //! make_pairs -> train_lrm) runs a few steps through the real binary and writes its files.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Output;
+use std::time::Duration;
 
 use candle_core::Device;
 use lpo::control::RunControl;
 use lpo::script::{build_engine, EngineOptions, Host};
 
-const LPO: &str = env!("CARGO_BIN_EXE_lpo");
-
 fn lpo(dir: &Path, args: &[&str]) -> Output {
-    let mut child = Command::new(LPO)
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn lpo");
-    let start = Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if start.elapsed() > Duration::from_secs(120) {
-            let _ = child.kill();
-            panic!("lpo {args:?} did not finish in 120 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::run_lpo(dir, args, Duration::from_secs(120))
 }
 
 fn ok(o: &Output, what: &str) {

@@ -56,3 +56,27 @@ pub fn get(map: &rhai::Map, key: &str) -> Tensor {
         .clone()
         .cast::<Tensor>()
 }
+
+/// Run the `lpo` binary in `dir` and collect its output; panics if it outlives `timeout`.
+pub fn run_lpo(dir: &Path, args: &[&str], timeout: std::time::Duration) -> std::process::Output {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lpo"))
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn lpo");
+    let start = std::time::Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            panic!("lpo {args:?} did not finish in {timeout:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
