@@ -144,10 +144,7 @@ fn added_cond(
 }
 
 fn cfg_guided(pred: &Tensor, scale: f64) -> Result<Tensor> {
-    let n = pred.dim(0)? / 2;
-    let c = pred.narrow(0, 0, n)?;
-    let u = pred.narrow(0, n, n)?;
-    Ok((&u + ((c - &u)? * scale)?)?)
+    Ok(crate::tensor::ops::cfg_guided(pred, scale)?)
 }
 
 fn timed<T>(device: &Device, repeats: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {

@@ -261,9 +261,7 @@ impl Policy {
                     _ => None,
                 };
                 let out = unet.forward(&xx, &tt, &ehs, added.as_ref())?;
-                let c = out.narrow(0, 0, b)?;
-                let u = out.narrow(0, b, b)?;
-                Ok((&u + ((c - &u)? * g)?)?)
+                Ok(crate::tensor::ops::cfg_guided(&out, g)?)
             }
         }
     }

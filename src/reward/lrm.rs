@@ -137,13 +137,6 @@ fn global_pool(x: &Tensor) -> candle_core::Result<Tensor> {
     x.mean(D::Minus1)?.mean(D::Minus1)
 }
 
-fn cfg_combine(x: &Tensor, guidance: f64) -> candle_core::Result<Tensor> {
-    let n = x.dim(0)? / 2;
-    let cond = x.narrow(0, 0, n)?;
-    let uncond = x.narrow(0, n, n)?;
-    &uncond + ((cond - &uncond)? * guidance)?
-}
-
 fn l2_normalize(x: &Tensor) -> candle_core::Result<Tensor> {
     x.broadcast_div(&x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)
 }
@@ -556,7 +549,7 @@ impl LatentRewardModel {
             if !doubled {
                 Ok(x)
             } else if guide {
-                cfg_combine(&x, g)
+                crate::tensor::ops::cfg_guided(&x, g)
             } else {
                 x.narrow(0, 0, n)
             }

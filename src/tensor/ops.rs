@@ -163,6 +163,14 @@ pub fn softplus(t: &Tensor) -> Result<Tensor> {
     relu + (neg_abs.exp()? + 1.0)?.log()?
 }
 
+/// Classifier-free guidance over a doubled batch [cond; uncond]: u + g·(c − u) for each half.
+pub fn cfg_guided(doubled: &Tensor, guidance: f64) -> Result<Tensor> {
+    let n = doubled.dim(0)? / 2;
+    let cond = doubled.narrow(0, 0, n)?;
+    let uncond = doubled.narrow(0, n, n)?;
+    &uncond + ((cond - &uncond)? * guidance)?
+}
+
 /// Largest absolute elementwise difference; an error if shapes differ.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     if a.dims() != b.dims() {
