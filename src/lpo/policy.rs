@@ -251,13 +251,10 @@ impl Policy {
                 let tt = Tensor::cat(&[&t, &t], 0)?;
                 let ehs = Tensor::cat(&[&cond.hidden, &repeat_to(&cond.uncond, b)?], 0)?;
                 let added = match (&cond.added, &cond.uncond_added) {
-                    (Some(a), Some(u)) => Some(AddedCond {
-                        text_embeds: Tensor::cat(
-                            &[&a.text_embeds, &repeat_to(&u.text_embeds, b)?],
-                            0,
-                        )?,
-                        time_ids: Tensor::cat(&[&a.time_ids, &repeat_to(&u.time_ids, b)?], 0)?,
-                    }),
+                    (Some(a), Some(u)) => Some(a.cat_rows(&AddedCond {
+                        text_embeds: repeat_to(&u.text_embeds, b)?,
+                        time_ids: repeat_to(&u.time_ids, b)?,
+                    })?),
                     _ => None,
                 };
                 let out = unet.forward(&xx, &tt, &ehs, added.as_ref())?;

@@ -531,10 +531,7 @@ impl LatentRewardModel {
                 let tt = Tensor::cat(&[&t, &t], 0)?;
                 let ehs = Tensor::cat(&[&cond.hidden, uncond], 0)?;
                 let added = match (&cond.added, &cond.uncond_added) {
-                    (Some(a), Some(u)) => Some(AddedCond {
-                        text_embeds: Tensor::cat(&[&a.text_embeds, &u.text_embeds], 0)?,
-                        time_ids: Tensor::cat(&[&a.time_ids, &u.time_ids], 0)?,
-                    }),
+                    (Some(a), Some(u)) => Some(a.cat_rows(u)?),
                     _ => None,
                 };
                 (self.unet.features(&x, &tt, &ehs, added.as_ref())?, true)

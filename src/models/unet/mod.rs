@@ -43,6 +43,16 @@ pub struct AddedCond {
     pub time_ids: Tensor,
 }
 
+impl AddedCond {
+    /// The rows of `self` followed by those of `other` (the [cond; uncond] guidance batch).
+    pub fn cat_rows(&self, other: &AddedCond) -> candle_core::Result<AddedCond> {
+        Ok(AddedCond {
+            text_embeds: Tensor::cat(&[&self.text_embeds, &other.text_embeds], 0)?,
+            time_ids: Tensor::cat(&[&self.time_ids, &other.time_ids], 0)?,
+        })
+    }
+}
+
 /// The encoder-only pass: mid-block output and every down-block residual (conv_in output first).
 #[derive(Debug, Clone)]
 pub struct UNetFeatures {
