@@ -116,9 +116,9 @@ impl RunControl {
     }
 }
 
-/// Route SIGINT and SIGTERM to `control` from a background thread.
-///
-/// A second SIGINT while a stop is already pending exits at once, as users expect from Ctrl-C twice.
+/// Route SIGINT and SIGTERM to `control` from a background thread: each one asks the work in
+/// progress to stop and nothing more (the REPL keeps its session however often Ctrl-C is
+/// pressed). `lpo run` has its own handler with safe points and a grace period (run::signals).
 pub fn install_signal_handlers(control: Arc<RunControl>) -> std::io::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
@@ -126,26 +126,15 @@ pub fn install_signal_handlers(control: Arc<RunControl>) -> std::io::Result<()> 
         .name("lpo-signals".into())
         .spawn(move || {
             for signal in signals.forever() {
-                let reason = if signal == SIGTERM {
+                control.request_stop(if signal == SIGTERM {
                     StopReason::Terminate
                 } else {
                     StopReason::Interrupt
-                };
-                if reason == StopReason::Interrupt
-                    && control.stop_reason() == Some(StopReason::Interrupt)
-                    && !REPL_MODE.load(Ordering::SeqCst)
-                {
-                    eprintln!("second interrupt: exiting now");
-                    std::process::exit(130);
-                }
-                control.request_stop(reason);
+                });
             }
         })?;
     Ok(())
 }
-
-/// In the REPL a Ctrl-C only cancels the evaluation in progress, however often it is pressed.
-pub static REPL_MODE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 #[cfg(test)]
 mod tests {

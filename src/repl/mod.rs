@@ -222,7 +222,6 @@ fn history_path() -> Option<PathBuf> {
 }
 
 pub fn run_repl(host: Host, control: Arc<RunControl>) -> i32 {
-    crate::control::REPL_MODE.store(true, std::sync::atomic::Ordering::SeqCst);
     let mut session = Session::new(host);
     let names = Arc::new(Mutex::new(session.names()));
     let config = rustyline::Config::builder()
