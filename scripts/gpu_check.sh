@@ -3,7 +3,8 @@
 #   1. the golden parity suite on cuda:0 in f32 and in bf16;
 #   2. SD1.5-shaped LPO sampling / training steps at 512 px in f32 and bf16, with the
 #      reference as adapters-off vs a second UNet copy (peak memory of each process);
-#   3. the same at SDXL shape, 1024 px, in bf16 (f32 if time and memory allow).
+#   3. the same at SDXL shape, 1024 px, in bf16.
+# Each bench process is stopped after STEP_TIMEOUT seconds (default 120).
 # Writes $OUT/gpu_report.json (+ logs). Usage (from the repo root, on the GPU machine):
 #   scripts/gpu_check.sh ./lpo-cuda [OUT_DIR]
 set -uo pipefail
@@ -25,7 +26,7 @@ peak_of() {
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$memlog" 2>/dev/null &
   local smi=$!
   local start=$(date +%s.%N)
-  timeout 170 "$RUN" "$BIN" "$@" > "$OUT/$tag.json" 2>> "$LOG"
+  timeout "${STEP_TIMEOUT:-120}" "$RUN" "$BIN" "$@" > "$OUT/$tag.json" 2>> "$LOG"
   local rc=$?
   local end=$(date +%s.%N)
   kill $smi 2>/dev/null; wait $smi 2>/dev/null
@@ -41,17 +42,20 @@ for dt in f32 bf16; do
   echo "parity $dt: rc=$?" | tee -a "$LOG"
 done
 
-# 2. SD1.5 at 512 px.
+# 2. SD1.5 at 512 px, the paper's batches: sampling 5 prompts x K 4 (20 candidates, 40 LRM rows),
+#    training 10 records, gradients accumulated over micro-batches of 2 (sliced attention keeps
+#    the sampling step's score matrices bounded; training keeps each slice for backward).
 for dt in bf16 f32; do
-  peak_of "sd15-$dt-sample" bench --model sd15 --device cuda:0 --dtype $dt --phase sample --repeats 5
-  peak_of "sd15-$dt-train-loraoff" bench --model sd15 --device cuda:0 --dtype $dt --phase train --reference lora-off --repeats 5
-  peak_of "sd15-$dt-train-copy" bench --model sd15 --device cuda:0 --dtype $dt --phase train --reference copy --repeats 5
+  reps=3; [ $dt = f32 ] && reps=1
+  peak_of "sd15-$dt-sample" bench --model sd15 --device cuda:0 --dtype $dt --phase sample --repeats $reps
+  peak_of "sd15-$dt-train-loraoff" bench --model sd15 --device cuda:0 --dtype $dt --phase train --reference lora-off --micro-batch 2 --repeats $reps
+  [ $dt = bf16 ] && peak_of "sd15-$dt-train-copy" bench --model sd15 --device cuda:0 --dtype $dt --phase train --reference copy --micro-batch 2 --repeats $reps
 done
 
-# 3. SDXL at 1024 px.
-peak_of "sdxl-bf16-sample" bench --model sdxl --device cuda:0 --dtype bf16 --phase sample --repeats 3
-peak_of "sdxl-bf16-train-loraoff" bench --model sdxl --device cuda:0 --dtype bf16 --phase train --reference lora-off --repeats 3
-peak_of "sdxl-bf16-train-copy" bench --model sdxl --device cuda:0 --dtype bf16 --phase train --reference copy --repeats 3
+# 3. SDXL at 1024 px in bf16: sampling 4 prompts x K 4, training 4 records one at a time.
+peak_of "sdxl-bf16-sample" bench --model sdxl --device cuda:0 --dtype bf16 --phase sample --repeats 2
+peak_of "sdxl-bf16-train-loraoff" bench --model sdxl --device cuda:0 --dtype bf16 --phase train --reference lora-off --micro-batch 1 --repeats 1
+peak_of "sdxl-bf16-train-copy" bench --model sdxl --device cuda:0 --dtype bf16 --phase train --reference copy --micro-batch 1 --repeats 1
 
 # One JSON report.
 python3 - "$OUT" <<'PY'

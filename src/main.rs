@@ -155,6 +155,9 @@ enum Command {
         sample_batch: Option<usize>,
         #[arg(long)]
         train_batch: Option<usize>,
+        /// Accumulate the training batch's gradients over micro-batches of this many rows.
+        #[arg(long)]
+        micro_batch: Option<usize>,
     },
     /// Write a new random model in the diffusers layout (`shapes`: the tiny pixel-space model of
     /// the shapes world: unet/, text_encoder/, tokenizer/, scheduler/).
@@ -294,6 +297,7 @@ fn main() -> ExitCode {
             repeats,
             sample_batch,
             train_batch,
+            micro_batch,
         } => {
             let device = match lpo::tensor::parse_device(&device) {
                 Ok(d) => d,
@@ -311,6 +315,7 @@ fn main() -> ExitCode {
                 repeats: repeats.max(1),
                 sample_batch,
                 train_batch,
+                micro_batch,
             };
             match lpo::bench::run(opts, &device) {
                 Ok(report) => {

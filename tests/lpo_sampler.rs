@@ -315,3 +315,43 @@ fn a_text_encoder_that_does_not_fit_is_named() {
     let e = err_of(&format!(r#"load_lrm("{}")"#, lrm.display()));
     assert!(e.contains("hidden size is 16") || e.contains("16"), "{e}");
 }
+
+#[test]
+fn a_reward_fn_replaces_the_lrm() {
+    // Reward: minus the mean pixel of each candidate, so every recorded winner has a lower mean
+    // than its loser, whatever the LRM would have said.
+    let script = format!(
+        r#"{SETUP}
+        import "compare" as cmp;
+        let calls = [];
+        let reward = |c, t| {{
+            let k = c.shape[0];
+            let b = c.shape[1];
+            calls.push(t.shape);
+            c.reshape([k, b, c.numel / (k * b)]).mean(2) * -1.0
+        }};
+        let out = lpo_sample(policy, te, tok, sched, lrm, prompts,
+            |s, t, o| cmp::preference_compare(s, t, o),
+            #{{k: 3, steps: 3, seed: 5, compare_opts: #{{mode: "static", threshold: 0.0}}, reward_fn: reward}});
+        let rec = out.records;
+        let bad = 0;
+        for i in 0..rec.len {{
+            let r = rec[i];
+            if r.x_win.mean().item() >= r.x_lose.mean().item() {{ bad += 1; }}
+        }}
+        [rec.len, bad]"#
+    );
+    let out: Array = engine().eval(&script).unwrap();
+    let (n, bad) = (out[0].as_int().unwrap(), out[1].as_int().unwrap());
+    assert!(n >= 3, "only {n} records");
+    assert_eq!(bad, 0, "{bad} of {n} winners do not have the higher reward");
+
+    let e = err_of(&format!(
+        r#"{SETUP} lpo_sample(policy, te, tok, sched, lrm, prompts, |s, t, o| 1, #{{k: 2, steps: 2, reward_fn: |c, t| zeros([3])}})"#
+    ));
+    assert!(e.contains("[K, B] = [2, 3]"), "{e}");
+    let e = err_of(&format!(
+        r#"{SETUP} lpo_sample(policy, te, tok, sched, lrm, prompts, |s, t, o| 1, #{{k: 2, steps: 2, reward_fn: |c, t| 7}})"#
+    ));
+    assert!(e.contains("reward_fn returned a"), "{e}");
+}

@@ -1,6 +1,7 @@
 //! The shapes pipeline on tiny budgets: the model maker's output loads with the standard
 //! loaders (tokenizer ids, shapes, save/load round trip), and each recipe (pretrain ->
-//! make_pairs -> train_lrm) runs a few steps through the real binary and writes its files.
+//! make_pairs -> train_lrm -> lpo -> eval) runs a few steps through the real binary and writes
+//! its files.
 
 mod common;
 
@@ -332,4 +333,98 @@ fn recipes_run_on_a_tiny_budget() {
         ))
         .unwrap();
     assert!(s.is_finite());
+
+    // 4. LPO with that LRM, then the evaluation; the judge and random-reward controls.
+    //    Threshold 0 so every comparison makes a pair and a training step runs.
+    for (reward, run) in [
+        ("lrm", "lpo"),
+        ("judge", "lpo-judge"),
+        ("random", "lpo-random"),
+    ] {
+        let o = lpo(
+            dir,
+            &[
+                "run",
+                &recipe("lpo.rhai"),
+                "--run-dir",
+                run,
+                "--set",
+                "base=base",
+                "--set",
+                "lrm=lrm",
+                "--set",
+                &format!("reward={reward}"),
+                "--set",
+                "iters=1",
+                "--set",
+                "prompts_per_iter=2",
+                "--set",
+                "steps=2",
+                "--set",
+                "threshold_mode=static",
+                "--set",
+                "threshold=0",
+                "--set",
+                "eval_n=4",
+                "--set",
+                "eval_heldout_n=2",
+                "--set",
+                "chunk=4",
+            ],
+        );
+        ok(&o, &format!("lpo.rhai reward={reward}"));
+        let run = dir.join(run);
+        let summary = read_json(&run.join("summary.json"));
+        assert_eq!(summary["n"], 4);
+        assert_eq!(summary["reward"], reward);
+        for key in ["before", "after", "delta", "ci95_low", "ci95_high"] {
+            let v = summary[key]
+                .as_f64()
+                .unwrap_or_else(|| panic!("summary.{key}"));
+            assert!((-1.0..=1.0).contains(&v), "{key} = {v}");
+        }
+        let d = summary["after"].as_f64().unwrap() - summary["before"].as_f64().unwrap();
+        assert!((summary["delta"].as_f64().unwrap() - d).abs() < 1e-9);
+        assert_eq!(summary["heldout"]["n"], 2);
+        assert!(
+            summary["optimizer_steps"].as_i64().unwrap() >= 1,
+            "{reward}: no training step"
+        );
+        for f in [
+            "report.html",
+            "before_after.png",
+            "alignment.png",
+            "loss.png",
+            "valid_pairs.png",
+        ] {
+            assert!(run.join(f).is_file(), "{reward}: missing {f}");
+        }
+        let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+        assert!(metrics.contains("\"implicit_acc\""));
+    }
+    let o = lpo(
+        dir,
+        &[
+            "run",
+            &recipe("eval.rhai"),
+            "--run-dir",
+            "ev",
+            "--set",
+            "base=base",
+            "--set",
+            "after=lpo/model",
+            "--set",
+            "n=4",
+            "--set",
+            "n_heldout=0",
+            "--set",
+            "steps=2",
+        ],
+    );
+    ok(&o, "eval.rhai");
+    // The same seeds and models as lpo.rhai's own evaluation: the same numbers.
+    let ev = read_json(&dir.join("ev/summary.json"));
+    let lp = read_json(&dir.join("lpo/summary.json"));
+    assert_eq!(ev["before"], lp["before"]);
+    assert!(dir.join("ev/report.html").is_file());
 }

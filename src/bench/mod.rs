@@ -66,6 +66,9 @@ pub struct BenchOptions {
     pub repeats: usize,
     pub sample_batch: Option<usize>,
     pub train_batch: Option<usize>,
+    /// Rows per backward pass in the training step; the batch's gradients are accumulated
+    /// over micro-batches of this size (default: the whole batch at once).
+    pub micro_batch: Option<usize>,
 }
 
 #[derive(Debug, Serialize)]
@@ -76,6 +79,7 @@ pub struct BenchReport {
     pub latent: [usize; 3],
     pub sample_batch: usize,
     pub train_batch: usize,
+    pub micro_batch: usize,
     pub lora_rank: usize,
     pub ms_per_sampling_step: Option<f64>,
     pub ms_per_training_step: Option<f64>,
@@ -178,6 +182,7 @@ pub fn run(opts: BenchOptions, device: &Device) -> Result<BenchReport> {
         latent: s.latent,
         sample_batch: opts.sample_batch.unwrap_or(s.sample_batch),
         train_batch: opts.train_batch.unwrap_or(s.train_batch),
+        micro_batch: 0,
         lora_rank: s.lora_rank,
         ms_per_sampling_step: None,
         ms_per_training_step: None,
@@ -254,6 +259,8 @@ pub fn run(opts: BenchOptions, device: &Device) -> Result<BenchReport> {
             },
         )?;
         let b = report.train_batch;
+        let micro = opts.micro_batch.unwrap_or(b).clamp(1, b.max(1));
+        report.micro_batch = micro;
         let x_t = rng.randn((b, c, h, w), device)?.to_dtype(dtype)?;
         let x_w = rng.randn((b, c, h, w), device)?.to_dtype(dtype)?;
         let x_l = rng.randn((b, c, h, w), device)?.to_dtype(dtype)?;
@@ -262,9 +269,21 @@ pub fn run(opts: BenchOptions, device: &Device) -> Result<BenchReport> {
             .to_dtype(dtype)?;
         let added = added_cond(opts.model, 2 * b, dtype, device)?;
         let t = Tensor::full(501i64, b, device)?;
-        let x2 = Tensor::cat(&[&x_t, &x_t], 0)?;
-        let t2 = Tensor::cat(&[&t, &t], 0)?;
-        report.ms_per_training_step = Some(timed(device, opts.repeats, || {
+        // One micro-batch: rows [start, start + n) of the batch; its loss is weighted n / b so
+        // the accumulated gradient is the whole batch's mean.
+        let micro_step = |opt: &mut AdamW, start: usize, n: usize| -> Result<()> {
+            let rows = |x: &Tensor| x.narrow(0, start, n);
+            let (x_t, x_w, x_l, t) = (rows(&x_t)?, rows(&x_w)?, rows(&x_l)?, rows(&t)?);
+            let x2 = Tensor::cat(&[&x_t, &x_t], 0)?;
+            let t2 = Tensor::cat(&[&t, &t], 0)?;
+            let ehs = Tensor::cat(&[ehs.narrow(0, start, n)?, ehs.narrow(0, b + start, n)?], 0)?;
+            let added = match &added {
+                Some(a) => Some(AddedCond {
+                    text_embeds: a.text_embeds.narrow(0, 0, 2 * n)?,
+                    time_ids: a.time_ids.narrow(0, 0, 2 * n)?,
+                }),
+                None => None,
+            };
             policy.set_lora_enabled(true);
             let pred = cfg_guided(&policy.forward(&x2, &t2, &ehs, added.as_ref())?, guidance)?;
             let lp = scheduler.log_probs(&pred, &t, &x_t, &[x_w.clone(), x_l.clone()], 1.0)?;
@@ -287,7 +306,15 @@ pub fn run(opts: BenchOptions, device: &Device) -> Result<BenchReport> {
                 &lp_ref[1].detach(),
                 LpoLossConfig::default(),
             )?;
-            opt.backward(&out.loss, 1.0)?;
+            opt.backward(&out.loss, n as f64 / b as f64)
+        };
+        report.ms_per_training_step = Some(timed(device, opts.repeats, || {
+            let mut start = 0;
+            while start < b {
+                let n = micro.min(b - start);
+                micro_step(&mut opt, start, n)?;
+                start += n;
+            }
             opt.step()
         })?);
     }

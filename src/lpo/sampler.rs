@@ -175,6 +175,22 @@ pub fn sample(
     rng: &mut SeededRng,
     compare: &mut dyn FnMut(&Tensor, &Tensor) -> Result<Comparison>,
 ) -> Result<SampleOutput> {
+    sample_with_reward(inputs, cfg, rng, compare, None)
+}
+
+/// A reward that replaces the LRM's scores: candidates [K, B, C, H, W] and t [B] (the step
+/// they were drawn at) -> scores [K, B]. For controls (a random reward, a judge on the
+/// predicted x0) and for rewards that are not a latent reward model.
+pub type RewardFn<'a> = dyn FnMut(&Tensor, &Tensor) -> Result<Tensor> + 'a;
+
+/// [`sample`] with the candidates scored by `reward` instead of the LRM when it is given.
+pub fn sample_with_reward(
+    inputs: &SamplerInputs,
+    cfg: &SamplerConfig,
+    rng: &mut SeededRng,
+    compare: &mut dyn FnMut(&Tensor, &Tensor) -> Result<Comparison>,
+    mut reward: Option<&mut RewardFn>,
+) -> Result<SampleOutput> {
     cfg.validate()?;
     let SamplerInputs {
         policy,
@@ -239,14 +255,27 @@ pub fn sample(
         let cands = scheduler
             .candidates(&eps, &tt, &x, k, cfg.eta, rng)?
             .detach(); // [K, B, C, H, W]
-        let flat = cands.reshape((k * b, c, h, w))?;
-        let tk = Tensor::full(t, k * b, lrm.device())?;
-        let scores = lrm
-            .score_with(&flat.to_device(lrm.device())?, &lrm_cond_k, &tk)?
-            .detach()
-            .to_dtype(DType::F32)?
-            .reshape((k, b))?
-            .to_device(&device)?;
+        let scores = match reward.as_mut() {
+            Some(f) => {
+                let s = f(&cands, &tt)?.detach().to_dtype(DType::F32)?;
+                if s.dims() != [k, b] {
+                    bail!(
+                        "reward function returned scores of shape {:?}; expected [K, B] = [{k}, {b}]",
+                        s.dims()
+                    );
+                }
+                s.to_device(&device)?
+            }
+            None => {
+                let flat = cands.reshape((k * b, c, h, w))?;
+                let tk = Tensor::full(t, k * b, lrm.device())?;
+                lrm.score_with(&flat.to_device(lrm.device())?, &lrm_cond_k, &tk)?
+                    .detach()
+                    .to_dtype(DType::F32)?
+                    .reshape((k, b))?
+                    .to_device(&device)?
+            }
+        };
         let cmp = compare(&scores, &tt)?;
         if cmp.best.len() != b || cmp.worst.len() != b || cmp.valid.len() != b {
             bail!(

@@ -229,12 +229,15 @@ impl LatentRewardModel {
 
     /// A fresh LRM from a base diffusion model folder (unet/, text_encoder/, tokenizer/):
     /// visual projection N(0, 0.02), text projection from `clip_projection` (a safetensors file
-    /// holding `text_projection.weight`) when given, else N(0, 0.02); logit_scale 2.6592.
+    /// holding `text_projection.weight`) when given, else N(0, 0.02); logit_scale
+    /// `logit_scale` (None: CLIP's initial 2.6592).
+    #[allow(clippy::too_many_arguments)]
     pub fn init_from_base(
         base: &Path,
         projection_dim: Option<usize>,
         clip_projection: Option<&Path>,
         seed: u64,
+        logit_scale: Option<f64>,
         options: LrmOptions,
         device: &Device,
     ) -> Result<Self> {
@@ -272,7 +275,7 @@ impl LatentRewardModel {
         let projections = Projections {
             visual,
             text: Some(text_proj),
-            logit_scale: Tensor::new(INITIAL_LOGIT_SCALE as f32, device)?,
+            logit_scale: Tensor::new(logit_scale.unwrap_or(INITIAL_LOGIT_SCALE) as f32, device)?,
         };
         Self::assemble(
             unet,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
 
+use super::checkpointed_attention::{attend, attend_checkpointed};
 use crate::models::lora::{LoraHub, LoraLinear};
 use crate::models::nn::LayerNorm;
 
@@ -68,20 +69,14 @@ impl Attention {
         let kt = k.t()?.contiguous()?;
         let m = kt.dim(D::Minus1)?;
         // Sliced attention: the [B, heads, N, M] score matrix is built a block of queries at a
-        // time, so its size stays bounded (64x64 latents: N = M = 4096). Each query row's
-        // softmax only sees its own row, so the result is exactly the unsliced one.
+        // time, so its size stays bounded (64x64 latents: N = M = 4096); with a graph, the
+        // slices are recomputed in backward instead of kept (see checkpointed_attention.rs).
         let rows = (attention_slice() / (b * self.heads * m).max(1)).max(1);
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
         let out = if rows >= n {
-            self.attend(&q, &kt, &v, half)?
+            attend(&q, &kt, &v, scale)?
         } else {
-            let mut parts = Vec::with_capacity(n.div_ceil(rows));
-            let mut start = 0;
-            while start < n {
-                let len = rows.min(n - start);
-                parts.push(self.attend(&q.narrow(2, start, len)?, &kt, &v, half)?);
-                start += len;
-            }
-            Tensor::cat(&parts, 2)?
+            attend_checkpointed(&q, &kt, &v, scale, rows)?
         };
         let out = out.to_dtype(dtype)?;
         let out = out
@@ -106,22 +101,6 @@ pub fn set_attention_slice(elements: usize) {
 
 pub fn attention_slice() -> usize {
     SLICE_ELEMENTS.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-impl Attention {
-    /// softmax(q kᵀ / sqrt(d)) v for one block of queries; the softmax runs in f32 for half
-    /// precision inputs.
-    fn attend(&self, q: &Tensor, kt: &Tensor, v: &Tensor, half: bool) -> Result<Tensor> {
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.contiguous()?.matmul(kt)? * scale)?;
-        let probs = if half {
-            candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
-                .to_dtype(v.dtype())?
-        } else {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
-        };
-        probs.matmul(v)
-    }
 }
 
 /// GEGLU feed-forward: `net.2(h * gelu(gate))` with `[h, gate] = net.0.proj(x)`.

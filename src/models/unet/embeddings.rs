@@ -22,28 +22,26 @@ impl Timesteps {
         }
     }
 
-    /// `t`: any-dtype 1-D tensor of timesteps -> `[len, dim]` in `dtype`.
+    /// `t`: any-dtype 1-D tensor of timesteps -> `[len, dim]` in `dtype`. Computed on `t`'s
+    /// device (f32), so a GPU forward never copies its timesteps back to the host.
     pub fn forward(&self, t: &Tensor, dtype: DType) -> Result<Tensor> {
-        let ts: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
         let half = self.dim / 2;
         let ln = -(10000f64.ln() as f32);
         let denom = (half as f64 - self.freq_shift) as f32;
         let freqs: Vec<f32> = (0..half).map(|i| ((ln * i as f32) / denom).exp()).collect();
-        let mut out = Vec::with_capacity(ts.len() * self.dim);
-        for &tv in &ts {
-            let args: Vec<f32> = freqs.iter().map(|f| tv * f).collect();
-            let sin = args.iter().map(|a| a.sin());
-            let cos = args.iter().map(|a| a.cos());
-            if self.flip_sin_to_cos {
-                out.extend(cos.chain(sin));
-            } else {
-                out.extend(sin.chain(cos));
-            }
-            if self.dim % 2 == 1 {
-                out.push(0.0);
-            }
+        let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
+        let ts = t.flatten_all()?.to_dtype(DType::F32)?.unsqueeze(1)?;
+        let args = ts.broadcast_mul(&freqs)?;
+        let (sin, cos) = (args.sin()?, args.cos()?);
+        let mut parts = if self.flip_sin_to_cos {
+            vec![cos, sin]
+        } else {
+            vec![sin, cos]
+        };
+        if self.dim % 2 == 1 {
+            parts.push(Tensor::zeros((ts.dim(0)?, 1), DType::F32, t.device())?);
         }
-        Tensor::from_vec(out, (ts.len(), self.dim), t.device())?.to_dtype(dtype)
+        Tensor::cat(&parts, 1)?.to_dtype(dtype)
     }
 }
 

@@ -13,6 +13,7 @@
 
 pub mod attention;
 pub mod blocks;
+pub mod checkpointed_attention;
 pub mod config;
 pub mod embeddings;
 pub mod resnet;

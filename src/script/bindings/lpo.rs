@@ -340,7 +340,7 @@ pub mod lpo_api {
 
     use super::helpers::*;
     use super::{Records, ScriptPolicy};
-    use crate::lpo::sampler::{sample, SamplerConfig, SamplerInputs};
+    use crate::lpo::sampler::{sample_with_reward, SamplerConfig, SamplerInputs};
     use crate::lpo::train::{batch_log_probs, train_step, RecordBatch};
     use crate::lpo::{Policy, PromptCond};
     use crate::models::loading::WeightMode;
@@ -473,7 +473,9 @@ pub mod lpo_api {
     /// `guidance_scale` 5.0, `divert_start` 0, `divert_end` 0 (= to the end; step indices,
     /// 0-based), `seed` (the run's seed) or `rng` (a shared Rng: its stream advances),
     /// `compare_opts` (passed to the compare function as its third argument), `latent_shape`
-    /// [C, H, W] (default: the UNet's in_channels and sample_size), `time_ids` (SDXL, [6]).
+    /// [C, H, W] (default: the UNet's in_channels and sample_size), `time_ids` (SDXL, [6]),
+    /// `reward_fn` (a closure `|candidates [K, B, C, H, W], t [B]| -> scores [K, B]` used instead
+    /// of the LRM: a random or pixel-judge control, or any other step-level reward).
     /// `compare_fn` (e.g. `Fn("cmp::preference_compare")` or a closure) is called at every
     /// diverting step with (scores [K, B], t [B], compare_opts) and must return
     /// `#{indices: [2, B] ints (best; worst), valid: [B]}`.
@@ -509,6 +511,7 @@ pub mod lpo_api {
                 "compare_opts",
                 "latent_shape",
                 "time_ids",
+                "reward_fn",
             ],
         )
         .or_script(&ctx)?;
@@ -620,8 +623,44 @@ pub mod lpo_api {
                 }
             }
         };
-        let result = sample(&inputs, &cfg, rng, &mut compare);
+        let reward_fn = o
+            .opt_typed::<FnPtr>(
+                "reward_fn",
+                "a function pointer or closure |candidates, t| -> scores [K, B]",
+            )
+            .or_script(&ctx)?;
+        let mut reward_err: Option<Box<rhai::EvalAltResult>> = None;
+        let mut reward = |cands: &Tensor, t: &Tensor| -> anyhow::Result<Tensor> {
+            let f = reward_fn
+                .as_ref()
+                .expect("reward is only called when reward_fn is set");
+            let out: ScriptResult<Dynamic> = f.call_within_context(
+                &ctx,
+                (Dynamic::from(cands.clone()), Dynamic::from(t.clone())),
+            );
+            let tensor = out.and_then(|v| {
+                let tn = v.type_name();
+                v.try_cast::<Tensor>()
+                    .ok_or_else(|| {
+                        format!("lpo_sample: reward_fn returned a {tn}; expected a Tensor [K, B]")
+                    })
+                    .or_script(&ctx)
+            });
+            tensor.map_err(|e| {
+                let msg = e.to_string();
+                reward_err = Some(e);
+                anyhow::anyhow!("{msg}")
+            })
+        };
+        let reward_ref: Option<&mut crate::lpo::sampler::RewardFn> = match reward_fn {
+            Some(_) => Some(&mut reward),
+            None => None,
+        };
+        let result = sample_with_reward(&inputs, &cfg, rng, &mut compare, reward_ref);
         drop(guard);
+        if let (Err(_), Some(se)) = (&result, reward_err) {
+            return Err(se);
+        }
         let out = match result {
             Ok(o) => o,
             Err(e) => {

@@ -150,11 +150,13 @@ pub mod lrm_api {
 
     /// A fresh LRM from a base diffusion model folder: visual projection N(0, 0.02), text
     /// projection from `clip_projection` (safetensors with `text_projection.weight`) or N(0, 0.02),
-    /// logit_scale 2.6592. Options: the `load_lrm` ones plus `projection_dim`, `clip_projection`, `seed`.
+    /// logit_scale 2.6592 (CLIP's initial value; `logit_scale` sets another, e.g. 4.6052 = ln 100,
+    /// CLIP's trained one). Options: the `load_lrm` ones plus `projection_dim`, `clip_projection`,
+    /// `seed`, `logit_scale`.
     #[rhai_fn(return_raw, volatile)]
     pub fn init_lrm(ctx: NativeCallContext, base: &str, opts: Map) -> ScriptResult<ScriptLrm> {
         let mut accepted = MODEL_KEYS.to_vec();
-        accepted.extend(["projection_dim", "clip_projection", "seed"]);
+        accepted.extend(["projection_dim", "clip_projection", "seed", "logit_scale"]);
         let o = Options::new(&opts, "init_lrm", &accepted).or_script(&ctx)?;
         let options = model_options(&ctx, &o)?;
         let host = Host::of(&ctx);
@@ -164,11 +166,13 @@ pub mod lrm_api {
             .map(|d| d as usize);
         let clip = o.opt_string("clip_projection").or_script(&ctx)?;
         let seed = o.i64("seed", host.seed as i64).or_script(&ctx)? as u64;
+        let logit_scale = o.opt_f64("logit_scale").or_script(&ctx)?;
         LatentRewardModel::init_from_base(
             Path::new(base),
             dim,
             clip.as_deref().map(Path::new),
             seed,
+            logit_scale,
             options,
             &host.device,
         )
