@@ -11,6 +11,7 @@ pub mod eval;
 pub mod fsutil;
 pub mod image_io;
 pub mod lpo;
+pub mod malloc_tuning;
 pub mod models;
 pub mod repl;
 pub mod reward;

@@ -194,6 +194,7 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    lpo::malloc_tuning::tune_malloc();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let code = match cli.command {
