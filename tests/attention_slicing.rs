@@ -3,7 +3,10 @@
 //! (sliced attention then recomputes its slices in backward) every weight's gradient equals the
 //! unsliced one. Its own test binary, since the slice size is process-wide.
 
+mod common;
+
 use candle_core::{DType, Device};
+use common::{max_abs, max_diff};
 use lpo::models::loading::WeightMode;
 use lpo::models::unet::attention::set_attention_slice;
 use lpo::models::unet::UNet2DConditionModel;
@@ -11,21 +14,10 @@ use lpo::models::unet::UNet2DConditionModel;
 /// The slice size is process-wide: the tests take turns.
 static SLICE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn max_abs(t: &candle_core::Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+type Golden = std::collections::HashMap<String, candle_core::Tensor>;
 
-#[test]
-fn sliced_attention_matches_golden_and_unsliced() {
-    let _turn = SLICE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    set_attention_slice(lpo::models::unet::attention::ATTENTION_SLICE_ELEMENTS);
+/// The golden tiny-lrm UNet tensors and the UNet itself, loaded `mode`.
+fn golden_unet(mode: WeightMode) -> (Golden, UNet2DConditionModel) {
     let g = candle_core::safetensors::load(
         "tests/fixtures/golden/unet_tiny_lrm.safetensors",
         &Device::Cpu,
@@ -35,9 +27,17 @@ fn sliced_attention_matches_golden_and_unsliced() {
         std::path::Path::new("tests/fixtures/tiny-lrm/unet"),
         DType::F32,
         &Device::Cpu,
-        WeightMode::Frozen,
+        mode,
     )
     .unwrap();
+    (g, unet)
+}
+
+#[test]
+fn sliced_attention_matches_golden_and_unsliced() {
+    let _turn = SLICE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    set_attention_slice(lpo::models::unet::attention::ATTENTION_SLICE_ELEMENTS);
+    let (g, unet) = golden_unet(WeightMode::Frozen);
     let run = || {
         unet.forward(
             &g["latents"],
@@ -51,21 +51,12 @@ fn sliced_attention_matches_golden_and_unsliced() {
     // 2 rows x heads x 256 keys per query: a slice of 700 elements is one query row at a time.
     set_attention_slice(700);
     let sliced = run();
-    let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
-    assert!(diff(&whole, &sliced) < 1e-5, "sliced differs from unsliced");
     assert!(
-        diff(&sliced, &g["noise_pred"]) < 1e-4,
+        max_diff(&whole, &sliced) < 1e-5,
+        "sliced differs from unsliced"
+    );
+    assert!(
+        max_diff(&sliced, &g["noise_pred"]) < 1e-4,
         "sliced differs from the reference"
     );
 }
@@ -74,18 +65,7 @@ fn sliced_attention_matches_golden_and_unsliced() {
 fn recomputed_attention_gradients_equal_the_unsliced_ones() {
     use lpo::models::unet::checkpointed_attention::recomputed_backwards;
     let _turn = SLICE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let g = candle_core::safetensors::load(
-        "tests/fixtures/golden/unet_tiny_lrm.safetensors",
-        &Device::Cpu,
-    )
-    .unwrap();
-    let unet = UNet2DConditionModel::load(
-        std::path::Path::new("tests/fixtures/tiny-lrm/unet"),
-        DType::F32,
-        &Device::Cpu,
-        WeightMode::Trainable,
-    )
-    .unwrap();
+    let (g, unet) = golden_unet(WeightMode::Trainable);
     let vars = unet.trainable_vars();
     // A loss that weights every output element differently, so no gradient cancels by symmetry.
     let w = g["noise_pred"].clone();

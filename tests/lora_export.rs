@@ -2,6 +2,9 @@
 //! alpha; a kohya file re-imported and a PEFT file re-loaded reproduce the adapter output; a
 //! merged diffusers UNet folder loads with `load_unet` and equals the LoRA-on output.
 
+mod common;
+use common::max_diff;
+
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
@@ -19,20 +22,6 @@ fn engine() -> rhai::Engine {
 
 fn load(path: &std::path::Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]

@@ -1,6 +1,9 @@
 //! LRM pieces that need no UNet: the pair loss against the golden PyTorch values, and
 //! projections from PyTorch `state_dict.pt` files.
 
+mod common;
+use common::max_diff;
+
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -9,20 +12,6 @@ use lpo::reward::projections::Projections;
 
 fn golden(name: &str) -> std::collections::HashMap<String, Tensor> {
     candle_core::safetensors::load(format!("tests/fixtures/golden/{name}"), &Device::Cpu).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]

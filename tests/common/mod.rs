@@ -80,3 +80,23 @@ pub fn run_lpo(dir: &Path, args: &[&str], timeout: std::time::Duration) -> std::
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// The largest |element| of `t` (f32).
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// max |a - b| over two tensors of the same shape.
+pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    max_abs(&(a - b).unwrap())
+}
