@@ -631,9 +631,9 @@ pub mod lpo_api {
             .or_script(&ctx)?;
         let mut reward_err: Option<Box<rhai::EvalAltResult>> = None;
         let mut reward = |cands: &Tensor, t: &Tensor| -> anyhow::Result<Tensor> {
-            let f = reward_fn
-                .as_ref()
-                .expect("reward is only called when reward_fn is set");
+            let Some(f) = reward_fn.as_ref() else {
+                anyhow::bail!("lpo_sample: no reward_fn to call");
+            };
             let out: ScriptResult<Dynamic> = f.call_within_context(
                 &ctx,
                 (Dynamic::from(cands.clone()), Dynamic::from(t.clone())),
