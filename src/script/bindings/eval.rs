@@ -101,12 +101,22 @@ mod helpers {
         ))
     }
 
+    /// Four decimals, or scientific notation for small magnitudes (a learning rate of 1e-5
+    /// would otherwise read 0.0000).
+    fn number(f: f64) -> String {
+        if f != 0.0 && f.abs() < 1e-3 {
+            format!("{f:.3e}")
+        } else {
+            format!("{f:.4}")
+        }
+    }
+
     fn cell(v: &Dynamic) -> String {
         if let Ok(f) = v.as_float() {
-            format!("{f:.4}")
+            number(f)
         } else if let Some(t) = v.clone().try_cast::<Tensor>() {
             match to_f64_vec(&t) {
-                Ok(vals) if vals.len() == 1 => format!("{:.4}", vals[0]),
+                Ok(vals) if vals.len() == 1 => number(vals[0]),
                 _ => format!("tensor {:?}", t.dims()),
             }
         } else {
