@@ -809,9 +809,14 @@ fn grad_coverage_check_and_params_merge_select() {
 #[test]
 fn params_from_a_varmap_train_a_candle_nn_layer() {
     use candle_nn::Module;
-    let vm = candle_nn::VarMap::new();
+    let mut vm = candle_nn::VarMap::new();
     let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &cpu());
     let layer = candle_nn::linear(2, 1, vb.pp("fc")).unwrap();
+    // candle's initializer draws from an unseeded RNG: fix the start so the loss starts high.
+    vm.set_one("fc.weight", Tensor::new(&[[0.5f32, 0.5]], &cpu()).unwrap())
+        .unwrap();
+    vm.set_one("fc.bias", Tensor::new(&[0.0f32], &cpu()).unwrap())
+        .unwrap();
     let p = Params::from_varmap(&vm).unwrap();
     assert_eq!(p.names(), vec!["fc.bias", "fc.weight"]);
     let mut opt = AdamW::new(
