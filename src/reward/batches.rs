@@ -244,11 +244,7 @@ impl PreferenceData {
                 PairSource::Images(indices.iter().map(|&i| p[i].clone()).collect())
             }
             PairSource::Latents(l) => {
-                let idx = Tensor::from_vec(
-                    indices.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                    indices.len(),
-                    l.latents_0.device(),
-                )?;
+                let idx = index_tensor(indices, l.latents_0.device())?;
                 PairSource::Latents(LatentPairs {
                     prompts: indices.iter().map(|&i| l.prompts[i].clone()).collect(),
                     latents_0: l.latents_0.index_select(&idx, 0)?,
@@ -288,11 +284,7 @@ impl PreferenceData {
     ) -> Result<(Tensor, Tensor, Vec<usize>, usize)> {
         match &self.source {
             PairSource::Latents(l) => {
-                let idx = Tensor::from_vec(
-                    indices.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                    indices.len(),
-                    l.latents_0.device(),
-                )?;
+                let idx = index_tensor(indices, l.latents_0.device())?;
                 Ok((
                     l.latents_0.index_select(&idx, 0)?.to_device(&opts.device)?,
                     l.latents_1.index_select(&idx, 0)?.to_device(&opts.device)?,
@@ -548,6 +540,12 @@ fn split_csv_line(line: &str) -> Result<Vec<String>> {
     }
     out.push(cur.trim_end_matches('\r').to_string());
     Ok(out)
+}
+
+/// `indices` as a u32 tensor on `device`, for `index_select`.
+fn index_tensor(indices: &[usize], device: &Device) -> Result<Tensor> {
+    let idx: Vec<u32> = indices.iter().map(|&i| i as u32).collect();
+    Ok(Tensor::from_vec(idx, indices.len(), device)?)
 }
 
 #[cfg(test)]

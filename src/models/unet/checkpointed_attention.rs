@@ -97,13 +97,20 @@ impl RecomputedAttention {
     }
 }
 
-/// The contiguous storage of a freshly computed tensor, copied out with its shape.
-fn storage_of(t: &Tensor) -> candle_core::Result<(Storage, Shape)> {
-    let (storage, layout) = t.storage_and_layout();
-    if !layout.is_contiguous() || layout.start_offset() != 0 {
-        candle_core::bail!("attention checkpoint: the output is not a fresh contiguous tensor");
+impl RecomputedAttention {
+    /// The precomputed output's storage (copied out) with its shape, as the backend's storage
+    /// type (`pick` selects the variant of the device the op runs on).
+    fn output<S>(&self, pick: fn(Storage) -> Option<S>) -> candle_core::Result<(S, Shape)> {
+        let out = self.take_out()?;
+        let (storage, layout) = out.storage_and_layout();
+        if !layout.is_contiguous() || layout.start_offset() != 0 {
+            candle_core::bail!("attention checkpoint: the output is not a fresh contiguous tensor");
+        }
+        match pick(storage.try_clone(layout)?) {
+            Some(s) => Ok((s, out.shape().clone())),
+            None => candle_core::bail!("attention checkpoint: output on another device"),
+        }
     }
-    Ok((storage.try_clone(layout)?, t.shape().clone()))
 }
 
 impl CustomOp3 for RecomputedAttention {
@@ -120,10 +127,10 @@ impl CustomOp3 for RecomputedAttention {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        match storage_of(&self.take_out()?)? {
-            (Storage::Cpu(s), shape) => Ok((s, shape)),
-            _ => candle_core::bail!("attention checkpoint: output on another device"),
-        }
+        self.output(|s| match s {
+            Storage::Cpu(s) => Some(s),
+            _ => None,
+        })
     }
 
     fn cuda_fwd(
@@ -135,10 +142,10 @@ impl CustomOp3 for RecomputedAttention {
         _: &CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        match storage_of(&self.take_out()?)? {
-            (Storage::Cuda(s), shape) => Ok((s, shape)),
-            _ => candle_core::bail!("attention checkpoint: output on another device"),
-        }
+        self.output(|s| match s {
+            Storage::Cuda(s) => Some(s),
+            _ => None,
+        })
     }
 
     fn bwd(

@@ -344,7 +344,6 @@ pub mod lpo_api {
     use crate::lpo::train::{batch_log_probs, train_step, RecordBatch};
     use crate::lpo::{Policy, PromptCond};
     use crate::models::loading::WeightMode;
-    use crate::models::lora::LoraConfig;
     use crate::models::unet::UNet2DConditionModel;
     use crate::script::bindings::diffusion::Scheduler;
     use crate::script::bindings::lrm::ScriptLrm;
@@ -401,32 +400,11 @@ pub mod lpo_api {
             .or_script(&ctx)?
         {
             None => None,
-            Some(m) => {
-                let l = Options::new(&m, "lpo_policy lora", &["rank", "alpha", "targets", "seed"])
-                    .or_script(&ctx)?;
-                let rank = l.usize("rank", 4).or_script(&ctx)?;
-                let targets = match l
-                    .opt_typed::<Array>("targets", "an array of strings")
-                    .or_script(&ctx)?
-                {
-                    None => LoraConfig::default_targets(),
-                    Some(a) => a
-                        .into_iter()
-                        .map(|v| {
-                            v.into_string().map_err(|t| {
-                                format!("lpo_policy: lora targets must be strings, got {t}")
-                            })
-                        })
-                        .collect::<Result<Vec<_>, _>>()
-                        .or_script(&ctx)?,
-                };
-                Some(LoraConfig {
-                    rank,
-                    alpha: l.f64("alpha", rank as f64).or_script(&ctx)?,
-                    targets,
-                    seed: l.i64("seed", host.seed as i64).or_script(&ctx)? as u64,
-                })
-            }
+            Some(m) => Some(crate::script::bindings::unet::lora_config_from_map(
+                &ctx,
+                &m,
+                "lpo_policy lora",
+            )?),
         };
         Policy::lora(unet, cfg.as_ref())
             .map(Arc::new)

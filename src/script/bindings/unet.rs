@@ -10,6 +10,41 @@ use crate::models::unet::UNet2DConditionModel;
 /// A shared handle on one UNet (clones are the same model).
 pub type ScriptUNet = Arc<UNet2DConditionModel>;
 
+/// A LoRA config from a script map `#{rank: 4, alpha: rank, targets: [..], seed: run seed}`
+/// (`add_lora`, `lpo_policy`'s `lora`); `what` names the caller in errors.
+pub(crate) fn lora_config_from_map(
+    ctx: &NativeCallContext,
+    opts: &rhai::Map,
+    what: &str,
+) -> crate::script::error::ScriptResult<crate::models::lora::LoraConfig> {
+    use crate::script::error::OrScriptError;
+    let o = crate::script::options::Options::new(opts, what, &["rank", "alpha", "targets", "seed"])
+        .or_script(ctx)?;
+    let rank = o.usize("rank", 4).or_script(ctx)?;
+    let targets = match o
+        .opt_typed::<rhai::Array>("targets", "an array of strings")
+        .or_script(ctx)?
+    {
+        None => crate::models::lora::LoraConfig::default_targets(),
+        Some(a) => a
+            .into_iter()
+            .map(|v| {
+                v.into_string()
+                    .map_err(|t| format!("{what}: `targets` entries must be strings, got {t}"))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .or_script(ctx)?,
+    };
+    Ok(crate::models::lora::LoraConfig {
+        rank,
+        alpha: o.f64("alpha", rank as f64).or_script(ctx)?,
+        targets,
+        seed: o
+            .i64("seed", crate::script::Host::of(ctx).seed as i64)
+            .or_script(ctx)? as u64,
+    })
+}
+
 mod helpers {
     use std::path::Path;
     use std::sync::Arc;
@@ -143,10 +178,8 @@ pub mod unet_api {
     use candle_core::Tensor;
     use rhai::{Array, Dynamic, Map};
 
-    use crate::models::lora::LoraConfig;
     use crate::script::error::{OrScriptError, ScriptResult};
     use crate::script::options::Options;
-    use crate::script::Host;
 
     /// Load a diffusers UNet2DConditionModel folder (`config.json` + `diffusion_pytorch_model*.safetensors`;
     /// a pipeline folder with `unet/` also works), frozen, f32.
@@ -234,34 +267,8 @@ pub mod unet_api {
     /// Returns the number of adapted layers.
     #[rhai_fn(return_raw, volatile)]
     pub fn add_lora(ctx: NativeCallContext, unet: &mut ScriptUNet, opts: Map) -> ScriptResult<i64> {
-        let o = Options::new(&opts, "add_lora", &["rank", "alpha", "targets", "seed"])
-            .or_script(&ctx)?;
-        let rank = o.usize("rank", 4).or_script(&ctx)?;
-        let alpha = o.f64("alpha", rank as f64).or_script(&ctx)?;
-        let targets = match o
-            .opt_typed::<Array>("targets", "an array of strings")
-            .or_script(&ctx)?
-        {
-            None => LoraConfig::default_targets(),
-            Some(a) => a
-                .into_iter()
-                .map(|v| {
-                    v.into_string().map_err(|t| {
-                        format!("add_lora: `targets` entries must be strings, got {t}")
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()
-                .or_script(&ctx)?,
-        };
-        let seed = o.i64("seed", Host::of(&ctx).seed as i64).or_script(&ctx)? as u64;
-        let n = unet
-            .add_lora(&LoraConfig {
-                rank,
-                alpha,
-                targets,
-                seed,
-            })
-            .or_script(&ctx)?;
+        let cfg = super::lora_config_from_map(&ctx, &opts, "add_lora")?;
+        let n = unet.add_lora(&cfg).or_script(&ctx)?;
         Ok(n as i64)
     }
 
