@@ -1,4 +1,5 @@
-//! Files written so that a crash never leaves a half-written one behind.
+//! Files written so that a crash never leaves a half-written one behind, and content digests
+//! (cache keys over model folders).
 
 use std::io::Write;
 use std::path::Path;
@@ -34,6 +35,51 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     result
 }
 
+/// Hex SHA-256 over the contents of `paths`: files, or folders walked in sorted order (each
+/// file's path relative to its root and its bytes enter the hash; hidden files are skipped, so
+/// temporaries of `atomic_write` do not change it).
+pub fn content_digest(paths: &[&Path]) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    fn walk(root: &Path, path: &Path, hasher: &mut Sha256) -> Result<()> {
+        if path.is_dir() {
+            let mut entries = std::fs::read_dir(path)
+                .with_context(|| format!("cannot list {}", path.display()))?
+                .map(|e| e.map(|e| e.path()))
+                .collect::<std::io::Result<Vec<_>>>()
+                .with_context(|| format!("cannot list {}", path.display()))?;
+            entries.sort();
+            for entry in entries {
+                let hidden = entry
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+                if !hidden {
+                    walk(root, &entry, hasher)?;
+                }
+            }
+            return Ok(());
+        }
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let rel = path.strip_prefix(root).unwrap_or(path);
+        hasher.update(rel.to_string_lossy().as_bytes());
+        hasher.update((bytes.len() as u64).to_le_bytes());
+        hasher.update(&bytes);
+        Ok(())
+    }
+    let mut hasher = Sha256::new();
+    for path in paths {
+        if !path.exists() {
+            anyhow::bail!("cannot digest {}: no such file or folder", path.display());
+        }
+        walk(path, path, &mut hasher)?;
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -46,5 +92,21 @@ mod tests {
         atomic_write(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn digest_follows_content_not_hidden_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("model");
+        atomic_write(&model.join("a/w.bin"), b"weights").unwrap();
+        atomic_write(&model.join("config.json"), b"{}").unwrap();
+        let first = content_digest(&[&model]).unwrap();
+        assert_eq!(first.len(), 64);
+        atomic_write(&model.join(".tmp"), b"scratch").unwrap();
+        assert_eq!(content_digest(&[&model]).unwrap(), first);
+        atomic_write(&model.join("a/w.bin"), b"weightz").unwrap();
+        assert_ne!(content_digest(&[&model]).unwrap(), first);
+        let err = content_digest(&[&dir.path().join("missing")]).unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
     }
 }

@@ -235,11 +235,13 @@ fn recipes_run_on_a_tiny_budget() {
             "--set",
             "base=base",
             "--set",
-            "pairs=4",
+            "groups=3",
+            "--set",
+            "group=3",
             "--set",
             "steps=2",
             "--set",
-            "chunk=3",
+            "chunk=2",
             "--set",
             "out=pairs",
         ],
@@ -250,7 +252,22 @@ fn recipes_run_on_a_tiny_budget() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(rows.len(), 4);
+    // 3 draws of 3 images: every pair within a draw, one prompt and one group id per draw.
+    assert_eq!(rows.len(), 9);
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(r["group"], i / 3, "row {i}");
+        assert_eq!(r["prompt"], rows[i / 3 * 3]["prompt"], "row {i}");
+    }
+    let images: std::collections::HashSet<&str> = rows
+        .iter()
+        .flat_map(|r| {
+            [
+                r["image_0"].as_str().unwrap(),
+                r["image_1"].as_str().unwrap(),
+            ]
+        })
+        .collect();
+    assert_eq!(images.len(), 9);
     for r in &rows {
         for k in ["image_0", "image_1"] {
             assert!(dir.join("pairs").join(r[k].as_str().unwrap()).is_file());
@@ -282,7 +299,7 @@ fn recipes_run_on_a_tiny_budget() {
             dir.join("pairs/pairs.jsonl").display()
         ))
         .unwrap();
-    assert_eq!(n, 4);
+    assert_eq!(n, 9);
 
     // 3. LRM: decided labels so the held-out accuracy is computed.
     let decided: String = rows
@@ -314,16 +331,23 @@ fn recipes_run_on_a_tiny_budget() {
             "--set",
             "eval_frac=0.5",
             "--set",
+            "augment=dihedral",
+            "--set",
             "out=lrm",
         ],
     );
     ok(&o, "train_lrm");
+    // Half of 9 rows would cut draw 1 (rows 3..6) in two: the split moves to its end.
     let ev = read_json(&dir.join("lrm/lrm_eval.json"));
-    assert_eq!(ev["train_pairs"], 2);
-    assert_eq!(ev["eval_pairs"], 2);
+    assert_eq!(ev["train_pairs"], 6);
+    assert_eq!(ev["eval_pairs"], 3);
     for t in ["t1", "t201", "t501", "t801", "t951"] {
         let a = ev["accuracy"][t].as_f64().unwrap();
-        assert!([0.0, 0.5, 1.0].contains(&a), "{t}: {a}");
+        let right = a * 3.0;
+        assert!(
+            (right - right.round()).abs() < 1e-9 && (0.0..=3.0).contains(&right),
+            "{t}: {a}"
+        );
     }
     let s: f64 = e
         .engine
@@ -335,7 +359,9 @@ fn recipes_run_on_a_tiny_budget() {
     assert!(s.is_finite());
 
     // 4. LPO with that LRM, then the evaluation; the judge and random-reward controls.
-    //    Threshold 0 so every comparison makes a pair and a training step runs.
+    //    Threshold 0 so every comparison makes a pair and a training step runs. The first run
+    //    samples the base for the evaluation and caches it in base/eval_cache; the others reuse it.
+    let mut first_before = None;
     for (reward, run) in [
         ("lrm", "lpo"),
         ("judge", "lpo-judge"),
@@ -370,6 +396,8 @@ fn recipes_run_on_a_tiny_budget() {
                 "eval_heldout_n=2",
                 "--set",
                 "chunk=4",
+                "--set",
+                "lr=0.01",
             ],
         );
         ok(&o, &format!("lpo.rhai reward={reward}"));
@@ -401,6 +429,33 @@ fn recipes_run_on_a_tiny_budget() {
         }
         let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
         assert!(metrics.contains("\"implicit_acc\""));
+        // The saved model is the trained UNet (lr 0.01 moves it well past f16 rounding), not
+        // the base's copied over it.
+        let weights = "unet/diffusion_pytorch_model.safetensors";
+        let moved: f64 = e
+            .engine
+            .eval(&format!(
+                r#"let a = load_safetensors("{}"); let b = load_safetensors("{}"); let m = 0.0;
+                   for k in a.keys() {{ let d = a[k].to_dtype("f32").max_abs_diff(b[k].to_dtype("f32")); if d > m {{ m = d; }} }} m"#,
+                run.join("model").join(weights).display(),
+                dir.join("base").join(weights).display()
+            ))
+            .unwrap();
+        assert!(
+            moved > 1e-3,
+            "{reward}: model/ holds the base's UNet (max diff {moved})"
+        );
+        let cached = summary["eval_settings"]["before_cached"].as_bool().unwrap();
+        match &first_before {
+            None => {
+                assert!(!cached, "{reward}: the first run found a cache");
+                first_before = Some(summary["before"].clone());
+            }
+            Some(before) => {
+                assert!(cached, "{reward}: the base's samples were not reused");
+                assert_eq!(&summary["before"], before);
+            }
+        }
     }
     let o = lpo(
         dir,
@@ -419,12 +474,18 @@ fn recipes_run_on_a_tiny_budget() {
             "n_heldout=0",
             "--set",
             "steps=2",
+            "--set",
+            "chunk=4",
+            "--set",
+            "eval_cache=",
         ],
     );
     ok(&o, "eval.rhai");
-    // The same seeds and models as lpo.rhai's own evaluation: the same numbers.
+    // The same seeds and models as lpo.rhai's own evaluation: the same numbers, sampled afresh
+    // (no cache), so the cached base samples above were the real ones.
     let ev = read_json(&dir.join("ev/summary.json"));
     let lp = read_json(&dir.join("lpo/summary.json"));
+    assert_eq!(ev["eval_settings"]["before_cached"], false);
     assert_eq!(ev["before"], lp["before"]);
     assert!(dir.join("ev/report.html").is_file());
 }

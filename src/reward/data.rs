@@ -26,6 +26,9 @@ pub struct PreferencePair {
     pub label_0: f32,
     pub label_1: f32,
     pub num_examples_per_prompt: f32,
+    /// Pairs with the same group were made from one sampling draw and share images; a held-out
+    /// split keeps a group on one side. `None` where the source has no such field.
+    pub group: Option<i64>,
 }
 
 /// A row that was not used, and why.
@@ -125,6 +128,7 @@ pub fn read_manifest(path: &Path) -> Result<PreferenceSet> {
                 .and_then(|v| v.as_f64())
                 .map(|v| v as f32)
                 .unwrap_or(0.0),
+            group: row.get("group").and_then(|v| v.as_i64()),
         });
     }
     set.fill_missing_counts();
@@ -242,6 +246,7 @@ pub fn read_pickapic_parquet(path: &Path) -> Result<PreferenceSet> {
             label_0: label_0 as f32,
             label_1: label_1 as f32,
             num_examples_per_prompt: num("num_example_per_prompt").unwrap_or(0.0) as f32,
+            group: None,
         });
     }
     set.fill_missing_counts();

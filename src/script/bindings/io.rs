@@ -8,7 +8,7 @@ pub mod io_api {
     use std::path::Path;
 
     use candle_core::Tensor;
-    use rhai::{Dynamic, Map};
+    use rhai::{Array, Dynamic, Map};
 
     use crate::script::error::{OrScriptError, ScriptResult};
     use crate::script::Host;
@@ -37,6 +37,29 @@ pub mod io_api {
             out.insert(k.to_string(), t);
         }
         io::save_safetensors(&out, Path::new(path)).or_script(&ctx)
+    }
+
+    /// Hex SHA-256 of a file's or folder's contents (folders walked in sorted order): a cache
+    /// key that changes when a model's weights, config or tokenizer change.
+    #[rhai_fn(name = "content_digest", return_raw, volatile)]
+    pub fn content_digest(ctx: NativeCallContext, path: &str) -> ScriptResult<String> {
+        crate::fsutil::content_digest(&[Path::new(path)]).or_script(&ctx)
+    }
+
+    /// The digest of several files or folders together (in the given order).
+    #[rhai_fn(name = "content_digest", return_raw, volatile)]
+    pub fn content_digest_all(ctx: NativeCallContext, paths: Array) -> ScriptResult<String> {
+        let paths: Vec<String> = paths
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                p.into_string()
+                    .map_err(|t| format!("content_digest: path {i} is a {t}, not a string"))
+            })
+            .collect::<Result<_, _>>()
+            .or_script(&ctx)?;
+        let refs: Vec<&Path> = paths.iter().map(Path::new).collect();
+        crate::fsutil::content_digest(&refs).or_script(&ctx)
     }
 
     /// True when a file or folder exists at `path`.

@@ -160,7 +160,7 @@ pub mod shapes_pipe_api {
 
     /// Read a JSONL pair manifest (`{prompt, image_0, image_1, label_0, label_1}` per line, image
     /// paths relative to the manifest's folder) with the same reader as real preference sets:
-    /// an array of `#{prompt, image_0, image_1, label_0, label_1, num_examples}`. Rows that cannot
+    /// an array of `#{prompt, image_0, image_1, label_0, label_1, num_examples[, group]}`. Rows that cannot
     /// be used are skipped with a warning.
     #[rhai_fn(return_raw)]
     pub fn read_pair_manifest(ctx: NativeCallContext, path: &str) -> ScriptResult<Array> {
@@ -182,6 +182,9 @@ pub mod shapes_pipe_api {
                     "num_examples".into(),
                     Dynamic::from(p.num_examples_per_prompt as f64),
                 );
+                if let Some(g) = p.group {
+                    m.insert("group".into(), Dynamic::from(g));
+                }
                 Dynamic::from_map(m)
             })
             .collect())
