@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod control;
+pub mod cpu_threads;
 pub mod diffusion;
 pub mod eval;
 pub mod fsutil;

@@ -195,6 +195,7 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> ExitCode {
     lpo::malloc_tuning::tune_malloc();
+    lpo::cpu_threads::pin_thread_count();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let code = match cli.command {

@@ -243,6 +243,8 @@ fn recipes_run_on_a_tiny_budget() {
             "--set",
             "chunk=2",
             "--set",
+            "cross=2",
+            "--set",
             "out=pairs",
         ],
     );
@@ -301,6 +303,90 @@ fn recipes_run_on_a_tiny_budget() {
         .unwrap();
     assert_eq!(n, 9);
 
+    // Cross-prompt pairs: draws 0 and 1 share a sampling batch (chunk 2), draw 2 is alone, so
+    // each of draws 0 and 1 pairs 2 of its images with the other draw's, judged for its prompt.
+    let cross: Vec<serde_json::Value> =
+        std::fs::read_to_string(dir.join("pairs/cross_pairs.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    assert_eq!(cross.len(), 4);
+    let draw_of = |image: &str| -> usize {
+        let row = rows
+            .iter()
+            .position(|r| r["image_0"] == image || r["image_1"] == image)
+            .unwrap();
+        row / 3
+    };
+    let own_grade = |image: &str| -> f64 {
+        let r = rows
+            .iter()
+            .find(|r| r["image_0"] == image || r["image_1"] == image)
+            .unwrap();
+        if r["image_0"] == image {
+            r["grade_0"].as_f64().unwrap()
+        } else {
+            r["grade_1"].as_f64().unwrap()
+        }
+    };
+    for r in &cross {
+        let g = r["group"].as_u64().unwrap() as usize;
+        let (a, b) = (
+            r["image_0"].as_str().unwrap(),
+            r["image_1"].as_str().unwrap(),
+        );
+        assert_eq!(draw_of(a), g, "image_0 comes from the row's draw");
+        assert_eq!(draw_of(b), 1 - g, "image_1 comes from the other draw");
+        assert_eq!(
+            r["prompt"],
+            rows[g * 3]["prompt"],
+            "judged for image_0's prompt"
+        );
+        assert_eq!(r["grade_0"].as_f64().unwrap(), own_grade(a));
+        let (g0, g1) = (
+            r["grade_0"].as_f64().unwrap(),
+            r["grade_1"].as_f64().unwrap(),
+        );
+        let want = if g0 > g1 {
+            1.0
+        } else if g0 < g1 {
+            0.0
+        } else {
+            0.5
+        };
+        assert_eq!(r["label_0"].as_f64().unwrap(), want);
+    }
+    // The cross pairs draw from their own generator: without them the images are the same.
+    let o = lpo(
+        dir,
+        &[
+            "run",
+            &recipe("make_pairs.rhai"),
+            "--run-dir",
+            "mp0",
+            "--set",
+            "base=base",
+            "--set",
+            "groups=3",
+            "--set",
+            "group=3",
+            "--set",
+            "steps=2",
+            "--set",
+            "chunk=2",
+            "--set",
+            "out=pairs0",
+        ],
+    );
+    ok(&o, "make_pairs without cross pairs");
+    assert!(!dir.join("pairs0/cross_pairs.jsonl").exists());
+    for name in &images {
+        let a = std::fs::read(dir.join("pairs").join(name)).unwrap();
+        let b = std::fs::read(dir.join("pairs0").join(name)).unwrap();
+        assert!(a == b, "{name} differs when cross pairs are drawn");
+    }
+
     // 3. LRM: decided labels so the held-out accuracy is computed.
     let decided: String = rows
         .iter()
@@ -313,6 +399,26 @@ fn recipes_run_on_a_tiny_budget() {
         })
         .collect();
     std::fs::write(dir.join("pairs/decided.jsonl"), decided).unwrap();
+    // Cross pairs, decided. The split below holds out draw 2: row 3 is moved onto two of its
+    // images (evaluated), row 2 gets one of them (dropped), rows 0-1 train.
+    let cross_decided: String = cross
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut r = r.clone();
+            r["label_0"] = serde_json::json!(1.0);
+            r["label_1"] = serde_json::json!(0.0);
+            if i == 3 {
+                r["image_0"] = rows[6]["image_0"].clone();
+                r["image_1"] = rows[6]["image_1"].clone();
+            }
+            if i == 2 {
+                r["image_1"] = rows[6]["image_0"].clone();
+            }
+            format!("{r}\n")
+        })
+        .collect();
+    std::fs::write(dir.join("pairs/cross_decided.jsonl"), cross_decided).unwrap();
     let o = lpo(
         dir,
         &[
@@ -333,14 +439,23 @@ fn recipes_run_on_a_tiny_budget() {
             "--set",
             "augment=dihedral",
             "--set",
+            "cross_pairs=pairs/cross_decided.jsonl",
+            "--set",
             "out=lrm",
         ],
     );
     ok(&o, "train_lrm");
     // Half of 9 rows would cut draw 1 (rows 3..6) in two: the split moves to its end.
     let ev = read_json(&dir.join("lrm/lrm_eval.json"));
-    assert_eq!(ev["train_pairs"], 6);
+    // 6 pairs of draws 0-1 and 2 cross pairs train; one cross pair is held out, one dropped.
+    assert_eq!(ev["train_pairs"], 8);
     assert_eq!(ev["eval_pairs"], 3);
+    assert_eq!(ev["eval_cross_pairs"], 1);
+    assert_eq!(ev["cross_dropped"], 1);
+    for t in ["t1", "t951"] {
+        let a = ev["accuracy_cross"][t].as_f64().unwrap();
+        assert!(a == 0.0 || a == 1.0, "cross {t}: {a}");
+    }
     for t in ["t1", "t201", "t501", "t801", "t951"] {
         let a = ev["accuracy"][t].as_f64().unwrap();
         let right = a * 3.0;

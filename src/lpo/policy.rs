@@ -275,6 +275,26 @@ impl Policy {
         Self::run(&self.unet, x, t, cond, guidance)
     }
 
+    /// The UNet to sample the policy with: for full fine-tuning a frozen view of the current
+    /// weights (no backward graph while sampling), with LoRA the UNet itself.
+    pub fn sampling_unet(&self) -> Result<Arc<UNet2DConditionModel>> {
+        match &self.kind {
+            PolicyKind::Full { .. } => Ok(Arc::new(self.unet.frozen_view()?)),
+            PolicyKind::Lora => Ok(self.unet.clone()),
+        }
+    }
+
+    /// The policy's noise prediction from `sampling_unet()`, detached.
+    pub fn predict_detached(
+        sampling_unet: &UNet2DConditionModel,
+        x: &Tensor,
+        t: &Tensor,
+        cond: &PromptCond,
+        guidance: Option<f64>,
+    ) -> Result<Tensor> {
+        Ok(Self::run(sampling_unet, x, t, cond, guidance)?.detach())
+    }
+
     /// The reference model's prediction, detached (adapters off, or the frozen copy).
     pub fn predict_reference(
         &self,

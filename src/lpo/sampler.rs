@@ -239,6 +239,7 @@ pub fn sample_with_reward(
     let lrm_cond: TextConditioning = lrm.encode_text(&lrm.tokenize(&refs)?)?;
     let lrm_cond_k = LatentRewardModel::repeat_conditioning(&lrm_cond, k)?;
 
+    let sampling_unet = policy.sampling_unet()?;
     let mut x = rng.randn((b, c, h, w), &device)?.to_dtype(dtype)?;
     let mut records = Vec::new();
     let mut log = Vec::new();
@@ -247,7 +248,7 @@ pub fn sample_with_reward(
             ctl.check()?;
         }
         let tt = Tensor::full(t, b, &device)?;
-        let eps = policy.predict(&x, &tt, cond, cfg.guidance())?.detach();
+        let eps = Policy::predict_detached(&sampling_unet, &x, &tt, cond, cfg.guidance())?;
         if !cfg.diverts(i) {
             x = scheduler.step(&eps, &tt, &x, cfg.eta, rng)?.detach();
             continue;

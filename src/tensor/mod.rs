@@ -3,6 +3,7 @@
 
 pub mod device;
 pub mod format;
+pub mod im2col;
 pub mod io;
 pub mod ops;
 pub mod rng;

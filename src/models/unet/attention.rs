@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, Linear, VarBuilder};
+
+use crate::models::conv::Conv2d;
 
 use super::checkpointed_attention::{attend, attend_checkpointed};
 use crate::models::lora::{LoraHub, LoraLinear};

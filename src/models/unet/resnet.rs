@@ -1,7 +1,9 @@
 //! `ResnetBlock2D`, `Downsample2D` and `Upsample2D` as diffusers builds them for SD UNets.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, Linear, VarBuilder};
+
+use crate::models::conv::Conv2d;
 
 pub(crate) fn conv(
     vb: VarBuilder,
@@ -11,12 +13,7 @@ pub(crate) fn conv(
     stride: usize,
     padding: usize,
 ) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding,
-        stride,
-        ..Default::default()
-    };
-    candle_nn::conv2d(cin, cout, k, cfg, vb)
+    Conv2d::load(vb, cin, cout, k, stride, padding)
 }
 
 /// norm1 -> silu -> conv1 -> + time_emb_proj(silu(temb)) -> norm2 -> silu -> conv2, plus the
