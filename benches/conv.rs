@@ -2,22 +2,18 @@
 //! conv2d, forward and forward+backward, at the shapes UNet's sizes (batch 128). `cargo bench
 //! --bench conv`.
 
-use std::time::Instant;
-
 use candle_core::{Device, Module, Tensor, Var};
+use lpo::bench::timed;
 use lpo::models::conv::Conv2d;
 use lpo::tensor::SeededRng;
 
-fn time_ms(reps: usize, mut f: impl FnMut()) -> f64 {
-    f(); // warm-up
-    let start = Instant::now();
-    for _ in 0..reps {
-        f();
-    }
-    start.elapsed().as_secs_f64() * 1000.0 / reps as f64
+/// Backward of a scalar loss over `y`.
+fn backward(y: Tensor) -> anyhow::Result<()> {
+    y.sqr()?.sum_all()?.backward()?;
+    Ok(())
 }
 
-fn main() -> candle_core::Result<()> {
+fn main() -> anyhow::Result<()> {
     lpo::malloc_tuning::tune_malloc();
     lpo::cpu_threads::pin_thread_count();
     let dev = Device::Cpu;
@@ -45,32 +41,10 @@ fn main() -> candle_core::Result<()> {
                 .broadcast_add(&bias.reshape((1, c, 1, 1))?)
         };
         let x_frozen = x.as_tensor().detach();
-        let fwd_ours = time_ms(5, || {
-            ours.forward(&x_frozen).unwrap();
-        });
-        let fwd_candle = time_ms(5, || {
-            candle(&x_frozen).unwrap();
-        });
-        let fb_ours = time_ms(3, || {
-            ours.forward(&x)
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-        });
-        let fb_candle = time_ms(3, || {
-            candle(&x)
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-        });
+        let fwd_ours = timed(&dev, 5, || Ok(ours.forward(&x_frozen)?))?;
+        let fwd_candle = timed(&dev, 5, || Ok(candle(&x_frozen)?))?;
+        let fb_ours = timed(&dev, 3, || backward(ours.forward(&x)?))?;
+        let fb_candle = timed(&dev, 3, || backward(candle(&x)?))?;
         println!(
             "batch {b}, {c}->{c} ch, {hw}x{hw}, k{k} s{stride} p{padding}: forward {fwd_ours:.1} ms (candle {fwd_candle:.1}), forward+backward {fb_ours:.1} ms (candle {fb_candle:.1})"
         );

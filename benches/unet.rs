@@ -2,9 +2,9 @@
 //! and an SD1.5-shaped random UNet at 32x32 latents (batch 1). `cargo bench --bench unet`.
 
 use std::path::Path;
-use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
+use lpo::bench::timed;
 use lpo::models::loading::WeightMode;
 use lpo::models::unet::{UNet2DConditionModel, UNetConfig};
 use lpo::tensor::SeededRng;
@@ -24,15 +24,6 @@ fn machine() -> String {
     format!("{cpus} CPUs available (nproc), {model}")
 }
 
-fn time_ms(reps: usize, mut f: impl FnMut()) -> f64 {
-    f(); // warm-up
-    let start = Instant::now();
-    for _ in 0..reps {
-        f();
-    }
-    start.elapsed().as_secs_f64() * 1000.0 / reps as f64
-}
-
 fn bench(
     name: &str,
     unet: &UNet2DConditionModel,
@@ -48,16 +39,13 @@ fn bench(
     let cross = unet.config.plan().unwrap().cross_dims[0];
     let ehs = rng.randn((b, tokens, cross), &dev).unwrap();
     let t = Tensor::new(vec![500i64; b], &dev).unwrap();
-    let fwd = time_ms(reps, || {
-        unet.forward(&x, &t, &ehs, None).unwrap();
-    });
-    let feat = time_ms(reps, || {
-        unet.features(&x, &t, &ehs, None).unwrap();
-    });
-    let fb = time_ms(reps, || {
-        let out = trainable.forward(&x, &t, &ehs, None).unwrap();
-        out.sqr().unwrap().mean_all().unwrap().backward().unwrap();
-    });
+    let fwd = timed(&dev, reps, || unet.forward(&x, &t, &ehs, None)).unwrap();
+    let feat = timed(&dev, reps, || unet.features(&x, &t, &ehs, None)).unwrap();
+    let fb = timed(&dev, reps, || {
+        let out = trainable.forward(&x, &t, &ehs, None)?;
+        Ok(out.sqr()?.mean_all()?.backward()?)
+    })
+    .unwrap();
     println!(
         "{name}: batch {b}, {hw}x{hw} latents, {tokens} tokens, {:.1}M params: forward {fwd:.1} ms, features {feat:.1} ms, forward+backward (all weights trainable) {fb:.1} ms",
         unet.param_count() as f64 / 1e6

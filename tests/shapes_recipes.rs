@@ -42,6 +42,21 @@ fn engine() -> lpo::script::ScriptEngine {
     )
 }
 
+/// label_0 of a manifest row as make_pairs derives it: the higher grade wins, equal grades tie.
+fn label_from_grades(row: &serde_json::Value) -> f64 {
+    let (g0, g1) = (
+        row["grade_0"].as_f64().unwrap(),
+        row["grade_1"].as_f64().unwrap(),
+    );
+    if g0 > g1 {
+        1.0
+    } else if g0 < g1 {
+        0.0
+    } else {
+        0.5
+    }
+}
+
 fn read_json(p: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     serde_json::from_str(&text).unwrap()
@@ -224,14 +239,15 @@ fn recipes_run_on_a_tiny_budget() {
     let again = std::fs::read(base.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
     assert!(first == again, "resume from step 2 gives the same weights");
 
-    // 2. Pairs from the base.
-    let o = lpo(
-        dir,
-        &[
+    // 2. Pairs from the base: 3 draws of 3 images, 2 draws per sampling batch.
+    let make_pairs_recipe = recipe("make_pairs.rhai");
+    let make_pairs = |run_dir: &str, out: &str, extra: &[&str]| {
+        let out = format!("out={out}");
+        let mut args = vec![
             "run",
-            &recipe("make_pairs.rhai"),
+            &make_pairs_recipe,
             "--run-dir",
-            "mp",
+            run_dir,
             "--set",
             "base=base",
             "--set",
@@ -243,11 +259,12 @@ fn recipes_run_on_a_tiny_budget() {
             "--set",
             "chunk=2",
             "--set",
-            "cross=2",
-            "--set",
-            "out=pairs",
-        ],
-    );
+            &out,
+        ];
+        args.extend_from_slice(extra);
+        lpo(dir, &args)
+    };
+    let o = make_pairs("mp", "pairs", &["--set", "cross=2"]);
     ok(&o, "make_pairs");
     let manifest = std::fs::read_to_string(dir.join("pairs/pairs.jsonl")).unwrap();
     let rows: Vec<serde_json::Value> = manifest
@@ -279,18 +296,7 @@ fn recipes_run_on_a_tiny_budget() {
             r["label_1"].as_f64().unwrap(),
         );
         assert_eq!(l0 + l1, 1.0);
-        let (g0, g1) = (
-            r["grade_0"].as_f64().unwrap(),
-            r["grade_1"].as_f64().unwrap(),
-        );
-        let want = if g0 > g1 {
-            1.0
-        } else if g0 < g1 {
-            0.0
-        } else {
-            0.5
-        };
-        assert_eq!(l0, want, "label follows the judge's grade");
+        assert_eq!(l0, label_from_grades(r), "label follows the judge's grade");
     }
     // The manifest reads with the preference-set reader.
     let e = engine();
@@ -344,41 +350,10 @@ fn recipes_run_on_a_tiny_budget() {
             "judged for image_0's prompt"
         );
         assert_eq!(r["grade_0"].as_f64().unwrap(), own_grade(a));
-        let (g0, g1) = (
-            r["grade_0"].as_f64().unwrap(),
-            r["grade_1"].as_f64().unwrap(),
-        );
-        let want = if g0 > g1 {
-            1.0
-        } else if g0 < g1 {
-            0.0
-        } else {
-            0.5
-        };
-        assert_eq!(r["label_0"].as_f64().unwrap(), want);
+        assert_eq!(r["label_0"].as_f64().unwrap(), label_from_grades(r));
     }
     // The cross pairs draw from their own generator: without them the images are the same.
-    let o = lpo(
-        dir,
-        &[
-            "run",
-            &recipe("make_pairs.rhai"),
-            "--run-dir",
-            "mp0",
-            "--set",
-            "base=base",
-            "--set",
-            "groups=3",
-            "--set",
-            "group=3",
-            "--set",
-            "steps=2",
-            "--set",
-            "chunk=2",
-            "--set",
-            "out=pairs0",
-        ],
-    );
+    let o = make_pairs("mp0", "pairs0", &[]);
     ok(&o, "make_pairs without cross pairs");
     assert!(!dir.join("pairs0/cross_pairs.jsonl").exists());
     for name in &images {

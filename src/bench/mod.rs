@@ -151,7 +151,8 @@ fn cfg_guided(pred: &Tensor, scale: f64) -> Result<Tensor> {
     Ok(crate::tensor::ops::cfg_guided(pred, scale)?)
 }
 
-fn timed<T>(device: &Device, repeats: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
+/// Mean milliseconds of `repeats` calls of `f` after one warm-up call (device synchronised).
+pub fn timed<T>(device: &Device, repeats: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
     f()?; // warm-up: kernels, allocator
     device.synchronize()?;
     let start = Instant::now();
