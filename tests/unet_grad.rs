@@ -443,3 +443,45 @@ fn frozen_forward_keeps_no_graph() {
     );
     drop(kept);
 }
+
+#[test]
+fn frozen_view_shares_the_trained_weights_and_keeps_no_graph() {
+    let _serial = serial();
+    let trainable = UNet2DConditionModel::load(
+        Path::new(SD),
+        DType::F32,
+        &Device::Cpu,
+        WeightMode::Trainable,
+    )
+    .unwrap();
+    let view = trainable.frozen_view().unwrap();
+    assert!(view.trainable_vars().is_empty());
+    let i = inputs(DType::F32);
+    let max_diff =
+        |a: &Tensor, b: &Tensor| scalar(&(a - b).unwrap().abs().unwrap().max_all().unwrap());
+    let out = |u: &UNet2DConditionModel| u.forward(&i.x, &i.t, &i.ehs, None).unwrap();
+    let before = out(&view);
+    assert_eq!(max_diff(&out(&trainable), &before), 0.0);
+
+    // An in-place update of a trained weight (as the optimizer makes) shows through the view.
+    let vars = trainable.trainable_vars();
+    let (name, var) = vars.iter().find(|(n, _)| n == "conv_out.bias").unwrap();
+    var.set(&(var.as_tensor() + 0.5).unwrap()).unwrap();
+    let after = out(&view);
+    assert!(max_diff(&after, &before) > 0.1, "{name} change not seen");
+    assert_eq!(max_diff(&out(&trainable), &after), 0.0);
+
+    // Its outputs hang on no graph: no trained weight gets a gradient through them.
+    let grads = (after * &i.w)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for (name, var) in &vars {
+        assert!(
+            grads.get(var).is_none(),
+            "{name} got a gradient through the view"
+        );
+    }
+}

@@ -668,10 +668,10 @@ impl UNet2DConditionModel {
         Ok(map)
     }
 
-    /// A frozen model on this one's current weights, sharing their storage (no copy): for
-    /// sampling a trained model without recording a backward graph, which kept every
-    /// activation of a forward alive and made sampling ~1.5x slower. Build it again after the
-    /// weights change. Errors while unmerged LoRA adapters are attached.
+    /// A frozen model on this one's weights, sharing their storage (no copy, and in-place
+    /// optimizer updates show through): for sampling a trained model without recording a
+    /// backward graph, which kept every activation of a forward alive and made sampling ~1.5x
+    /// slower. Errors while unmerged LoRA adapters are attached.
     pub fn frozen_view(&self) -> anyhow::Result<Self> {
         let what = match &self.source_dir {
             Some(dir) => format!("a frozen view of the UNet from {}", dir.display()),

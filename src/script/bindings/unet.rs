@@ -363,9 +363,9 @@ pub mod unet_api {
         crate::models::lora_export::save_merged(unet, std::path::Path::new(dir)).or_script(&ctx)
     }
 
-    /// A frozen UNet on this one's current weights (shared, not copied): sample a trained model
-    /// without recording a backward graph. Take it after training; errors while LoRA adapters
-    /// are unmerged.
+    /// A frozen UNet on this one's weights (shared, not copied: optimizer updates show
+    /// through): sample a trained model without recording a backward graph. Errors while LoRA
+    /// adapters are unmerged.
     #[rhai_fn(return_raw, pure)]
     pub fn frozen(ctx: NativeCallContext, unet: &mut ScriptUNet) -> ScriptResult<ScriptUNet> {
         unet.frozen_view().map(std::sync::Arc::new).or_script(&ctx)
