@@ -21,6 +21,11 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The tiny-sd UNet on the CPU.
+fn load_sd(dtype: DType, mode: WeightMode) -> UNet2DConditionModel {
+    UNet2DConditionModel::load(Path::new(SD), dtype, &Device::Cpu, mode).unwrap()
+}
+
 struct Inputs {
     x: Tensor,
     t: Tensor,
@@ -110,13 +115,7 @@ fn finite_difference_check(
 #[test]
 fn every_trainable_tensor_gets_a_gradient_and_matches_finite_differences() {
     let _serial = serial();
-    let unet = UNet2DConditionModel::load(
-        Path::new(SD),
-        DType::F64,
-        &Device::Cpu,
-        WeightMode::Trainable,
-    )
-    .unwrap();
+    let unet = load_sd(DType::F64, WeightMode::Trainable);
     let vars = unet.trainable_vars();
     assert!(vars.len() > 100, "{} trainable tensors", vars.len());
     assert_eq!(
@@ -424,13 +423,7 @@ fn frozen_forward_keeps_no_graph() {
     drop(kept);
 
     // the same loop on a trainable model keeps every graph alive: the measure can tell
-    let trainable = UNet2DConditionModel::load(
-        Path::new(SD),
-        DType::F32,
-        &Device::Cpu,
-        WeightMode::Trainable,
-    )
-    .unwrap();
+    let trainable = load_sd(DType::F32, WeightMode::Trainable);
     let before = resident_kb();
     let kept: Vec<Tensor> = (0..40)
         .map(|_| trainable.forward(&i.x, &i.t, &i.ehs, None).unwrap())
@@ -447,13 +440,7 @@ fn frozen_forward_keeps_no_graph() {
 #[test]
 fn frozen_view_shares_the_trained_weights_and_keeps_no_graph() {
     let _serial = serial();
-    let trainable = UNet2DConditionModel::load(
-        Path::new(SD),
-        DType::F32,
-        &Device::Cpu,
-        WeightMode::Trainable,
-    )
-    .unwrap();
+    let trainable = load_sd(DType::F32, WeightMode::Trainable);
     let view = trainable.frozen_view().unwrap();
     assert!(view.trainable_vars().is_empty());
     let i = inputs(DType::F32);

@@ -424,6 +424,16 @@ pub mod lpo_api {
         p.unet.clone()
     }
 
+    /// The UNet to sample the policy with: a frozen view of the trained weights for full
+    /// fine-tuning (no backward graph), the adapted UNet itself with LoRA.
+    #[rhai_fn(get = "sampling_unet", pure, return_raw)]
+    pub fn policy_sampling_unet(
+        ctx: NativeCallContext,
+        p: &mut ScriptPolicy,
+    ) -> ScriptResult<ScriptUNet> {
+        p.sampling_unet().or_script(&ctx)
+    }
+
     /// True for a LoRA policy, false for full fine-tuning.
     #[rhai_fn(get = "is_lora", pure)]
     pub fn policy_is_lora(p: &mut ScriptPolicy) -> bool {
