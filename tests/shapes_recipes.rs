@@ -27,6 +27,15 @@ fn ok(o: &Output, what: &str) {
     );
 }
 
+/// Everything a run printed (stdout and the log on stderr).
+fn printed(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
 fn recipe(name: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("scripts/shapes")
@@ -491,6 +500,14 @@ fn recipes_run_on_a_tiny_budget() {
             ],
         );
         ok(&o, &format!("lpo.rhai reward={reward}"));
+        let out = printed(&o);
+        for line in [
+            "train prompts: aligned",
+            "held-out prompts: aligned",
+            "report: ",
+        ] {
+            assert!(out.contains(line), "{reward}: no `{line}` in\n{out}");
+        }
         let run = dir.join(run);
         let summary = read_json(&run.join("summary.json"));
         assert_eq!(summary["n"], 4);
@@ -571,6 +588,9 @@ fn recipes_run_on_a_tiny_budget() {
         ],
     );
     ok(&o, "eval.rhai");
+    let out = printed(&o);
+    assert!(out.contains("train prompts: aligned"), "{out}");
+    assert!(!out.contains("held-out prompts"), "n_heldout=0: {out}");
     // The same seeds and models as lpo.rhai's own evaluation: the same numbers, sampled afresh
     // (no cache), so the cached base samples above were the real ones.
     let ev = read_json(&dir.join("ev/summary.json"));
@@ -578,4 +598,48 @@ fn recipes_run_on_a_tiny_budget() {
     assert_eq!(ev["eval_settings"]["before_cached"], false);
     assert_eq!(ev["before"], lp["before"]);
     assert!(dir.join("ev/report.html").is_file());
+
+    // Two trained models on the same seeds: B's judged flags against A's.
+    let o = lpo(
+        dir,
+        &[
+            "run",
+            &recipe("compare_runs.rhai"),
+            "--run-dir",
+            "cmp",
+            "--set",
+            "a=lpo-random",
+            "--set",
+            "b=lpo",
+        ],
+    );
+    ok(&o, "compare_runs.rhai");
+    let cmp = read_json(&dir.join("cmp/comparison.json"));
+    let random = read_json(&dir.join("lpo-random/summary.json"));
+    assert_eq!(cmp["train"]["mean_a"], random["after"]);
+    assert_eq!(cmp["train"]["mean_b"], lp["after"]);
+    let d = lp["after"].as_f64().unwrap() - random["after"].as_f64().unwrap();
+    assert!((cmp["train"]["delta"].as_f64().unwrap() - d).abs() < 1e-9);
+    assert_eq!(cmp["heldout"]["mean_b"], lp["heldout"]["after"]);
+    assert_eq!(cmp["train"]["shape"]["n"], 4);
+    // Runs evaluated with different settings are not paired.
+    let o = lpo(
+        dir,
+        &[
+            "run",
+            &recipe("compare_runs.rhai"),
+            "--run-dir",
+            "cmp-bad",
+            "--set",
+            "a=lpo",
+            "--set",
+            "b=ev",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", printed(&o));
+    assert!(
+        printed(&o).contains("eval_settings.n_heldout differs"),
+        "{}",
+        printed(&o)
+    );
 }
