@@ -521,6 +521,8 @@ fn recipes_run_on_a_tiny_budget() {
         let d = summary["after"].as_f64().unwrap() - summary["before"].as_f64().unwrap();
         assert!((summary["delta"].as_f64().unwrap() - d).abs() < 1e-9);
         assert_eq!(summary["heldout"]["n"], 2);
+        assert_eq!(summary["heldout"]["shape"]["n"], 2);
+        assert_eq!(summary["colour"]["n"], 4);
         assert!(
             summary["optimizer_steps"].as_i64().unwrap() >= 1,
             "{reward}: no training step"
