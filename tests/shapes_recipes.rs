@@ -44,6 +44,16 @@ fn recipe(name: &str) -> String {
         .to_string()
 }
 
+/// `lpo run scripts/shapes/<name> --run-dir <run_dir> --set <each of sets>` in `dir`.
+fn run_recipe(dir: &Path, name: &str, run_dir: &str, sets: &[&str]) -> Output {
+    let script = recipe(name);
+    let mut args = vec!["run", script.as_str(), "--run-dir", run_dir];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    lpo(dir, &args)
+}
+
 fn engine() -> lpo::script::ScriptEngine {
     build_engine(
         Host::new(RunControl::new(), Device::Cpu, 0),
@@ -602,19 +612,7 @@ fn recipes_run_on_a_tiny_budget() {
     assert!(dir.join("ev/report.html").is_file());
 
     // Two trained models on the same seeds: B's judged flags against A's.
-    let o = lpo(
-        dir,
-        &[
-            "run",
-            &recipe("compare_runs.rhai"),
-            "--run-dir",
-            "cmp",
-            "--set",
-            "a=lpo-random",
-            "--set",
-            "b=lpo",
-        ],
-    );
+    let o = run_recipe(dir, "compare_runs.rhai", "cmp", &["a=lpo-random", "b=lpo"]);
     ok(&o, "compare_runs.rhai");
     let cmp = read_json(&dir.join("cmp/comparison.json"));
     let random = read_json(&dir.join("lpo-random/summary.json"));
@@ -625,19 +623,7 @@ fn recipes_run_on_a_tiny_budget() {
     assert_eq!(cmp["heldout"]["mean_b"], lp["heldout"]["after"]);
     assert_eq!(cmp["train"]["shape"]["n"], 4);
     // Runs evaluated with different settings are not paired.
-    let o = lpo(
-        dir,
-        &[
-            "run",
-            &recipe("compare_runs.rhai"),
-            "--run-dir",
-            "cmp-bad",
-            "--set",
-            "a=lpo",
-            "--set",
-            "b=ev",
-        ],
-    );
+    let o = run_recipe(dir, "compare_runs.rhai", "cmp-bad", &["a=lpo", "b=ev"]);
     assert_eq!(o.status.code(), Some(1), "{}", printed(&o));
     assert!(
         printed(&o).contains("eval_settings.n_heldout differs"),
