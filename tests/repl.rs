@@ -40,11 +40,21 @@ fn session_state_multiline_completion_help_and_errors() {
     let mut s = repl(home.path());
     eval(&mut s, "let x = 20;", "lpo> ");
     eval(&mut s, "import \"util\" as u;", "lpo> ");
-    // An unfinished definition continues on the next lines.
-    s.send_line("fn twice(v) {").unwrap();
-    s.send_line("  v * 2").unwrap();
-    s.send_line("}").unwrap();
-    s.expect("lpo> ").unwrap();
+    // A line with output marks the prompt after it as fresh: "lpo> " alone can match the
+    // editor's redraw of the line just typed, and input sent then raced the evaluation.
+    eval(&mut s, "\"ready\" + \"-1\"", "ready-1");
+    // An unfinished definition continues on the next lines. Each is sent once the editor echoed
+    // the previous one: input that arrived with the final Enter was lost (a flaky timeout).
+    for (line, echo) in [
+        ("fn twice(v) {", "twice(v) {"),
+        ("  v * 2", "v * 2"),
+        ("}", "}"),
+    ] {
+        s.send_line(line).unwrap();
+        s.expect(echo)
+            .unwrap_or_else(|e| panic!("no echo of `{line}`: {e}"));
+    }
+    eval(&mut s, "\"def\" + \"-ok\"", "def-ok");
     eval(&mut s, "u::param(#{}, \"k\", 1) + twice(x) + 1000", "1041");
     // Tab completes a registered function name.
     s.send("default_se").unwrap();
