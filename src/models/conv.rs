@@ -199,50 +199,23 @@ mod tests {
     /// against the autograd gradient. L is linear in each argument, so the differences are
     /// exact up to f32 rounding, whatever the step.
     #[test]
-    fn gradients_match_finite_differences() -> Result<()> {
+    fn gradients_match_finite_differences() -> anyhow::Result<()> {
+        use crate::tensor::grad::finite_difference_check;
         let dev = Device::Cpu;
         let mut rng = SeededRng::new(11);
         for &(k, s, p) in &[(3, 1, 1), (3, 2, 1), (1, 1, 0)] {
             let x = Var::from_tensor(&rng.randn((2, 3, 6, 6), &dev)?)?;
             let w = Var::from_tensor(&rng.randn((4, 3, k, k), &dev)?)?;
             let b = Var::from_tensor(&rng.randn(4, &dev)?)?;
-            let build = |w: &Tensor, b: &Tensor| Conv2d::new(w.clone(), Some(b.clone()), s, p);
-            let probe = rng.randn(build(&w, &b).forward(&x)?.dims(), &dev)?;
-            let loss = |x: &Tensor, w: &Tensor, b: &Tensor| -> Result<f64> {
-                let y = build(w, b).forward(x)?;
-                (y * &probe)?
-                    .sum_all()?
-                    .to_dtype(candle_core::DType::F64)?
-                    .to_scalar::<f64>()
-            };
-            let grads = (build(&w, &b).forward(&x)? * &probe)?
-                .sum_all()?
-                .backward()?;
+            let conv = || Conv2d::new(w.as_tensor().clone(), Some(b.as_tensor().clone()), s, p);
+            let probe = rng.randn(conv().forward(&x)?.dims(), &dev)?;
+            let loss = || Ok((conv().forward(&x)? * &probe)?.sum_all()?);
             for (name, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
-                let g = grads
-                    .get(v)
-                    .expect("gradient")
-                    .flatten_all()?
-                    .to_vec1::<f32>()?;
-                let base = v.as_tensor().flatten_all()?;
-                for idx in [0, g.len() / 3, g.len() / 2, g.len() - 1] {
-                    let bump = |d: f32| -> Result<Tensor> {
-                        let mut vals = base.to_vec1::<f32>()?;
-                        vals[idx] += d;
-                        Tensor::from_vec(vals, v.dims(), &dev)
-                    };
-                    let (plus, minus) = (bump(0.5)?, bump(-0.5)?);
-                    let (lp, lm) = match name {
-                        "x" => (loss(&plus, &w, &b)?, loss(&minus, &w, &b)?),
-                        "weight" => (loss(&x, &plus, &b)?, loss(&x, &minus, &b)?),
-                        _ => (loss(&x, &w, &plus)?, loss(&x, &w, &minus)?),
-                    };
-                    let fd = (lp - lm) / 1.0;
-                    let err = (fd - g[idx] as f64).abs();
+                let n = v.elem_count();
+                for (g, fd) in finite_difference_check(loss, v, &[0, n / 3, n / 2, n - 1], 0.5)? {
                     assert!(
-                        err < 1e-3 * fd.abs().max(1.0),
-                        "{name}[{idx}] k{k} s{s}: fd {fd} vs {}",
-                        g[idx]
+                        (fd - g).abs() < 1e-3 * fd.abs().max(1.0),
+                        "{name} k{k} s{s}: fd {fd} vs {g}"
                     );
                 }
             }
