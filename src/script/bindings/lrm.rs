@@ -224,9 +224,13 @@ pub mod lrm_api {
         Ok(lrm.encode_text(&ids).or_script(&ctx)?.features)
     }
 
-    /// The preference loss of N pairs: `t` is [N, 2] (one timestep per image); labels [N] sum
-    /// to 1 per pair (0.5/0.5 is a tie); options `#{loss_type: "pair"|"batch"|"both",
-    /// batch_coeff, aux_loss_coeff}`. Returns `#{loss, logits, per_pair, weight}`.
+    /// The preference loss of N pairs (LPO's step criterion): `t` is [N, 2] (one timestep per
+    /// image); labels [N] sum to 1 per pair (0.5/0.5 is a tie); options `#{loss_type:
+    /// "pair"|"batch"|"both", batch_coeff, aux_loss_coeff}` ("batch": mean of image→prompts
+    /// and prompt→images cross entropies over the batch; "both": pair + batch_coeff · batch).
+    /// Returns `#{loss, logits, per_pair, weight}`: loss = sum(per_pair · weight · aux), with
+    /// logits [N, 2], per_pair [N] before weighting, weight [N] the normalised
+    /// 1/num_examples.
     #[rhai_fn(return_raw, pure)]
     #[allow(clippy::too_many_arguments)]
     pub fn pair_loss(
