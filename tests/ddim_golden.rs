@@ -522,3 +522,90 @@ fn prediction_types_agree_on_exact_predictions() {
     assert!(f(&m, "x_eps") < 1e-2, "x_eps: {}", f(&m, "x_eps"));
     assert_eq!(m["types"].to_string(), r#"["v_prediction", "sample"]"#);
 }
+
+/// With `set_alpha_to_one` the last step (t = 1, prev clamped to 0) must use one rule
+/// everywhere, LPO's: alpha_prev = alphas_cumprod[0], not diffusers' final_alpha_cumprod = 1
+/// (which made variance, std_dev and so log_prob's sigma 0 there). variance / std_dev, the
+/// step's mean and noise, and log_prob all agree with that one Gaussian.
+#[test]
+fn last_step_follows_lpo_rule_with_set_alpha_to_one() {
+    let device = Device::Cpu;
+    let cfg = DdimConfig {
+        set_alpha_to_one: true,
+        ..DdimConfig::default()
+    };
+    let ac = cfg.alphas_cumprod();
+    let s = DdimScheduler::new(cfg, &device).unwrap();
+    s.set_timesteps(20).unwrap();
+    assert_eq!(s.timesteps_vec().unwrap().last(), Some(&1));
+    assert_eq!(s.final_alpha_cumprod(), 1.0);
+    let t = Tensor::new(&[1i64], &device).unwrap();
+    assert_eq!(s.prev_timestep(&t).unwrap().to_vec1::<i64>().unwrap(), [0]);
+    let (a_t, a_prev) = (ac[1] as f64, ac[0] as f64);
+    let want_var = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev);
+    let scalar = |x: Tensor| x.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap()[0];
+    let var = scalar(s.variance(&t).unwrap());
+    let std = scalar(s.std_dev(&t, 1.0).unwrap());
+    // f32 tables: 1 - a_t/a_prev loses digits near t = 0
+    assert!(want_var > 1e-5, "{want_var}");
+    assert!(
+        (var - want_var).abs() < 1e-3 * want_var,
+        "variance {var} vs {want_var}"
+    );
+    assert!(
+        (std - var.sqrt()).abs() < 1e-6 * std,
+        "std_dev {std} vs variance {var}"
+    );
+    assert!((scalar(s.alpha_prev(&t).unwrap()) - a_prev).abs() < 1e-9);
+
+    // the step's Gaussian in f64 from alpha_prev and the variance std_dev reports
+    let mut rng = lpo::tensor::SeededRng::new(21);
+    let shape = (1usize, 4usize, 2usize, 2usize);
+    let randn = |rng: &mut lpo::tensor::SeededRng| {
+        rng.randn(shape, &device)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+    };
+    let (x, eps, prev) = (randn(&mut rng), randn(&mut rng), randn(&mut rng));
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let want_mean: Vec<f64> = flat(&x)
+        .iter()
+        .zip(flat(&eps))
+        .map(|(x, e)| {
+            let x0 = (x - (1.0 - a_t).sqrt() * e) / a_t.sqrt();
+            a_prev.sqrt() * x0 + (1.0 - a_prev - var).sqrt() * e
+        })
+        .collect();
+    let mean = flat(&s.prev_sample_mean(&eps, &t, &x, 1.0).unwrap());
+    for (m, w) in mean.iter().zip(&want_mean) {
+        assert!((m - w).abs() < 1e-6, "mean {m} vs {w}");
+    }
+    let want_lp = flat(&prev)
+        .iter()
+        .zip(&want_mean)
+        .map(|(p, m)| {
+            -(p - m).powi(2) / (2.0 * var)
+                - 0.5 * var.ln()
+                - 0.5 * (2.0 * std::f64::consts::PI).ln()
+        })
+        .sum::<f64>()
+        / want_mean.len() as f64;
+    let lp = scalar(s.log_prob(&eps, &t, &x, &prev, 1.0).unwrap());
+    assert!(
+        (lp - want_lp).abs() < 1e-6 * want_lp.abs(),
+        "log_prob {lp} vs {want_lp}"
+    );
+    // step = mean + std_dev * the rng's noise
+    let step = flat(
+        &s.step(&eps, &t, &x, 1.0, &mut lpo::tensor::SeededRng::new(5))
+            .unwrap(),
+    );
+    let noise = flat(&randn(&mut lpo::tensor::SeededRng::new(5)));
+    for ((st, m), z) in step.iter().zip(&mean).zip(&noise) {
+        assert!(
+            (st - (m + std * z)).abs() < 1e-6,
+            "step {st} vs {m} + {std} * {z}"
+        );
+    }
+}

@@ -5,11 +5,14 @@
 //! Every per-timestep quantity is a table of `num_train_timesteps` entries on the device,
 //! gathered with `index_select` at each row's `t`: nothing comes back to the host.
 //!
-//! Previous timestep: `prev_t = t - num_train_timesteps / n`. Where `prev_t < 0` (the last
-//! step) `alpha_prev = final_alpha_cumprod` as in diffusers; LPO clamps `prev_t` at 0 instead,
-//! which is the same number whenever `set_alpha_to_one` is false (SD1.5, SD2.1, SDXL):
-//! then `final_alpha_cumprod = alphas_cumprod[0]`. [`DdimScheduler::prev_timestep`] reports the
-//! clamped index.
+//! Previous timestep: one rule everywhere (step, candidates, log_prob, variance, std_dev and
+//! the thresholds built on them), LPO's: `prev_t = clamp(t - num_train_timesteps / n, 0,
+//! num_train_timesteps - 1)` and `alpha_prev = alphas_cumprod[prev_t]`. LPO's sampler
+//! (`ddim_step_fetch_x0` / `ddim_step_fetch_x_t_1`) and its `ddim_step_with_logprob` both clamp
+//! before their `torch.where(prev_t >= 0, ..., final_alpha_cumprod)`, so diffusers'
+//! `final_alpha_cumprod` is never reached. diffusers' own `DDIMScheduler.step` uses it at the
+//! last step; the two agree whenever `set_alpha_to_one` is false (SD1.5, SD2.1, SDXL: then
+//! `final_alpha_cumprod = alphas_cumprod[0]`) and differ only at the last step otherwise.
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
@@ -180,6 +183,9 @@ impl DdimScheduler {
         &self.alphas_cumprod
     }
 
+    /// diffusers' alpha_cumprod after the last step (1 with set_alpha_to_one, else
+    /// alphas_cumprod[0]). Reported for reference only: the sampler follows LPO and never uses
+    /// it (module docs).
     pub fn final_alpha_cumprod(&self) -> f32 {
         self.final_alpha_cumprod
     }
@@ -206,14 +212,10 @@ impl DdimScheduler {
         let ac = &self.alphas_cumprod_host;
         let mut alpha_prev = Vec::with_capacity(big);
         let mut variance = Vec::with_capacity(big);
-        for t in 0..big as i64 {
-            let a_t = ac[t as usize];
-            let prev = t - step_ratio;
-            let a_prev = if prev >= 0 {
-                ac[prev as usize]
-            } else {
-                self.final_alpha_cumprod
-            };
+        for t in 0..big {
+            let a_t = ac[t];
+            // LPO's rule (module docs): the clamped previous timestep, never final_alpha_cumprod
+            let a_prev = ac[t.saturating_sub(step_ratio as usize)];
             // diffusers' _get_variance, in f32 and in its order of operations
             let beta_t = 1.0f32 - a_t;
             let beta_prev = 1.0f32 - a_prev;
@@ -292,7 +294,8 @@ impl DdimScheduler {
         Self::gather(&self.alphas_cumprod, &t)
     }
 
-    /// The alpha_cumprod the step from t lands on (f32 [B]).
+    /// The alpha_cumprod the step from t lands on: alphas_cumprod at [`Self::prev_timestep`]
+    /// (f32 [B]).
     pub fn alpha_prev(&self, t: &Tensor) -> Result<Tensor> {
         let s = self.current()?;
         let t = self.rows_t(t, None, t.device())?;
@@ -306,7 +309,8 @@ impl DdimScheduler {
         Ok((t - s.step_ratio as f64)?.clamp(0i64, self.cfg.num_train_timesteps as i64 - 1)?)
     }
 
-    /// DDIM variance of the step from t: (1-a_prev)/(1-a_t) * (1 - a_t/a_prev) (f32 [B]).
+    /// DDIM variance of the step from t: (1-a_prev)/(1-a_t) * (1 - a_t/a_prev) with a_prev at
+    /// [`Self::prev_timestep`], defined for every t in 0..num_train_timesteps (f32 [B]).
     pub fn variance(&self, t: &Tensor) -> Result<Tensor> {
         let s = self.current()?;
         let t = self.rows_t(t, None, t.device())?;

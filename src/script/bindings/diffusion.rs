@@ -103,7 +103,9 @@ pub mod diffusion_api {
         s.betas().clone()
     }
 
-    /// alpha_cumprod used after the last step (1 with set_alpha_to_one, else alphas_cumprod[0]).
+    /// diffusers' alpha_cumprod after the last step (1 with set_alpha_to_one, else
+    /// alphas_cumprod[0]), for reference: like LPO, every step here lands on
+    /// alphas_cumprod[prev_timestep(t)] instead.
     #[rhai_fn(get = "final_alpha_cumprod", pure)]
     pub fn final_alpha_cumprod(s: &mut Scheduler) -> f64 {
         s.final_alpha_cumprod() as f64
@@ -126,7 +128,8 @@ pub mod diffusion_api {
         s.prev_timestep(&t).or_script(&ctx)
     }
 
-    /// Per-row DDIM variance of the step from t: (1-a_prev)/(1-a_t) * (1 - a_t/a_prev) (f32 [B]).
+    /// Per-row DDIM variance of the step from t: (1-a_prev)/(1-a_t) * (1 - a_t/a_prev), a_prev
+    /// at prev_timestep(t), for any t in [0, num_train_timesteps) (f32 [B]).
     #[rhai_fn(return_raw, pure)]
     pub fn variance(ctx: NativeCallContext, s: &mut Scheduler, t: Dynamic) -> ScriptResult<Tensor> {
         let t = t_arg(&ctx, &t, s.device())?;
