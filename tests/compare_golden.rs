@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 use lpo::control::RunControl;
+use lpo::diffusion::DdimConfig;
 use lpo::script::{build_engine, EngineOptions, Host};
 use rhai::{Dynamic, Map};
 
@@ -139,6 +140,72 @@ fn thresholds_come_from_the_scheduler() {
     assert_eq!(st, vec![1.0; 20]);
 }
 
+/// Off-grid timesteps (and the grid's own) get the sigma / variance / linear thresholds of the
+/// same formula: sigma(t) = sqrt((1 - a[p]) / (1 - a[t]) * (1 - a[t] / a[p])) with
+/// p = clamp(t - 1000 / 20, 0, 999), mapped so sigma(1) -> min and sigma(951) -> max; computed
+/// here in f64 from the schedule's alphas_cumprod.
+#[test]
+fn off_grid_timesteps_get_thresholds_from_the_same_formula() {
+    let ts: [i64; 8] = [950, 0, 500, 999, 37, 951, 1, 26];
+    let m: Map = eval(&format!(
+        r#"
+        import "compare" as cmp;
+        import "thresholds" as th;
+        let s = load_scheduler("tests/fixtures/tiny-sd");
+        s.set_timesteps(20);
+        let t = tensor({ts:?});
+        let o = #{{min: 0.35, max: 0.5, scheduler: s}};
+        let scores = rng(1).randn([3, {n}]);
+        let out = cmp::preference_compare(scores, t, #{{mode: "sigma", min: 0.35, max: 0.5, scheduler: s}});
+        #{{
+            sigma: th::threshold("sigma", t, o).to_array(),
+            variance: th::threshold("variance", t, o).to_array(),
+            linear: th::threshold("linear", t, o).to_array(),
+            compare: out.threshold.to_array(),
+        }}
+    "#,
+        n = ts.len()
+    ))
+    .unwrap();
+    let ac: Vec<f64> = DdimConfig::from_dir(std::path::Path::new("tests/fixtures/tiny-sd"))
+        .unwrap()
+        .alphas_cumprod()
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let variance = |t: i64| {
+        let p = (t - 50).clamp(0, 999) as usize;
+        let t = t as usize;
+        (1.0 - ac[p]) / (1.0 - ac[t]) * (1.0 - ac[t] / ac[p])
+    };
+    let sigma = |t: i64| variance(t).sqrt();
+    let map = |v: f64, first: f64, last: f64| (v - first) / (last - first) * 0.15 + 0.35;
+    let got = |k: &str| -> Vec<f64> {
+        m[k].clone()
+            .into_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_float().unwrap())
+            .collect()
+    };
+    for (i, &t) in ts.iter().enumerate() {
+        let want = [
+            ("sigma", map(sigma(t), sigma(1), sigma(951))),
+            ("compare", map(sigma(t), sigma(1), sigma(951))),
+            ("variance", map(variance(t), variance(1), variance(951))),
+            ("linear", map(t as f64, 1.0, 951.0)),
+        ];
+        for (k, w) in want {
+            let g = got(k)[i];
+            assert!((g - w).abs() < 1e-4, "{k} at t = {t}: {g} vs formula {w}");
+        }
+    }
+    // the grid's ends give min and max; t = 0 (no noise to remove) lies below min
+    let sig = got("sigma");
+    assert!((sig[5] - 0.5).abs() < 1e-6 && (sig[6] - 0.35).abs() < 1e-6);
+    assert!(sig[1] < 0.35);
+}
+
 #[test]
 fn bad_input_gives_clear_errors() {
     let pre = r#"import "compare" as cmp; import "thresholds" as th;
@@ -162,11 +229,16 @@ fn bad_input_gives_clear_errors() {
     ))
     .unwrap_err();
     assert!(err.contains("maximum"), "{err}");
-    let err = eval::<Dynamic>(&format!(
-        r#"{pre} th::threshold("sigma", tensor([950]), #{{scheduler: s}})"#
-    ))
-    .unwrap_err();
-    assert!(err.contains("950"), "{err}");
+    for (mode, t) in [("sigma", 1000), ("variance", -1), ("linear", 1000)] {
+        let err = eval::<Dynamic>(&format!(
+            r#"{pre} th::threshold("{mode}", tensor([951, {t}]), #{{scheduler: s}})"#
+        ))
+        .unwrap_err();
+        assert!(
+            err.contains(&format!("timestep {t} is outside [0, 1000)")) && err.contains(mode),
+            "{err}"
+        );
+    }
     let err = eval::<Dynamic>(&format!(
         r#"{pre} cmp::preference_compare(scores, tensor([951, 1, 1]), #{{}})"#
     ))
