@@ -267,7 +267,7 @@ fn ours(
 fn every_loss_type_matches_the_official_criterion_in_f64() {
     for seed in [1, 2, 3] {
         let c = random_case(seed);
-        for dtype in [DType::F64, DType::F32] {
+        for dtype in [DType::F32, DType::F64] {
             let feats = [
                 matrix(&c.text, dtype),
                 matrix(&c.image_0, dtype),
