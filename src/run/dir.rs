@@ -574,6 +574,27 @@ mod tests {
     }
 
     #[test]
+    fn latest_checkpoint_skips_a_corrupt_newest_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::open(dir.path()).unwrap();
+        let mut m = HashMap::new();
+        m.insert(
+            "x".to_string(),
+            Tensor::new(&[1f32, 2.], &Device::Cpu).unwrap(),
+        );
+        run.save_checkpoint(1, &m, &serde_json::json!({})).unwrap();
+        let newest = run.save_checkpoint(2, &m, &serde_json::json!({})).unwrap();
+        std::fs::write(newest.join("tensors.safetensors"), b"garbage").unwrap();
+        assert_eq!(
+            run.latest_checkpoint(&Device::Cpu).unwrap().unwrap().step,
+            1
+        );
+        std::fs::write(newest.join("state.json"), b"{").unwrap();
+        assert_eq!(run.prepare_resume().unwrap(), Some(1));
+        assert!(run.checkpoints_dir().join("corrupt-step-2").is_dir());
+    }
+
+    #[test]
     fn an_interrupted_replacement_puts_the_old_checkpoint_back() {
         let dir = tempfile::tempdir().unwrap();
         let checkpoints = dir.path().join("checkpoints");
