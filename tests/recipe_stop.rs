@@ -125,3 +125,106 @@ fn sigterm_mid_epoch_saves_the_epoch_and_resume_finishes_it() {
         );
     }
 }
+
+fn metric_steps(run: &Path) -> Vec<i64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_i64())
+        .collect()
+}
+
+/// `lpo run SCRIPT --run-dir RUN --set ..` SIGTERMed after its third metrics row: exits 143
+/// with a checkpoint at the step it reached (the only one: checkpoints are set off) and none of
+/// `outputs`; `--resume` then exits 0 from that step, with every step's metrics once and the
+/// outputs written.
+fn stop_and_resume(script: &str, run: &Path, sets: &[&str], steps: i64, outputs: &[&str]) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lpo"));
+    cmd.env("LPO_LOG", "info")
+        .args(["run", script, "--run-dir"])
+        .arg(run);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let child = cmd.stderr(Stdio::piped()).spawn().unwrap();
+    let start = Instant::now();
+    while metric_steps(run).len() < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{script}: no steps logged"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{script}: {err}");
+    let saved = newest_state(run)["step"].as_i64().unwrap();
+    assert!(
+        (3..steps).contains(&saved),
+        "{script}: checkpoint at step {saved}"
+    );
+    for o in outputs {
+        assert!(
+            !run.join(o).exists(),
+            "{script}: a stopped run writes no {o}"
+        );
+    }
+
+    let out = Command::new(env!("CARGO_BIN_EXE_lpo"))
+        .env("LPO_LOG", "info")
+        .args(["run", "--resume"])
+        .arg(run)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{script}: {err}");
+    assert!(err.contains(&format!("step {saved}")), "{script}: {err}");
+    assert_eq!(
+        metric_steps(run),
+        (1..=steps).collect::<Vec<_>>(),
+        "{script}"
+    );
+    for o in outputs {
+        assert!(run.join(o).exists(), "{script}: {o} after the resume");
+    }
+}
+
+/// The LRM recipe (stdlib/lrm_train.rhai via scripts/train_lrm.rhai) saves the steps done on
+/// SIGTERM and skips its evaluation and save; a resume continues from that step.
+#[test]
+fn sigterm_saves_the_lrm_recipe_and_resume_continues() {
+    let tmp = tempfile::tempdir().unwrap();
+    stop_and_resume(
+        "scripts/train_lrm.rhai",
+        &tmp.path().join("lrm"),
+        &[
+            "steps=60",
+            "batch_size=2",
+            "checkpoint_every=1000",
+            "synthetic_pairs=16",
+        ],
+        60,
+        &["lrm"],
+    );
+}
+
+/// The shapes pretraining recipe does the same.
+#[test]
+fn sigterm_saves_the_shapes_pretraining_and_resume_continues() {
+    let tmp = tempfile::tempdir().unwrap();
+    stop_and_resume(
+        "scripts/shapes/pretrain.rhai",
+        &tmp.path().join("pre"),
+        &[
+            "steps=40",
+            "batch=2",
+            "ckpt_every=1000",
+            "log_every=1",
+            "eval_n=0",
+        ],
+        40,
+        &["model/unet"],
+    );
+}
