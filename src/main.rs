@@ -216,8 +216,7 @@ fn main() -> ExitCode {
                 let value: Result<serde_json::Value, _> = serde_json::from_str(&json);
                 match value
                     .ok()
-                    .and_then(|v| rhai::serde::to_dynamic(v).ok())
-                    .and_then(|d| d.try_cast::<rhai::Map>())
+                    .and_then(|v| lpo::run::params_json::params_from_json(v).ok())
                 {
                     Some(m) => params = m,
                     None => {

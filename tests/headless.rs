@@ -286,3 +286,130 @@ fn fns_markdown_is_the_api_reference() {
         assert!(md.contains(want), "missing {want:?} in\n{md}");
     }
 }
+
+/// CHECKPOINTING that crashes at step 17 on its first attempt (not on a resume).
+const CRASHING: &str = r#"
+let x = tensor([1.0, 2.0]);
+let acc = 0.0;
+let step = 0;
+let ck = checkpoint_latest();
+if ck != () { step = ck.step; x = ck.tensors.x; acc = ck.state.acc; }
+while step < 20 {
+    x = x * 0.9 + 0.1;
+    acc += x.sum().item();
+    step += 1;
+    log_metrics(#{step: step, loss: acc});
+    if step % 5 == 0 { checkpoint_save(step, #{x: x}, #{acc: acc}); }
+    if step == 17 && !params.resume { throw "crash"; }
+}
+write_json(#{acc: acc, resumed_from: if ck == () { 0 } else { ck.step }}, run_dir() + "/result.json");
+"#;
+
+fn metric_steps(run: &Path) -> Vec<i64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn resume_falls_back_past_a_corrupt_checkpoint_drops_later_metrics_and_stale_temporaries() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(d, "crash.rhai", CRASHING);
+    write(d, "ck.rhai", CHECKPOINTING);
+    let (code, err) = output(lpo(d).args(["run", "ck.rhai", "--run-dir", "full"]));
+    assert_eq!(code, 0, "{err}");
+    let (code, err) = output(lpo(d).args(["run", "crash.rhai", "--run-dir", "cut"]));
+    assert_eq!(code, 1, "{err}");
+    let run = d.join("cut");
+    assert_eq!(checkpoint_steps(&run), vec![5, 10, 15]);
+    assert_eq!(metric_steps(&run), (1..=17).collect::<Vec<_>>());
+    // The newest checkpoint is cut short; a killed save left its temporary folder behind.
+    let tensors = run.join("checkpoints/step-15/tensors.safetensors");
+    let bytes = std::fs::read(&tensors).unwrap();
+    std::fs::write(&tensors, &bytes[..bytes.len() / 2]).unwrap();
+    let stale = run.join("checkpoints/.step-16.tmp-4000000");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("state.json"), "{").unwrap();
+
+    let (code, err) = output(lpo(d).args(["run", "--resume", "cut"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("step-15") && err.contains("corrupt"),
+        "the warning names the corrupt checkpoint: {err}"
+    );
+    assert!(err.contains("latest checkpoint: step 10"), "{err}");
+    let result = json(&run.join("result.json"));
+    assert_eq!(result["resumed_from"], 10);
+    assert_eq!(result["acc"], json(&d.join("full/result.json"))["acc"]);
+    // Each step's metrics once; the rows past step 10 were set aside, not lost.
+    assert_eq!(metric_steps(&run), (1..=20).collect::<Vec<_>>());
+    let discarded = std::fs::read_to_string(run.join("metrics.discarded.jsonl")).unwrap();
+    assert_eq!(discarded.lines().count(), 7);
+    assert!(run.join("checkpoints/corrupt-step-15").is_dir());
+    assert!(!stale.exists(), "the stale temporary folder is removed");
+}
+
+#[test]
+fn resuming_a_finished_run_does_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(d, "ck.rhai", CHECKPOINTING);
+    let (code, err) =
+        output(lpo(d).args(["run", "ck.rhai", "--run-dir", "done", "--set", "steps=6"]));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json(&d.join("done/exit.json"))["exit_code"], 0);
+    let (code, err) = output(lpo(d).args(["run", "--resume", "done"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("already finished"), "{err}");
+    assert_eq!(metric_steps(&d.join("done")), (1..=6).collect::<Vec<_>>());
+    assert_eq!(json(&d.join("done/result.json"))["resumed"], false);
+}
+
+#[test]
+fn non_finite_set_values_survive_a_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(
+        d,
+        "p.rhai",
+        r#"
+if !params.resume { throw "first attempt fails"; }
+write_json(#{a_nan: params.a.is_nan(), b: `${type_of(params.b)} ${params.b}`,
+             c: `${type_of(params.c)} ${params.c}`, d: params.d, s: params.s},
+           run_dir() + "/seen.json");
+"#,
+    );
+    let (code, err) = output(lpo(d).args([
+        "run",
+        "p.rhai",
+        "--run-dir",
+        "r",
+        "--set",
+        "a=NaN",
+        "--set",
+        "b=inf",
+        "--set",
+        "c=-inf",
+        "--set",
+        "d=0.5",
+        "--set",
+        "s=text",
+    ]));
+    assert_eq!(code, 1, "{err}");
+    let stored = json(&d.join("r/params.json"));
+    assert_eq!(stored["params"]["a"], serde_json::json!({"$float": "NaN"}));
+    assert_eq!(stored["params"]["c"], serde_json::json!({"$float": "-inf"}));
+    let (code, err) = output(lpo(d).args(["run", "--resume", "r"]));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        json(&d.join("r/seen.json")),
+        serde_json::json!({"a_nan": true, "b": "f64 inf", "c": "f64 -inf", "d": 0.5, "s": "text"})
+    );
+}

@@ -316,7 +316,8 @@ fn train_recipe_checkpoints_and_resumes_exactly() {
     std::fs::create_dir_all(b.join("checkpoints")).unwrap();
     for e in std::fs::read_dir(&a).unwrap() {
         let e = e.unwrap();
-        if e.path().is_file() && e.file_name() != "lock" {
+        // Not the lock, nor exit.json: the copy stands for a run cut short, not a finished one.
+        if e.path().is_file() && e.file_name() != "lock" && e.file_name() != "exit.json" {
             std::fs::copy(e.path(), b.join(e.file_name())).unwrap();
         }
     }

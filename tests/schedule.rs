@@ -287,6 +287,11 @@ fn bad_schedule_files_are_rejected_with_line_and_reason() {
         ("[jobs.a]\nscript = \"ok.rhai\"\nafter = \"nobody\"\n", ":3:", "names no job"),
         ("[jobs.a]\nscript = \"missing.rhai\"\ncron = \"* * * * *\"\n", ":2:", "script not found"),
         ("[jobs.a]\nscript = \"ok.rhai\"\n", ":1:", "needs `cron"),
+        (
+            "[jobs.feb]\nscript = \"ok.rhai\"\ncron = \"0 0 31 2 *\"\n",
+            ":3:",
+            "job `feb`: cron expression `0 0 31 2 *` never fires",
+        ),
     ];
     for (text, line, reason) in cases {
         write(d, "jobs.toml", text);
@@ -342,4 +347,94 @@ fn the_foreground_scheduler_runs_jobs_as_they_fall_due() {
         starts.iter().map(|r| r["slot"].to_string()).collect();
     assert_eq!(slots.len(), starts.len(), "each occurrence runs once");
     assert_eq!(events(&l, "tick", "end").len(), starts.len());
+}
+
+/// Many `--once` schedulers started over and over, as from several crontabs: every cron slot runs
+/// exactly once, a finished job is never taken for an interrupted one and resumed, and a job
+/// `after` another runs once per end at most.
+#[test]
+fn concurrent_once_schedulers_run_each_slot_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Each execution leaves one metrics row in its run folder.
+    write(d, "count.rhai", "log_metrics(#{step: 1}); sleep(0.3);");
+    // Several short jobs every second: many job ends for the schedulers to race on.
+    let cron_jobs = ["a", "b", "c", "d"];
+    let mut toml = String::new();
+    for job in cron_jobs {
+        toml += &format!("[jobs.{job}]\nscript = \"count.rhai\"\ncron = \"* * * * * *\"\n\n");
+    }
+    toml += "[jobs.follow]\nscript = \"count.rhai\"\nafter = \"a\"\n";
+    write(d, "jobs.toml", &toml);
+    // A long history (as after weeks of crontab runs) makes each scheduler's decision take a
+    // while under the lock: a job's end then often falls between another scheduler reading the
+    // ledger and checking the job's process.
+    let mut history = String::from("{\"time\":\"2025-12-31T00:00:00Z\",\"event\":\"created\"}\n");
+    for _ in 0..20_000 {
+        history += "{\"time\":\"2025-12-31T00:00:00Z\",\"event\":\"skipped\",\"job\":\"old\",\"reason\":\"already running\"}\n";
+    }
+    write(d, "jobs.ledger.jsonl", &history);
+    let base = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap();
+    let started = Instant::now();
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let d = d.to_path_buf();
+            std::thread::spawn(move || {
+                while started.elapsed() < Duration::from_secs(4) {
+                    // The fake clock follows the real one, so every worker sees the same time.
+                    let now = base + chrono::Duration::from_std(started.elapsed()).unwrap();
+                    let (code, err) = schedule(&d, &now.to_rfc3339());
+                    assert_eq!(code, 0, "{err}");
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let l = ledger(d);
+    let executions = |job: &str| -> usize {
+        let dirs: std::collections::HashSet<String> = events(&l, job, "start")
+            .iter()
+            .map(|r| r["run_dir"].as_str().unwrap().to_string())
+            .collect();
+        dirs.iter()
+            .map(|r| {
+                std::fs::read_to_string(Path::new(r).join("metrics.jsonl"))
+                    .unwrap_or_default()
+                    .lines()
+                    .count()
+            })
+            .sum()
+    };
+    for job in cron_jobs {
+        let starts = events(&l, job, "start");
+        let slots: std::collections::HashSet<String> =
+            starts.iter().map(|r| r["slot"].to_string()).collect();
+        assert!(!slots.is_empty(), "{job}: {l:?}");
+        assert_eq!(
+            starts.len(),
+            slots.len(),
+            "{job}: one start per slot: {l:?}"
+        );
+        assert_eq!(
+            executions(job),
+            slots.len(),
+            "{job}: one execution per slot"
+        );
+        let ends = events(&l, job, "end");
+        assert_eq!(ends.len(), starts.len(), "{job}: one end per start: {l:?}");
+        assert!(ends.iter().all(|r| r["exit_code"] == 0), "{l:?}");
+    }
+    assert!(
+        l.iter()
+            .all(|r| r["event"] != "start" || r["resume"] == false),
+        "no finished job was resumed: {l:?}"
+    );
+    let follow = events(&l, "follow", "start");
+    assert!(
+        !follow.is_empty() && follow.len() <= events(&l, "a", "end").len(),
+        "{l:?}"
+    );
+    assert_eq!(executions("follow"), follow.len());
 }

@@ -253,7 +253,11 @@ fn recipes_run_on_a_tiny_budget() {
     );
     let first = std::fs::read(base.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
 
-    // Resume from the step-2 checkpoint: the same final weights, bit for bit.
+    // Resume from the step-2 checkpoint: the same final weights, bit for bit. Without its
+    // exit.json (and its output) the run stands for one cut short after that checkpoint; a
+    // finished run is not resumed.
+    std::fs::remove_file(dir.join("pre/exit.json")).unwrap();
+    std::fs::remove_file(base.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
     ok(&lpo(dir, &["run", "--resume", "pre"]), "pretrain resume");
     let again = std::fs::read(base.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
     assert!(first == again, "resume from step 2 gives the same weights");

@@ -3,6 +3,7 @@
 
 pub mod loss;
 pub mod policy;
+pub mod records_io;
 pub mod sampler;
 pub mod train;
 

@@ -3,8 +3,11 @@
 //! Layout of `runs/<stem>-<YYYYmmdd-HHMMSS>/`:
 //! `script.rhai` (a copy of the script), `params.json` (params, seed, device, limits),
 //! `run.log`, `metrics.jsonl`, `checkpoints/step-<N>/{tensors.safetensors,state.json}`,
-//! `lock` (pid of the holder; an OS lock that dies with the process) and whatever the script
-//! writes under `run_dir()`.
+//! `lock` (pid of the holder; an OS lock that dies with the process), `exit.json` (the exit code
+//! once the run ended) and whatever the script writes under `run_dir()`.
+//!
+//! Each checkpoint records how long `metrics.jsonl` was when it was saved, so a resumed run
+//! drops the rows logged after it (they are logged again) instead of repeating steps.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -20,6 +23,12 @@ use crate::control::StopReason;
 
 /// Exit code of `lpo run` when the run folder is locked by another live process (EX_TEMPFAIL).
 pub const EXIT_LOCKED: i32 = 75;
+
+/// How the run ended: `{"exit_code": N, "time": unix seconds}`.
+const EXIT_FILE: &str = "exit.json";
+
+/// The key in a checkpoint's `state.json` with the length of `metrics.jsonl` at the save.
+const METRICS_BYTES: &str = "metrics_bytes";
 
 /// The run folder is held by another process.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +66,12 @@ impl RunDir {
     pub fn open(path: &Path) -> Result<RunDir> {
         std::fs::create_dir_all(path)
             .with_context(|| format!("cannot create run folder {}", path.display()))?;
+        // Taking the lock and writing the pid into it happen under a short lock on the folder
+        // itself, which a refused contender also holds while it reads the pid: it never reads
+        // the lock file empty or half-written.
+        let folder = File::open(path)
+            .and_then(|f| f.lock().map(|()| f))
+            .with_context(|| format!("cannot lock run folder {}", path.display()))?;
         let lock_path = path.join("lock");
         let mut file = OpenOptions::new()
             .read(true)
@@ -84,6 +99,8 @@ impl RunDir {
         file.rewind()?;
         write!(file, "{}", std::process::id())?;
         file.flush()?;
+        drop(folder);
+        remove_stale_temporaries(&path.join("checkpoints"));
         Ok(RunDir {
             path: path.to_path_buf(),
             _lock: file,
@@ -199,6 +216,7 @@ impl RunDir {
             meta.insert("step".into(), step.into());
             meta.insert("state".into(), state.clone());
             meta.insert("time".into(), unix_time().into());
+            meta.insert(METRICS_BYTES.into(), self.metrics_len().into());
             crate::fsutil::atomic_write(
                 &tmp.join("state.json"),
                 serde_json::to_string_pretty(&meta)?.as_bytes(),
@@ -249,7 +267,115 @@ impl RunDir {
         latest_checkpoint(&self.checkpoints_dir(), device)
     }
 
+    /// Before a resumed script starts: set aside unreadable checkpoints (renamed
+    /// `corrupt-step-<N>`, with a warning naming them) so the run continues from the newest
+    /// intact one, and drop the `metrics.jsonl` rows logged after that checkpoint (appended to
+    /// `metrics.discarded.jsonl`). Returns the step resumed from.
+    pub fn prepare_resume(&self) -> Result<Option<i64>> {
+        let dir = self.checkpoints_dir();
+        let mut found = list_checkpoints(&dir);
+        found.sort_by_key(|(s, _)| std::cmp::Reverse(*s));
+        for (step, path) in found {
+            match read_checkpoint_meta(&path) {
+                Ok(meta) => {
+                    if let Some(bytes) = meta.get(METRICS_BYTES).and_then(|b| b.as_u64()) {
+                        self.truncate_metrics(bytes, &format!("checkpoint step {step}"))?;
+                    }
+                    return Ok(Some(step));
+                }
+                Err(e) => {
+                    let aside = (1..)
+                        .map(|i| match i {
+                            1 => dir.join(format!("corrupt-step-{step}")),
+                            _ => dir.join(format!("corrupt-step-{step}-{i}")),
+                        })
+                        .find(|p| !p.exists())
+                        .expect("an unused name exists");
+                    std::fs::rename(&path, &aside).with_context(|| {
+                        format!("cannot move corrupt checkpoint {} aside", path.display())
+                    })?;
+                    tracing::warn!(
+                        "checkpoint {} is corrupt ({e:#}): moved to {}; falling back to the previous checkpoint",
+                        path.display(),
+                        aside.display()
+                    );
+                }
+            }
+        }
+        // No checkpoint: the script starts over, and every row would be logged again.
+        self.truncate_metrics(0, "the start (no intact checkpoint)")?;
+        Ok(None)
+    }
+
+    // ---- end of run ------------------------------------------------------------------------
+
+    /// Record how the run ended (`exit.json`); a run that ended with 0 is finished.
+    pub fn write_exit(&self, code: i32) -> Result<()> {
+        let record = serde_json::json!({"exit_code": code, "time": unix_time()});
+        crate::fsutil::atomic_write(&self.path.join(EXIT_FILE), record.to_string().as_bytes())
+    }
+
+    /// Forget a previous ending (a resumed run is running again).
+    pub fn clear_exit(&self) -> Result<()> {
+        let path = self.path.join(EXIT_FILE);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("cannot remove {}", path.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// True when the run folder records a successful end.
+    pub fn finished(&self) -> bool {
+        std::fs::read_to_string(self.path.join(EXIT_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|v| v["exit_code"] == 0)
+    }
+
     // ---- metrics ---------------------------------------------------------------------------
+
+    fn metrics_path(&self) -> PathBuf {
+        self.path.join("metrics.jsonl")
+    }
+
+    /// Bytes in `metrics.jsonl` now (0 when there is none).
+    fn metrics_len(&self) -> u64 {
+        let _guard = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+        std::fs::metadata(self.metrics_path()).map_or(0, |m| m.len())
+    }
+
+    /// Cut `metrics.jsonl` back to `bytes`, appending the rows cut to `metrics.discarded.jsonl`.
+    fn truncate_metrics(&self, bytes: u64, since: &str) -> Result<()> {
+        let _guard = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+        let path = self.metrics_path();
+        let Ok(text) = std::fs::read(&path) else {
+            return Ok(());
+        };
+        let Some(tail) = text.get(bytes as usize..).filter(|t| !t.is_empty()) else {
+            return Ok(());
+        };
+        let rows = tail.iter().filter(|&&b| b == b'\n').count();
+        let discarded = self.path.join("metrics.discarded.jsonl");
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&discarded)
+            .and_then(|mut f| f.write_all(tail).and_then(|()| f.sync_data()))
+            .with_context(|| format!("cannot write {}", discarded.display()))?;
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_len(bytes))
+            .with_context(|| format!("cannot truncate {}", path.display()))?;
+        tracing::info!(
+            "{}: {rows} row(s) logged after {since} dropped (they are logged again; kept in {})",
+            path.display(),
+            discarded.display()
+        );
+        Ok(())
+    }
 
     /// Append one JSON line to `metrics.jsonl` (with `time`). Returns the names of halting
     /// keys whose value is non-finite (the line is written all the same).
@@ -261,7 +387,7 @@ impl RunDir {
         record.insert("time".into(), unix_time().into());
         let line = serde_json::to_string(&record)?;
         let _guard = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
-        let path = self.path.join("metrics.jsonl");
+        let path = self.metrics_path();
         let mut f = OpenOptions::new()
             .create(true)
             .append(true)
@@ -297,26 +423,88 @@ pub fn list_checkpoints(dir: &Path) -> Vec<(i64, PathBuf)> {
         .collect()
 }
 
+/// The newest checkpoint under `dir` that loads; an unreadable newer one is skipped with a
+/// warning naming it.
 pub fn latest_checkpoint(dir: &Path, device: &Device) -> Result<Option<Checkpoint>> {
-    let Some((step, path)) = list_checkpoints(dir).into_iter().max_by_key(|(s, _)| *s) else {
-        return Ok(None);
-    };
+    let mut found = list_checkpoints(dir);
+    found.sort_by_key(|(s, _)| std::cmp::Reverse(*s));
+    for (step, path) in found {
+        match load_checkpoint(step, &path, device) {
+            Ok(ck) => return Ok(Some(ck)),
+            Err(e) => tracing::warn!(
+                "checkpoint {} is corrupt ({e:#}); falling back to the previous checkpoint",
+                path.display()
+            ),
+        }
+    }
+    Ok(None)
+}
+
+fn load_checkpoint(step: i64, path: &Path, device: &Device) -> Result<Checkpoint> {
+    let meta = read_checkpoint_meta(path)?;
     let tensors = crate::tensor::io::load_safetensors(&path.join("tensors.safetensors"), device)?;
+    let state = meta
+        .get("state")
+        .cloned()
+        .unwrap_or(serde_json::Value::Object(Default::default()));
+    Ok(Checkpoint {
+        step,
+        path: path.to_path_buf(),
+        tensors,
+        state,
+    })
+}
+
+/// The parsed `state.json` of a checkpoint folder, after checking that its tensors file is
+/// whole (a valid safetensors header whose offsets fit the file).
+fn read_checkpoint_meta(path: &Path) -> Result<serde_json::Value> {
+    let tensors_path = path.join("tensors.safetensors");
+    let bytes = std::fs::read(&tensors_path)
+        .with_context(|| format!("cannot read {}", tensors_path.display()))?;
+    safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{}: not a whole safetensors file", tensors_path.display()))?;
     let state_path = path.join("state.json");
     let text = std::fs::read_to_string(&state_path)
         .with_context(|| format!("cannot read {}", state_path.display()))?;
     let meta: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{}: invalid JSON", state_path.display()))?;
-    let state = meta
-        .get("state")
-        .cloned()
-        .unwrap_or(serde_json::Value::Object(Default::default()));
-    Ok(Some(Checkpoint {
-        step,
-        path,
-        tensors,
-        state,
-    }))
+    if !meta.is_object() {
+        bail!("{}: not a checkpoint record", state_path.display());
+    }
+    Ok(meta)
+}
+
+/// Remove what a process that died while saving a checkpoint left under `dir`: its
+/// `.step-<N>.tmp-<pid>` folders (incomplete saves) and `.step-<N>.old-<pid>` folders (the
+/// replaced save, put back when the replacement never arrived). Called with the run folder
+/// locked, so no live process is writing them.
+fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(".step-") else {
+            continue;
+        };
+        let path = entry.path();
+        if let Some((step, _pid)) = rest.split_once(".old-") {
+            let target = dir.join(format!("step-{step}"));
+            if !target.exists() && std::fs::rename(&path, &target).is_ok() {
+                tracing::warn!(
+                    "restored checkpoint {} (a save replacing it was interrupted)",
+                    target.display()
+                );
+                continue;
+            }
+        } else if !rest.contains(".tmp-") {
+            continue;
+        }
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => tracing::info!("removed {} (left by an interrupted save)", path.display()),
+            Err(e) => tracing::warn!("cannot remove {}: {e}", path.display()),
+        }
+    }
 }
 
 pub fn unix_time() -> f64 {
@@ -357,5 +545,70 @@ mod tests {
         assert_eq!(latest.state["k"], 5);
         drop(run);
         assert!(!RunDir::is_locked(dir.path()));
+    }
+
+    #[test]
+    fn a_refused_contender_reads_the_pid_the_holder_is_still_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        // A holder between taking the lock and writing its pid.
+        let folder = File::open(dir.path()).unwrap();
+        folder.lock().unwrap();
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.path().join("lock"))
+            .unwrap();
+        lock.try_lock().unwrap();
+        let path = dir.path().to_path_buf();
+        let contender = std::thread::spawn(move || RunDir::open(&path).err().unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(
+            !contender.is_finished(),
+            "the contender waits until the pid is written"
+        );
+        (&lock).write_all(b"4242").unwrap();
+        drop(folder);
+        let err = contender.join().unwrap();
+        assert_eq!(err.downcast_ref::<Locked>().unwrap().pid, Some(4242));
+    }
+
+    #[test]
+    fn latest_checkpoint_skips_a_corrupt_newest_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::open(dir.path()).unwrap();
+        let mut m = HashMap::new();
+        m.insert(
+            "x".to_string(),
+            Tensor::new(&[1f32, 2.], &Device::Cpu).unwrap(),
+        );
+        run.save_checkpoint(1, &m, &serde_json::json!({})).unwrap();
+        let newest = run.save_checkpoint(2, &m, &serde_json::json!({})).unwrap();
+        std::fs::write(newest.join("tensors.safetensors"), b"garbage").unwrap();
+        assert_eq!(
+            run.latest_checkpoint(&Device::Cpu).unwrap().unwrap().step,
+            1
+        );
+        std::fs::write(newest.join("state.json"), b"{").unwrap();
+        assert_eq!(run.prepare_resume().unwrap(), Some(1));
+        assert!(run.checkpoints_dir().join("corrupt-step-2").is_dir());
+    }
+
+    #[test]
+    fn an_interrupted_replacement_puts_the_old_checkpoint_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let checkpoints = dir.path().join("checkpoints");
+        // Killed between moving step-5 aside and moving its replacement in.
+        std::fs::create_dir_all(checkpoints.join(".step-5.old-4000000")).unwrap();
+        std::fs::create_dir_all(checkpoints.join(".step-5.tmp-4000000")).unwrap();
+        std::fs::create_dir_all(checkpoints.join(".step-3.old-4000001")).unwrap();
+        std::fs::create_dir_all(checkpoints.join("step-3")).unwrap();
+        let _run = RunDir::open(dir.path()).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(&checkpoints)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec!["step-3", "step-5"]);
     }
 }

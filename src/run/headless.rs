@@ -91,9 +91,9 @@ pub fn run(mut h: Headless) -> i32 {
         .map(|s| PathBuf::from(&s.script))
         .unwrap_or_else(|| script.clone());
     if let Some(stored) = &stored {
-        h.params = match rhai::serde::to_dynamic(&stored.params).map(|d| d.try_cast::<Map>()) {
-            Ok(Some(m)) => m,
-            _ => {
+        h.params = match super::params_json::params_from_json(stored.params.clone()) {
+            Ok(m) => m,
+            Err(_) => {
                 log::report(&format!(
                     "error: {}: `params` is not a map",
                     run_path.join("params.json").display()
@@ -177,11 +177,25 @@ pub fn run(mut h: Headless) -> i32 {
         }
         tracing::info!("run folder {}", run_path.display());
     } else {
+        if run.finished() {
+            log::report(&format!(
+                "run {} has already finished (exit code 0 in {}): nothing to resume",
+                run_path.display(),
+                run_path.join("exit.json").display()
+            ));
+            return 0;
+        }
         h.params.insert("resume".into(), Dynamic::TRUE);
-        let latest = super::dir::list_checkpoints(&run.checkpoints_dir())
-            .into_iter()
-            .map(|(s, _)| s)
-            .max();
+        let latest = match run.clear_exit().and_then(|()| run.prepare_resume()) {
+            Ok(latest) => latest,
+            Err(e) => {
+                log::report(&format!(
+                    "error: cannot resume {}: {e:#}",
+                    run_path.display()
+                ));
+                return 1;
+            }
+        };
         tracing::info!(
             "resuming {} ({})",
             run_path.display(),
@@ -207,6 +221,9 @@ pub fn run(mut h: Headless) -> i32 {
         },
         control,
     );
+    if let Err(e) = run.write_exit(code) {
+        tracing::warn!("cannot record the exit code: {e:#}");
+    }
     tracing::info!("run {} ended with exit code {code}", run_path.display());
     code
 }
@@ -225,7 +242,7 @@ fn read_stored(dir: &Path) -> anyhow::Result<StoredParams> {
 
 fn write_stored(dir: &Path, script: &Path, source: &str, h: &Headless) -> anyhow::Result<()> {
     crate::fsutil::atomic_write(&dir.join(SCRIPT_COPY), source.as_bytes())?;
-    let params: serde_json::Value = rhai::serde::from_dynamic(&Dynamic::from_map(h.params.clone()))
+    let params = super::params_json::to_json(&Dynamic::from_map(h.params.clone()))
         .map_err(|e| anyhow::anyhow!("params: {e}"))?;
     let stored = StoredParams {
         script: std::path::absolute(script)

@@ -4,6 +4,7 @@
 pub mod dir;
 pub mod headless;
 pub mod log;
+pub mod params_json;
 pub mod report;
 pub mod signals;
 

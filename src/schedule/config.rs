@@ -157,12 +157,18 @@ impl Schedule {
                 }
                 (Some(cron), None) => {
                     let expr = cron.get_ref().clone();
+                    let at = line_of(text, cron.span().start);
                     match croner::Cron::from_str(&expr) {
+                        // A valid pattern that matches no date (`0 0 31 2 *`) would never run.
+                        Ok(c) if c.find_next_occurrence(&chrono::Utc::now(), false).is_err() => {
+                            return Err(Invalid(format!(
+                                "{name}:{at}: job `{job_name}`: cron expression `{expr}` never fires (no date matches it)"
+                            )))
+                        }
                         Ok(c) => Trigger::Cron(Box::new(c), expr),
                         Err(e) => {
                             return Err(Invalid(format!(
-                                "{name}:{}: job `{job_name}`: invalid cron expression `{expr}`: {e}",
-                                line_of(text, cron.span().start)
+                                "{name}:{at}: job `{job_name}`: invalid cron expression `{expr}`: {e}"
                             )))
                         }
                     }
@@ -193,7 +199,7 @@ impl Schedule {
                     "{name}{job_line}: job `{job_name}`: timeout_seconds must be > 0"
                 )));
             }
-            let params = serde_json::to_value(j.params.unwrap_or_default())
+            let params = toml_to_json(&toml::Value::Table(j.params.unwrap_or_default()))
                 .map_err(|e| Invalid(format!("{name}{job_line}: job `{job_name}`: params: {e}")))?;
             jobs.push(Job {
                 name: job_name,
@@ -250,6 +256,22 @@ impl Schedule {
     pub fn job(&self, name: &str) -> Option<&Job> {
         self.jobs.iter().find(|j| j.name == name)
     }
+}
+
+/// Params as the JSON `lpo run --params-json` reads (`nan` and `inf` kept as tagged floats).
+fn toml_to_json(value: &toml::Value) -> Result<serde_json::Value, serde_json::Error> {
+    Ok(match value {
+        toml::Value::Float(x) => crate::run::params_json::float_to_json(*x),
+        toml::Value::Table(t) => serde_json::Value::Object(
+            t.iter()
+                .map(|(k, v)| Ok((k.clone(), toml_to_json(v)?)))
+                .collect::<Result<_, serde_json::Error>>()?,
+        ),
+        toml::Value::Array(a) => {
+            serde_json::Value::Array(a.iter().map(toml_to_json).collect::<Result<_, _>>()?)
+        }
+        other => serde_json::to_value(other)?,
+    })
 }
 
 /// Jobs in dependency order, or the names on a cycle.

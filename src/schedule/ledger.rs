@@ -1,6 +1,9 @@
 //! The ledger `<schedule-stem>.ledger.jsonl` beside the schedule file: one JSON object per line
-//! (`created`, then `start`, `end`, `skipped`, `gave_up` records of jobs), and a lock file
-//! `<schedule-stem>.lock` that serializes the schedulers deciding what to start.
+//! (`created`, then `start`, `end`, `skipped`, `gave_up` records of jobs), a lock file
+//! `<schedule-stem>.lock` that serializes the schedulers deciding what to start, and one lock
+//! file per job, `<schedule-stem>.job-<name>.lock`, held by the scheduler that started the job
+//! until its end record is written (so no other scheduler takes a finished job, whose process
+//! is gone, for an interrupted one).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -119,15 +122,45 @@ impl Ledger {
     }
 
     pub fn lock(&self) -> Result<LockGuard> {
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&self.lock_path)
-            .with_context(|| format!("cannot open {}", self.lock_path.display()))?;
+        let f = open_lock_file(&self.lock_path)?;
         f.lock()
             .with_context(|| format!("cannot lock {}", self.lock_path.display()))?;
         Ok(LockGuard(f))
+    }
+
+    fn job_lock_path(&self, job: &str) -> PathBuf {
+        let name = self
+            .lock_path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "schedule".into());
+        self.lock_path
+            .with_file_name(format!("{name}.job-{job}.lock"))
+    }
+
+    /// Take the lock of `job` for as long as this scheduler owns its run (from its start until
+    /// its end record is written); None when another process holds it.
+    pub fn try_lock_job(&self, job: &str) -> Result<Option<LockGuard>> {
+        let path = self.job_lock_path(job);
+        let f = open_lock_file(&path)?;
+        match f.try_lock() {
+            Ok(()) => Ok(Some(LockGuard(f))),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(e).with_context(|| format!("cannot lock {}", path.display()))
+            }
+        }
+    }
+
+    /// True when a live scheduler owns the run of `job` (see [`Ledger::try_lock_job`]).
+    pub fn job_locked(&self, job: &str) -> bool {
+        let path = self.job_lock_path(job);
+        if !path.exists() {
+            return false;
+        }
+        // A successful probe locks and unlocks at once (the file is closed).
+        open_lock_file(&path)
+            .is_ok_and(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
     }
 
     /// Every record; a missing ledger is created with its `created` record. A torn last line
@@ -169,4 +202,13 @@ impl Ledger {
         f.sync_data().ok();
         Ok(())
     }
+}
+
+fn open_lock_file(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))
 }

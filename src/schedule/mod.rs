@@ -6,10 +6,12 @@
 //!   it was started for, and not earlier than the first time this schedule was seen (the
 //!   ledger's `created` record): missed occurrences are caught up once, not one by one.
 //! - An `after` job is due after each successful end of the job it follows.
-//! - A job whose last start has no end is running if its process is alive or its run folder is
-//!   locked: it is never started twice. Otherwise it was interrupted (SIGKILL, reboot) and is
-//!   resumed with `lpo run --resume` on its run folder. A job that ended interrupted (exit
-//!   130/143 or killed by a signal) is resumed too.
+//! - A job whose last start has no end is running if its process is alive, its run folder is
+//!   locked or the scheduler that started it still holds the job's lock (it keeps it until the
+//!   end record is written): it is never started twice. Otherwise it was interrupted (SIGKILL,
+//!   reboot) and is resumed with `lpo run --resume` on its run folder (a no-op exiting 0 when
+//!   the run had finished). A job that ended interrupted (exit 130/143 or killed by a signal) is
+//!   resumed too.
 //! - A job failing (any other non-zero exit) is retried up to `retries` times in fresh run
 //!   folders, waiting `backoff_seconds * 2^(n-1)` before retry n; then a `gave_up` record is
 //!   written and `--once` exits 1.
@@ -178,7 +180,9 @@ impl Scheduler {
             let attempt = start.attempt.unwrap_or(1);
             match end {
                 None => {
-                    let alive = start.pid.is_some_and(pid_alive) || RunDir::is_locked(&run_dir);
+                    let alive = start.pid.is_some_and(pid_alive)
+                        || RunDir::is_locked(&run_dir)
+                        || self.ledger.job_locked(&job.name);
                     if alive {
                         return Some(Action::Running { pid: start.pid });
                     }
@@ -372,12 +376,15 @@ impl Scheduler {
                     earliest_retry = Some(earliest_retry.map_or(not_before, |t| t.min(not_before)));
                 }
                 Some(action) => {
-                    chosen = Some((job.clone(), action));
-                    break;
+                    // Owned from here until its end record is written.
+                    if let Some(job_lock) = self.ledger.try_lock_job(&job.name)? {
+                        chosen = Some((job.clone(), action, job_lock));
+                        break;
+                    }
                 }
             }
         }
-        let Some((job, action)) = chosen else {
+        let Some((job, action, job_lock)) = chosen else {
             return Ok(match earliest_retry {
                 Some(t) => Step::WaitUntil(t),
                 None => Step::Idle,
@@ -480,6 +487,8 @@ impl Scheduler {
                 run_dir.display()
             );
         }
+        // Released before the schedule lock: whoever decides next sees the end record.
+        drop(job_lock);
         Ok(Step::Ran { gave_up })
     }
 

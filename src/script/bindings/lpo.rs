@@ -843,6 +843,50 @@ pub mod lpo_api {
         Ok(m)
     }
 
+    /// The records as checkpoint parts `#{tensors, state}`: save `tensors` (under a key prefix
+    /// of your choice) with `checkpoint_save` and `state` among its plain data, and get the
+    /// records back with `records_from_checkpoint(tensors, state)` (a run stopped mid-epoch
+    /// keeps the pairs it sampled).
+    #[rhai_fn(pure, return_raw)]
+    pub fn to_checkpoint(ctx: NativeCallContext, r: &mut Records) -> ScriptResult<Map> {
+        let (tensors, state) =
+            crate::lpo::records_io::records_to_checkpoint(&r.0).or_script(&ctx)?;
+        let mut m = Map::new();
+        m.insert(
+            "tensors".into(),
+            Dynamic::from_map(
+                tensors
+                    .into_iter()
+                    .map(|(k, t)| (k.into(), Dynamic::from(t)))
+                    .collect(),
+            ),
+        );
+        m.insert(
+            "state".into(),
+            rhai::serde::to_dynamic(state).or_script(&ctx)?,
+        );
+        Ok(m)
+    }
+
+    /// Records saved with `records.to_checkpoint()`: its `tensors` (as loaded from a checkpoint,
+    /// the key prefix removed) and its `state`. Errors name a missing tensor or bad shape.
+    #[rhai_fn(return_raw)]
+    pub fn records_from_checkpoint(
+        ctx: NativeCallContext,
+        tensors: Map,
+        state: Map,
+    ) -> ScriptResult<Records> {
+        let tensors =
+            crate::script::bindings::run::helpers::tensor_map(tensors, "records_from_checkpoint")
+                .or_script(&ctx)?;
+        let state: serde_json::Value = rhai::serde::from_dynamic(&Dynamic::from_map(state))
+            .map_err(|e| format!("records_from_checkpoint: state is not plain data: {e}"))
+            .or_script(&ctx)?;
+        let v =
+            crate::lpo::records_io::records_from_checkpoint(&tensors, &state).or_script(&ctx)?;
+        Ok(records(v))
+    }
+
     #[rhai_fn(global, name = "to_string", name = "to_debug", pure)]
     pub fn records_to_string(r: &mut Records) -> String {
         let c = super::helpers::bucket_counts(&r.0);

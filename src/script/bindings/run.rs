@@ -65,7 +65,8 @@ pub mod run_api {
     }
 
     /// The newest checkpoint of this run as `#{step, tensors, state, path}`, or `()` when there
-    /// is none (also without a run folder). `lpo run --resume` sets `params.resume = true`.
+    /// is none (also without a run folder). A checkpoint that does not load is skipped with a
+    /// warning naming it. `lpo run --resume` sets `params.resume = true`.
     #[rhai_fn(return_raw, volatile)]
     pub fn checkpoint_latest(ctx: NativeCallContext) -> ScriptResult<Dynamic> {
         let host = Host::of(&ctx);
