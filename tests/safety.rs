@@ -145,6 +145,24 @@ fn scripts_cannot_read_outside_their_folders() {
     );
     assert!(log_end(&d.join("r")).contains("ended with exit code 1"));
 
+    // Imports are read through the same gate.
+    std::fs::create_dir(d.join("lib")).unwrap();
+    write(&d.join("lib"), "m.rhai", "fn f() { 1 }\n");
+    write(
+        &d.join("job"),
+        "imp.rhai",
+        "import \"../lib/m\" as m;\nprint(m::f());\n",
+    );
+    let o = lpo(d, &["run", "job/imp.rhai"]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cannot read job/../lib/m.rhai"),
+        "{}",
+        stderr(&o)
+    );
+    let o = lpo(d, &["run", "job/imp.rhai", "--allow-read", "lib"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+
     // A link inside the script's folder pointing out of it.
     let outside = tempfile::tempdir().unwrap();
     write(outside.path(), "secret.txt", "a secret prompt\n");
