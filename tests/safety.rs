@@ -305,8 +305,15 @@ cron = "0 0 * * *"
 script = "second.rhai"
 after = "first"
 params = { runs = "runs" }
+
+[jobs.third]
+script = "second.rhai"
+after = "first"
+params = { runs = "shared" }
+allow_write = ["shared"]
 "#,
     );
+    std::fs::create_dir(d.join("shared")).unwrap();
     let o = common::run_lpo(
         d,
         &[
@@ -333,4 +340,7 @@ params = { runs = "runs" }
     assert_eq!(exit("first"), 0, "{}", stderr(&o));
     assert_eq!(exit("second"), 1, "{}", stderr(&o));
     assert!(!d.join("runs/result.json").exists());
+    // A job's `allow_write` entry is its --allow-write.
+    assert_eq!(exit("third"), 0, "{}", stderr(&o));
+    assert!(d.join("shared/result.json").is_file());
 }

@@ -283,7 +283,7 @@ pub fn resolve(path: &Path) -> std::io::Result<PathBuf> {
     Ok(out)
 }
 
-#[cfg(test)]
+#[cfg(all(test, unix))]
 mod tests {
     use super::*;
 
