@@ -115,6 +115,20 @@ fn deep_recursion_stops_as_a_safety_limit() {
     write(d, "ten_k.rhai", &recursion(10_000));
     let o = lpo(d, &["run", "ten_k.rhai", "--max-call-levels", "20000"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // An error deep in a recursion names the repeated call once, with its count.
+    write(
+        d,
+        "trail.rhai",
+        "fn f(n) { if n == 0 { throw \"bottom\"; } else { 1 + f(n - 1) } }\nlet x = f(50);\n",
+    );
+    let o = lpo(d, &["run", "trail.rhai"]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("in call to `f` at trail.rhai:1:") && err.contains("(x50)"),
+        "{err}"
+    );
+    assert!(err.lines().count() < 20, "{err}");
     // --max-call-levels itself: the same exit code and message.
     write(d, "levels.rhai", &recursion(500));
     let o = lpo(d, &["run", "levels.rhai"]);
