@@ -65,6 +65,17 @@ fn a_tensor_beyond_the_memory_cap_is_a_runtime_error() {
         ("ones([1000, 1]).matmul(ones([1, 1000]))", "matmul"),
         ("arange(0, 1000000)", "arange"),
         ("zeros([10, 10]).repeat([100, 100])", "repeat"),
+        ("linspace(0, 1, 1000000)", "linspace"),
+        ("rng(0).permutation(1000000)", "permutation"),
+        ("shapes_world().batch(2000, rng(0), #{})", "batch"),
+        (
+            "paired_bootstrap([1.0], [0.0], #{samples: 1000000})",
+            "paired_bootstrap",
+        ),
+        (
+            "line_plot(\"p.png\", \"t\", #{a: [1.0]}, #{width: 100000, height: 100000})",
+            "line_plot",
+        ),
     ] {
         write(d, "s.rhai", &format!("let x = {script};\n"));
         let o = lpo(d, &["run", "s.rhai", "--max-tensor-memory", "1M"]);

@@ -264,6 +264,9 @@ pub mod eval_api {
     ) -> ScriptResult<Map> {
         let o = Options::new(&opts, "paired_bootstrap", &["samples", "seed"]).or_script(&ctx)?;
         let samples = o.usize("samples", DEFAULT_SAMPLES).or_script(&ctx)?;
+        Host::of(&ctx)
+            .check_tensor_size("paired_bootstrap", &[samples], candle_core::DType::F64)
+            .or_script(&ctx)?;
         let seed = o.i64("seed", Host::of(&ctx).seed as i64).or_script(&ctx)?;
         let b = numbers(&before, "paired_bootstrap: before").or_script(&ctx)?;
         let a = numbers(&after, "paired_bootstrap: after").or_script(&ctx)?;

@@ -304,8 +304,16 @@ pub mod lrm_data_api {
                 .or_script(&ctx)
             }
         };
+        let resolution = o.usize("resolution", 512).or_script(&ctx)?;
+        // Both images of each pair, decoded at `resolution`.
+        host.check_tensor_size(
+            "batch",
+            &[idx.len(), 2, 3, resolution, resolution],
+            candle_core::DType::F32,
+        )
+        .or_script(&ctx)?;
         let bo = BatchOptions {
-            resolution: o.usize("resolution", 512).or_script(&ctx)?,
+            resolution,
             vae: vae.as_deref(),
             scheduler: &scheduler,
             timesteps,
