@@ -63,6 +63,10 @@ fn a_tensor_beyond_the_memory_cap_is_a_runtime_error() {
         ("rng(0).randn([600, 600])", "randn"),
         ("zeros([1000, 1]) + zeros([1, 1000])", "add"),
         ("ones([1000, 1]).matmul(ones([1, 1000]))", "matmul"),
+        (
+            "ones([1000, 1, 1, 1]).matmul(ones([1, 1000, 1, 1]))",
+            "matmul",
+        ),
         ("arange(0, 1000000)", "arange"),
         ("zeros([10, 10]).repeat([100, 100])", "repeat"),
         ("linspace(0, 1, 1000000)", "linspace"),

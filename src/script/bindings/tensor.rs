@@ -428,21 +428,19 @@ pub mod tensor_api {
             a.dims().split_last().and_then(|(_, d)| d.split_last()),
             b.dims().split_last(),
         ) {
-            // [.., m, k] x [.., k, n] -> [batch.., m, n]: the larger batch bounds the broadcast.
+            // [.., m, k] x [.., k, n] -> [broadcast batch.., m, n] (a mismatch is left to the op).
             let b_batch = b_rest.split_last().map(|(_, d)| d).unwrap_or(&[]);
-            let count = |d: &[usize]| d.iter().fold(1usize, |acc, &x| acc.saturating_mul(x));
-            let batch = if count(a_batch) >= count(b_batch) {
-                a_batch
-            } else {
-                b_batch
-            };
-            let dims: Vec<usize> = batch.iter().copied().chain([m, n]).collect();
-            fits(
-                &ctx,
-                "matmul",
-                &dims,
-                ops::promoted_dtype(a.dtype(), b.dtype()),
-            )?;
+            let batch = candle_core::Shape::from(a_batch)
+                .broadcast_shape_binary_op(&candle_core::Shape::from(b_batch), "matmul");
+            if let Ok(batch) = batch {
+                let dims: Vec<usize> = batch.dims().iter().copied().chain([m, n]).collect();
+                fits(
+                    &ctx,
+                    "matmul",
+                    &dims,
+                    ops::promoted_dtype(a.dtype(), b.dtype()),
+                )?;
+            }
         }
         a.broadcast_matmul(&b)
             .map_err(|e| {
