@@ -14,7 +14,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
-/// An allowed folder (or file), resolved, with what granted it (for error messages).
+/// An allowed folder, resolved, with what granted it (for error messages).
 #[derive(Debug, Clone)]
 struct Grant {
     path: PathBuf,
@@ -46,10 +46,6 @@ impl Confinement {
             confined: true,
             ..Self::default()
         }
-    }
-
-    pub fn is_confined(&self) -> bool {
-        self.confined
     }
 
     /// Allow reading under `path` (`why` says what granted it, e.g. "--allow-read").
@@ -98,7 +94,7 @@ impl Confinement {
         }
     }
 
-    /// `path` if the session may read it; else an error naming it and `--allow-read`.
+    /// Ok when the session may read `path`; else an error naming it and `--allow-read`.
     pub fn check_read(&self, path: &Path) -> Result<(), AccessDenied> {
         if !self.confined {
             return Ok(());
@@ -119,7 +115,7 @@ impl Confinement {
         )))
     }
 
-    /// `path` if the session may write it; else an error naming it and `--allow-write`.
+    /// Ok when the session may write `path`; else an error naming it and `--allow-write`.
     pub fn check_write(&self, path: &Path) -> Result<(), AccessDenied> {
         if !self.confined {
             return Ok(());
