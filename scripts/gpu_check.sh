@@ -38,7 +38,7 @@ peak_of() {
 # 1. Parity.
 for dt in f32 bf16; do
   timeout 120 "$RUN" "$BIN" run scripts/gpu/parity.rhai --device cuda:0 --set dtype=$dt --set out="$OUT/parity-$dt.json" \
-     --run-dir "$OUT/run-parity-$dt" >> "$LOG" 2>&1
+     --allow-write "$OUT" --run-dir "$OUT/run-parity-$dt" >> "$LOG" 2>&1
   echo "parity $dt: rc=$?" | tee -a "$LOG"
 done
 

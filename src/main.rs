@@ -39,7 +39,8 @@ struct SessionArgs {
     /// Stop with exit code 3 after this many script operations (0 = unlimited).
     #[arg(long, default_value_t = 0)]
     max_operations: u64,
-    /// Maximum nesting of script function calls.
+    /// Maximum nesting of script function calls (stopped sooner, also with exit code 3, when
+    /// the native stack would overflow).
     #[arg(long, default_value_t = 128)]
     max_call_levels: usize,
     /// Maximum length of a script string.
@@ -51,6 +52,19 @@ struct SessionArgs {
     /// Maximum entries of a script map.
     #[arg(long, default_value_t = 1_000_000)]
     max_map_size: usize,
+    /// Largest tensor a script may build from a shape it gives (zeros, randn, broadcasting,
+    /// matmul, ...), e.g. 512M, 8G (default: half of the RAM); larger is a runtime error.
+    #[arg(long, value_name = "SIZE", value_parser = lpo::tensor::memory::parse_bytes)]
+    max_tensor_memory: Option<u64>,
+    /// Let the script read files under DIR (repeatable). `lpo run` scripts read only their own
+    /// folder, the project (the working folder when it holds stdlib/), the run folder, paths
+    /// given in params, and these; the REPL is unconfined unless an --allow-* flag is given.
+    #[arg(long, value_name = "DIR")]
+    allow_read: Vec<PathBuf>,
+    /// Let the script write (and read) files under DIR (repeatable). `lpo run` scripts write
+    /// only under their run folder and these.
+    #[arg(long, value_name = "DIR")]
+    allow_write: Vec<PathBuf>,
 }
 
 impl SessionArgs {
@@ -61,7 +75,18 @@ impl SessionArgs {
             max_string_size: self.max_string_size,
             max_array_size: self.max_array_size,
             max_map_size: self.max_map_size,
+            max_tensor_memory: self
+                .max_tensor_memory
+                .unwrap_or_else(lpo::tensor::memory::default_cap),
             ..Limits::default()
+        }
+    }
+
+    /// The `--allow-read` / `--allow-write` folders.
+    fn grants(&self) -> lpo::run::confinement::Grants {
+        lpo::run::confinement::Grants {
+            read: self.allow_read.clone(),
+            write: self.allow_write.clone(),
         }
     }
 }
@@ -194,6 +219,21 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    // Scripts run on this thread: a deep stack lets them recurse deeply (and the engine stops
+    // them with exit code 3 before it overflows; see lpo::script::stack).
+    let main = std::thread::Builder::new()
+        .name("lpo-main".into())
+        .stack_size(lpo::script::stack::SCRIPT_THREAD_STACK)
+        .spawn(lpo_main);
+    match main.map(|m| m.join()) {
+        Ok(Ok(code)) => code,
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        // No thread with that stack (a strict memory limit): run on this one.
+        Err(_) => lpo_main(),
+    }
+}
+
+fn lpo_main() -> ExitCode {
     lpo::malloc_tuning::tune_malloc();
     lpo::cpu_threads::pin_thread_count();
     let cli = Cli::parse();
@@ -249,6 +289,7 @@ fn main() -> ExitCode {
                 device: session.device.clone(),
                 seed: session.seed,
                 limits: session.limits(),
+                grants: session.grants(),
                 timeout: timeout.map(std::time::Duration::from_secs_f64),
                 run_dir,
                 keep_checkpoints,
@@ -362,7 +403,12 @@ fn main() -> ExitCode {
             };
             // The REPL installs its signal handler itself, after the line editor's.
             let control = RunControl::new();
-            lpo::repl::run_repl(Host::new(control.clone(), device, session.seed), control)
+            let mut host = Host::new(control.clone(), device, session.seed);
+            host.max_tensor_bytes = session.limits().max_tensor_memory;
+            if !(session.allow_read.is_empty() && session.allow_write.is_empty()) {
+                host = host.with_confinement(session.grants().repl_confinement());
+            }
+            lpo::repl::run_repl(host, control)
         }
     };
     ExitCode::from(code.clamp(0, 255) as u8)

@@ -9,8 +9,13 @@ use std::time::Duration;
 use expectrl::Session;
 
 fn repl(home: &Path) -> Session {
+    repl_with(home, &[])
+}
+
+fn repl_with(home: &Path, extra: &[&str]) -> Session {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lpo"));
     cmd.args(["repl", "--seed", "7"])
+        .args(extra)
         .current_dir(home)
         .env("HOME", home)
         .env("XDG_DATA_HOME", home.join("data"))
@@ -118,4 +123,29 @@ fn ctrl_c_cancels_a_running_loop_and_keeps_the_session() {
         matches!(status, expectrl::WaitStatus::Exited(_, 0)),
         "{status:?}"
     );
+}
+
+#[test]
+fn the_repl_is_unconfined_unless_given_allow_flags() {
+    let home = tempfile::tempdir().unwrap();
+    let mut s = repl(home.path());
+    eval(&mut s, "read_prompts(\"/etc/passwd\").len() > 0", "true");
+    s.send_line(":quit").unwrap();
+
+    std::fs::create_dir(home.path().join("out")).unwrap();
+    let mut s = repl_with(home.path(), &["--allow-write", "out"]);
+    eval(&mut s, "read_prompts(\"/etc/passwd\")", "--allow-read DIR");
+    eval(
+        &mut s,
+        "write_json(#{a: 1}, \"elsewhere.json\")",
+        "--allow-write DIR",
+    );
+    eval(
+        &mut s,
+        "write_json(#{a: 1}, \"out/x.json\"); \"written\" + \"-ok\"",
+        "written-ok",
+    );
+    s.send_line(":quit").unwrap();
+    assert!(home.path().join("out/x.json").is_file());
+    assert!(!home.path().join("elsewhere.json").exists());
 }

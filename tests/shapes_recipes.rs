@@ -226,6 +226,9 @@ fn recipes_run_on_a_tiny_budget() {
             "eval_steps=2",
             "--set",
             "out=base",
+            // The model is written outside the run folder.
+            "--allow-write",
+            "base",
         ],
     );
     ok(&o, "pretrain");
@@ -283,6 +286,8 @@ fn recipes_run_on_a_tiny_budget() {
             "chunk=2",
             "--set",
             &out,
+            "--allow-write",
+            &out[4..],
         ];
         args.extend_from_slice(extra);
         lpo(dir, &args)
@@ -440,6 +445,8 @@ fn recipes_run_on_a_tiny_budget() {
             "cross_pairs=pairs/cross_decided.jsonl",
             "--set",
             "out=lrm",
+            "--allow-write",
+            "lrm",
         ],
     );
     ok(&o, "train_lrm");
@@ -487,6 +494,9 @@ fn recipes_run_on_a_tiny_budget() {
                 &recipe("lpo.rhai"),
                 "--run-dir",
                 run,
+                // The base's evaluation samples are cached in base/eval_cache.
+                "--allow-write",
+                "base",
                 "--set",
                 "base=base",
                 "--set",

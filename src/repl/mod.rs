@@ -40,7 +40,15 @@ pub struct EvalError {
 
 impl Session {
     pub fn new(host: Host) -> Session {
-        let se = build_engine(host.clone(), &EngineOptions::default());
+        // The host carries the tensor memory cap of `lpo repl --max-tensor-memory`.
+        let options = EngineOptions {
+            limits: crate::script::Limits {
+                max_tensor_memory: host.max_tensor_bytes,
+                ..Default::default()
+            },
+            ..EngineOptions::default()
+        };
+        let se = build_engine(host.clone(), &options);
         let builtin = builtin_names(&se);
         let mut s = Session {
             se,

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use rhai::{Dynamic, Map};
 
+use super::confinement::Grants;
 use super::dir::{Locked, RunDir, EXIT_LOCKED};
 use super::{engine_for, log, report, run_script, RunOptions};
 use crate::control::RunControl;
@@ -21,6 +22,8 @@ pub struct Headless {
     pub device: String,
     pub seed: u64,
     pub limits: Limits,
+    /// `--allow-read` / `--allow-write` folders (added to a resumed run's stored ones).
+    pub grants: Grants,
     pub timeout: Option<Duration>,
     /// `--run-dir`: the run folder (default `runs/<stem>-<YYYYmmdd-HHMMSS>`).
     pub run_dir: Option<PathBuf>,
@@ -42,6 +45,12 @@ struct StoredParams {
     max_string_size: usize,
     max_array_size: usize,
     max_map_size: usize,
+    /// Absent in runs made before the cap existed (they get the default).
+    #[serde(default)]
+    max_tensor_memory: Option<u64>,
+    /// The `--allow-read` / `--allow-write` folders of the run.
+    #[serde(default)]
+    grants: Grants,
     timeout_seconds: Option<f64>,
     keep_checkpoints: usize,
     halt_on_nonfinite: Vec<String>,
@@ -109,8 +118,12 @@ pub fn run(mut h: Headless) -> i32 {
             max_string_size: stored.max_string_size,
             max_array_size: stored.max_array_size,
             max_map_size: stored.max_map_size,
+            max_tensor_memory: stored
+                .max_tensor_memory
+                .unwrap_or_else(crate::tensor::memory::default_cap),
             ..Limits::default()
         };
+        h.grants = stored.grants.clone().union(&h.grants);
         if h.timeout.is_none() {
             h.timeout = stored.timeout_seconds.map(Duration::from_secs_f64);
         }
@@ -208,6 +221,9 @@ pub fn run(mut h: Headless) -> i32 {
     if let Err(e) = super::signals::install(control.clone(), run.clone(), h.stop_grace) {
         tracing::warn!("cannot install signal handlers: {e}");
     }
+    // Writes go to this run folder and --allow-write folders only: a scheduled job cannot
+    // touch another job's folder.
+    let files = h.grants.for_run(&original, &run_path, &h.params);
     let code = run_script(
         RunOptions {
             script: script.clone(),
@@ -218,6 +234,7 @@ pub fn run(mut h: Headless) -> i32 {
             timeout: h.timeout,
             run: Some(run.clone()),
             source_name: Some(original),
+            files,
         },
         control,
     );
@@ -257,6 +274,8 @@ fn write_stored(dir: &Path, script: &Path, source: &str, h: &Headless) -> anyhow
         max_string_size: h.limits.max_string_size,
         max_array_size: h.limits.max_array_size,
         max_map_size: h.limits.max_map_size,
+        max_tensor_memory: Some(h.limits.max_tensor_memory),
+        grants: h.grants.absolute(),
         timeout_seconds: h.timeout.map(|t| t.as_secs_f64()),
         keep_checkpoints: h.keep_checkpoints,
         halt_on_nonfinite: h.halt_on_nonfinite.clone(),

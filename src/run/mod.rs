@@ -1,6 +1,7 @@
 //! Headless runs: compile a script, run it with `params`, and turn the outcome into an exit
 //! code and a readable error report.
 
+pub mod confinement;
 pub mod dir;
 pub mod headless;
 pub mod log;
@@ -28,6 +29,8 @@ pub struct RunOptions {
     /// The name errors and relative imports use for the script (default: `script` itself;
     /// a resumed run reads the stored copy but keeps the original name).
     pub source_name: Option<PathBuf>,
+    /// The files the script may touch (see [`confinement`]).
+    pub files: confinement::Confinement,
 }
 
 impl RunOptions {
@@ -42,6 +45,7 @@ impl RunOptions {
             timeout: None,
             run: None,
             source_name: None,
+            files: confinement::Confinement::unconfined(),
         }
     }
 }
@@ -96,7 +100,7 @@ pub fn run_script(opts: RunOptions, control: std::sync::Arc<RunControl>) -> i32 
     if let Some(timeout) = opts.timeout {
         control.set_timeout(timeout);
     }
-    let mut host = Host::new(control.clone(), opts.device, opts.seed);
+    let mut host = Host::new(control.clone(), opts.device, opts.seed).with_confinement(opts.files);
     if let Some(run) = &opts.run {
         host = host.with_run_dir(run.clone());
     }

@@ -94,6 +94,14 @@ pub fn format_eval_error(file: &str, source: &str, err: &EvalAltResult) -> Strin
     };
     let message = match inner {
         EvalAltResult::ErrorRuntime(v, _) => v.to_string(),
+        EvalAltResult::ErrorStackOverflow(_) => {
+            "too many call levels (more than --max-call-levels)".to_string()
+        }
+        EvalAltResult::ErrorTerminated(token, _)
+            if token.is::<crate::script::stack::StackExhausted>() =>
+        {
+            crate::script::stack::StackExhausted::MESSAGE.to_string()
+        }
         other => {
             let mut s = other.to_string();
             // Rhai appends " (line x, position y)"; the location is printed separately.
@@ -104,8 +112,19 @@ pub fn format_eval_error(file: &str, source: &str, err: &EvalAltResult) -> Strin
         }
     };
     let mut out = format_at(&at_file, &text, inner.position(), &message);
-    for t in trail.iter().rev() {
-        out.push_str(&format!("\n  {t}"));
+    // Deep recursion repeats one call thousands of times: each run is shown once, counted.
+    let mut rev = trail.iter().rev().peekable();
+    while let Some(t) = rev.next() {
+        let mut times = 1;
+        while rev.peek() == Some(&t) {
+            rev.next();
+            times += 1;
+        }
+        if times > 1 {
+            out.push_str(&format!("\n  {t} (x{times})"));
+        } else {
+            out.push_str(&format!("\n  {t}"));
+        }
     }
     out
 }

@@ -10,6 +10,7 @@
 //! cron = "0 3 * * *"             # minute hour day month weekday (optional leading seconds)
 //! params = { steps = 1000 }
 //! retries = 2                    # attempts after the first failure
+//! allow_write = ["models"]       # folders the job may write besides its run folder (--allow-write)
 //! backoff_seconds = 60           # wait before retry n: backoff_seconds * 2^(n-1)
 //!
 //! [jobs.eval]
@@ -55,6 +56,10 @@ struct JobToml {
     device: Option<String>,
     #[serde(default)]
     seed: Option<u64>,
+    #[serde(default)]
+    allow_read: Vec<String>,
+    #[serde(default)]
+    allow_write: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -74,6 +79,10 @@ pub struct Job {
     pub timeout_seconds: Option<f64>,
     pub device: Option<String>,
     pub seed: Option<u64>,
+    /// `--allow-read` / `--allow-write` folders of the job (relative to this file's folder);
+    /// without them a job writes only its own run folder.
+    pub allow_read: Vec<PathBuf>,
+    pub allow_write: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -211,6 +220,8 @@ impl Schedule {
                 timeout_seconds: j.timeout_seconds,
                 device: j.device,
                 seed: j.seed,
+                allow_read: j.allow_read.iter().map(|p| base.join(p)).collect(),
+                allow_write: j.allow_write.iter().map(|p| base.join(p)).collect(),
             });
         }
         // `after` must name a job, and the graph must have no cycle.

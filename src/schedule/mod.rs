@@ -518,6 +518,13 @@ impl Scheduler {
         if let Some(t) = job.timeout_seconds {
             cmd.arg("--timeout").arg(t.to_string());
         }
+        // A job writes its own run folder and only the folders its entry allows.
+        for dir in &job.allow_read {
+            cmd.arg("--allow-read").arg(abs(dir));
+        }
+        for dir in &job.allow_write {
+            cmd.arg("--allow-write").arg(abs(dir));
+        }
         Ok(cmd)
     }
 }

@@ -22,6 +22,8 @@ pub struct Limits {
     pub max_string_size: usize,
     pub max_array_size: usize,
     pub max_map_size: usize,
+    /// The most bytes one tensor built from a script-given shape may take.
+    pub max_tensor_memory: u64,
 }
 
 impl Default for Limits {
@@ -33,6 +35,7 @@ impl Default for Limits {
             max_string_size: 64 << 20,
             max_array_size: 10_000_000,
             max_map_size: 1_000_000,
+            max_tensor_memory: crate::tensor::memory::default_cap(),
         }
     }
 }
@@ -77,9 +80,10 @@ impl ModuleResolver for SharedResolver {
 }
 
 /// Build an engine for `host` with every binding registered.
-pub fn build_engine(host: Host, options: &EngineOptions) -> ScriptEngine {
+pub fn build_engine(mut host: Host, options: &EngineOptions) -> ScriptEngine {
     let mut engine = Engine::new();
     let limits = &options.limits;
+    host.max_tensor_bytes = limits.max_tensor_memory;
     engine
         .set_max_operations(limits.max_operations)
         .set_max_call_levels(limits.max_call_levels)
@@ -95,6 +99,10 @@ pub fn build_engine(host: Host, options: &EngineOptions) -> ScriptEngine {
 
     let control = host.control.clone();
     engine.on_progress(move |ops| {
+        // Every operation: one script call level can take tens of KiB of native stack.
+        if super::stack::exhausted() {
+            return Some(Dynamic::from(super::stack::StackExhausted));
+        }
         if ops % 128 != 0 {
             return None;
         }

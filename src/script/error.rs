@@ -96,6 +96,11 @@ pub fn classify(err: &EvalAltResult, control: &RunControl) -> Failure {
         | EvalAltResult::ErrorDataTooLarge(..)
         | EvalAltResult::ErrorTooManyModules(..)
         | EvalAltResult::ErrorTooManyVariables(..) => Failure::SafetyLimit,
+        EvalAltResult::ErrorTerminated(token, _)
+            if token.is::<crate::script::stack::StackExhausted>() =>
+        {
+            Failure::SafetyLimit
+        }
         EvalAltResult::ErrorTerminated(..) => {
             Failure::Stopped(control.stop_reason().unwrap_or(StopReason::Interrupt))
         }

@@ -9,6 +9,7 @@ pub mod error;
 pub mod host;
 pub mod options;
 pub mod resolver;
+pub mod stack;
 
 pub use engine::{build_engine, EngineOptions, Limits, ScriptEngine};
 pub use error::{classify, host_error, Failure, OrScriptError, ScriptResult};

@@ -102,6 +102,12 @@ impl ModuleResolver for StdlibResolver {
             .ok_or_else(|| EvalAltResult::ErrorModuleNotFound(path.to_string(), pos))?;
         let (key, name, text) = match found {
             Found::File(p) => {
+                // A module file is read like any other: through the host's gate.
+                if let Some(host) = engine.default_tag().clone().try_cast::<super::Host>() {
+                    host.files
+                        .check_read(&p)
+                        .map_err(|e| super::error::error_at(pos, e))?;
+                }
                 let text = std::fs::read_to_string(&p).map_err(|e| {
                     EvalAltResult::ErrorSystem(
                         format!("cannot read module {}", p.display()),

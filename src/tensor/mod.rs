@@ -5,6 +5,7 @@ pub mod device;
 pub mod format;
 pub mod im2col;
 pub mod io;
+pub mod memory;
 pub mod ops;
 pub mod rng;
 

@@ -11,6 +11,18 @@ pub enum BinaryOp {
     Div,
 }
 
+impl BinaryOp {
+    /// The operation's name in error messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "subtract",
+            BinaryOp::Mul => "multiply",
+            BinaryOp::Div => "divide",
+        }
+    }
+}
+
 pub fn is_float(dtype: DType) -> bool {
     matches!(dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64)
 }

@@ -58,7 +58,11 @@ pub mod diffusion_api {
     /// folder (or file) holding `scheduler_config.json`.
     #[rhai_fn(return_raw, volatile)]
     pub fn load_scheduler(ctx: NativeCallContext, dir: &str) -> ScriptResult<Scheduler> {
-        Scheduler::load(std::path::Path::new(dir), &Host::of(&ctx).device).or_script(&ctx)
+        Scheduler::load(
+            &Host::of(&ctx).readable(dir).or_script(&ctx)?,
+            &Host::of(&ctx).device,
+        )
+        .or_script(&ctx)
     }
 
     /// Choose `n` inference steps; returns the i64 timesteps first to last (the scheduler
@@ -296,6 +300,12 @@ pub mod diffusion_api {
     ) -> ScriptResult<Tensor> {
         let t = t_arg(&ctx, &t, sample.device())?;
         let k = count(&ctx, k, "candidates: k")?;
+        let dims: Vec<usize> = std::iter::once(k)
+            .chain(sample.dims().iter().copied())
+            .collect();
+        Host::of(&ctx)
+            .check_tensor_size("candidates", &dims, sample.dtype())
+            .or_script(&ctx)?;
         let eta = num(&ctx, &eta, "candidates: eta")?;
         let mut r = rng.lock().unwrap_or_else(|e| e.into_inner());
         s.candidates(&model_output, &t, &sample, k, eta, &mut r)

@@ -231,7 +231,6 @@ mod helpers {
 #[export_module]
 pub mod eval_api {
     use super::helpers::*;
-    use std::path::Path;
 
     use candle_core::Tensor;
     use rhai::{Array, Dynamic, Map};
@@ -265,6 +264,9 @@ pub mod eval_api {
     ) -> ScriptResult<Map> {
         let o = Options::new(&opts, "paired_bootstrap", &["samples", "seed"]).or_script(&ctx)?;
         let samples = o.usize("samples", DEFAULT_SAMPLES).or_script(&ctx)?;
+        Host::of(&ctx)
+            .check_tensor_size("paired_bootstrap", &[samples], candle_core::DType::F64)
+            .or_script(&ctx)?;
         let seed = o.i64("seed", Host::of(&ctx).seed as i64).or_script(&ctx)?;
         let b = numbers(&before, "paired_bootstrap: before").or_script(&ctx)?;
         let a = numbers(&after, "paired_bootstrap: after").or_script(&ctx)?;
@@ -341,12 +343,20 @@ pub mod eval_api {
         p.y_label = o.string("y_label", "").or_script(&ctx)?;
         p.width = o.usize("width", 640).or_script(&ctx)? as u32;
         p.height = o.usize("height", 400).or_script(&ctx)? as u32;
+        let host = Host::of(&ctx);
+        host.check_tensor_size(
+            "line_plot",
+            &[p.height as usize, p.width as usize, 3],
+            candle_core::DType::U8,
+        )
+        .or_script(&ctx)?;
+        let path = host.writable(path).or_script(&ctx)?;
         let data = series
             .iter()
             .map(|(k, v)| series_points(k, v).map(|pts| (k.to_string(), pts)))
             .collect::<Result<Vec<_>, _>>()
             .or_script(&ctx)?;
-        line_plot_with(Path::new(path), &p, &data).or_script(&ctx)
+        line_plot_with(&path, &p, &data).or_script(&ctx)
     }
 
     /// Write `dir/report.html` (and `dir/summary.json` from `summary`) from `#{title, summary:
@@ -355,7 +365,9 @@ pub mod eval_api {
     #[rhai_fn(return_raw)]
     pub fn write_report(ctx: NativeCallContext, dir: &str, report: Map) -> ScriptResult<String> {
         let r = report_from_map(&report).or_script(&ctx)?;
-        let path = crate::eval::report::write_report(Path::new(dir), &r).or_script(&ctx)?;
+        let path =
+            crate::eval::report::write_report(&Host::of(&ctx).writable(dir).or_script(&ctx)?, &r)
+                .or_script(&ctx)?;
         Ok(path.to_string_lossy().to_string())
     }
 
@@ -363,14 +375,16 @@ pub mod eval_api {
     #[rhai_fn(return_raw)]
     pub fn write_summary(ctx: NativeCallContext, path: &str, summary: Map) -> ScriptResult<()> {
         let s = summary_from_map(&summary).or_script(&ctx)?;
-        crate::eval::report::write_summary(Path::new(path), &s).or_script(&ctx)
+        crate::eval::report::write_summary(&Host::of(&ctx).writable(path).or_script(&ctx)?, &s)
+            .or_script(&ctx)
     }
 
     /// Save [3, H, W] in [-1, 1] as a PNG, or [B, 3, H, W] as B PNGs (`{}` in the name becomes
     /// the index, else `_0000`... before the extension). Returns the paths written.
     #[rhai_fn(return_raw)]
     pub fn save_png(ctx: NativeCallContext, images: Tensor, path: &str) -> ScriptResult<Array> {
-        let paths = image_io::save_png(&images, Path::new(path)).or_script(&ctx)?;
+        let paths = image_io::save_png(&images, &Host::of(&ctx).writable(path).or_script(&ctx)?)
+            .or_script(&ctx)?;
         Ok(paths
             .into_iter()
             .map(|p| Dynamic::from(p.to_string_lossy().to_string()))
@@ -408,7 +422,21 @@ pub mod eval_api {
             upscale: o.usize("upscale", 4).or_script(&ctx)?,
             ..Default::default()
         };
-        image_io::save_grid(&images, Path::new(path), g).or_script(&ctx)
+        let host = Host::of(&ctx);
+        if let [b, _, h, w] = images.dims() {
+            let rows = b.div_ceil(g.nrow.max(1));
+            let side = |n: usize, px: usize| {
+                n.saturating_mul(px.saturating_mul(g.upscale).saturating_add(g.padding))
+            };
+            host.check_tensor_size(
+                "save_grid",
+                &[side(rows, *h), side(g.nrow, *w), 3],
+                candle_core::DType::U8,
+            )
+            .or_script(&ctx)?;
+        }
+        let path = host.writable(path).or_script(&ctx)?;
+        image_io::save_grid(&images, &path, g).or_script(&ctx)
     }
 
     /// Load a PNG/JPEG as [3, size, size] in [-1, 1] (bilinear resize of the shorter side,
@@ -419,6 +447,14 @@ pub mod eval_api {
             return Err(format!("load_image {path}: size must be >= 1, got {size}"))
                 .or_script(&ctx);
         }
-        image_io::load_image(Path::new(path), size as usize, &Host::of(&ctx).device).or_script(&ctx)
+        let host = Host::of(&ctx);
+        host.check_tensor_size(
+            "load_image",
+            &[3, size as usize, size as usize],
+            candle_core::DType::F32,
+        )
+        .or_script(&ctx)?;
+        let file = host.readable(path).or_script(&ctx)?;
+        image_io::load_image(&file, size as usize, &host.device).or_script(&ctx)
     }
 }

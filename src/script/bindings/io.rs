@@ -4,11 +4,9 @@ use rhai::plugin::*;
 
 #[export_module]
 pub mod io_api {
-    use std::collections::HashMap;
-    use std::path::Path;
-
     use candle_core::Tensor;
     use rhai::{Array, Dynamic, Map};
+    use std::collections::HashMap;
 
     use crate::script::error::{OrScriptError, ScriptResult};
     use crate::script::Host;
@@ -17,8 +15,11 @@ pub mod io_api {
     /// Every tensor of a safetensors file, as a map name -> tensor.
     #[rhai_fn(return_raw, volatile)]
     pub fn load_safetensors(ctx: NativeCallContext, path: &str) -> ScriptResult<Map> {
-        let tensors =
-            io::load_safetensors(Path::new(path), &Host::of(&ctx).device).or_script(&ctx)?;
+        let tensors = io::load_safetensors(
+            &Host::of(&ctx).readable(path).or_script(&ctx)?,
+            &Host::of(&ctx).device,
+        )
+        .or_script(&ctx)?;
         Ok(tensors
             .into_iter()
             .map(|(k, v)| (k.into(), Dynamic::from(v)))
@@ -36,14 +37,16 @@ pub mod io_api {
                 .or_script(&ctx)?;
             out.insert(k.to_string(), t);
         }
-        io::save_safetensors(&out, Path::new(path)).or_script(&ctx)
+        let path = Host::of(&ctx).writable(path).or_script(&ctx)?;
+        io::save_safetensors(&out, &path).or_script(&ctx)
     }
 
     /// Hex SHA-256 of a file's or folder's contents (folders walked in sorted order): a cache
     /// key that changes when a model's weights, config or tokenizer change.
     #[rhai_fn(name = "content_digest", return_raw, volatile)]
     pub fn content_digest(ctx: NativeCallContext, path: &str) -> ScriptResult<String> {
-        crate::fsutil::content_digest(&[Path::new(path)]).or_script(&ctx)
+        let path = Host::of(&ctx).readable(path).or_script(&ctx)?;
+        crate::fsutil::content_digest(&[path.as_path()]).or_script(&ctx)
     }
 
     /// The digest of several files or folders together (in the given order).
@@ -58,22 +61,26 @@ pub mod io_api {
             })
             .collect::<Result<_, _>>()
             .or_script(&ctx)?;
-        let refs: Vec<&Path> = paths.iter().map(Path::new).collect();
+        let host = Host::of(&ctx);
+        let paths = paths
+            .iter()
+            .map(|p| host.readable(p))
+            .collect::<Result<Vec<_>, _>>()
+            .or_script(&ctx)?;
+        let refs: Vec<&std::path::Path> = paths.iter().map(|p| p.as_path()).collect();
         crate::fsutil::content_digest(&refs).or_script(&ctx)
     }
 
-    /// True when a file or folder exists at `path`.
-    #[rhai_fn(volatile)]
-    pub fn path_exists(path: &str) -> bool {
-        Path::new(path).exists()
+    /// True when a file or folder exists at `path` (an error for a path the script may not read).
+    #[rhai_fn(return_raw, volatile)]
+    pub fn path_exists(ctx: NativeCallContext, path: &str) -> ScriptResult<bool> {
+        Ok(Host::of(&ctx).readable(path).or_script(&ctx)?.exists())
     }
 
     /// A value read from a JSON file (objects become maps, arrays arrays).
     #[rhai_fn(return_raw, volatile)]
     pub fn read_json(ctx: NativeCallContext, path: &str) -> ScriptResult<Dynamic> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {path}: {e}"))
-            .or_script(&ctx)?;
+        let text = Host::of(&ctx).read_text(path).or_script(&ctx)?;
         let value: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| format!("{path}: invalid JSON: {e}"))
             .or_script(&ctx)?;
@@ -85,6 +92,7 @@ pub mod io_api {
     pub fn write_json(ctx: NativeCallContext, value: Dynamic, path: &str) -> ScriptResult<()> {
         let json: serde_json::Value = rhai::serde::from_dynamic(&value).or_script(&ctx)?;
         let text = serde_json::to_string_pretty(&json).or_script(&ctx)?;
-        crate::fsutil::atomic_write(Path::new(path), text.as_bytes()).or_script(&ctx)
+        let path = Host::of(&ctx).writable(path).or_script(&ctx)?;
+        crate::fsutil::atomic_write(&path, text.as_bytes()).or_script(&ctx)
     }
 }

@@ -332,7 +332,6 @@ mod helpers {
 
 #[export_module]
 pub mod lpo_api {
-    use std::path::Path;
     use std::sync::Arc;
 
     use candle_core::Tensor;
@@ -377,11 +376,11 @@ pub mod lpo_api {
                 Some(r) if r.is::<ScriptUNet>() => r.cast::<ScriptUNet>(),
                 Some(r) if r.is_string() => {
                     let dir = r.into_string().unwrap_or_default();
-                    let p = Path::new(&dir);
+                    let p = host.readable(&dir).or_script(&ctx)?;
                     let p = if p.join("unet/config.json").is_file() {
                         p.join("unet")
                     } else {
-                        p.to_path_buf()
+                        p
                     };
                     Arc::new(
                         UNet2DConditionModel::load(&p, unet.dtype(), &host.device, WeightMode::Frozen)

@@ -115,7 +115,6 @@ mod helpers {
 
 #[export_module]
 pub mod lrm_api {
-    use std::path::Path;
     use std::sync::Arc;
 
     use candle_core::Tensor;
@@ -143,7 +142,7 @@ pub mod lrm_api {
         let options = model_options(&ctx, &o)?;
         let host = Host::of(&ctx);
         host.check().or_script(&ctx)?;
-        LatentRewardModel::load(Path::new(dir), options, &host.device)
+        LatentRewardModel::load(&host.readable(dir).or_script(&ctx)?, options, &host.device)
             .map(Arc::new)
             .or_script(&ctx)
     }
@@ -164,13 +163,18 @@ pub mod lrm_api {
             .opt_i64("projection_dim")
             .or_script(&ctx)?
             .map(|d| d as usize);
-        let clip = o.opt_string("clip_projection").or_script(&ctx)?;
+        let clip = o
+            .opt_string("clip_projection")
+            .or_script(&ctx)?
+            .map(|c| host.readable(&c))
+            .transpose()
+            .or_script(&ctx)?;
         let seed = o.i64("seed", host.seed as i64).or_script(&ctx)? as u64;
         let logit_scale = o.opt_f64("logit_scale").or_script(&ctx)?;
         LatentRewardModel::init_from_base(
-            Path::new(base),
+            &host.readable(base).or_script(&ctx)?,
             dim,
-            clip.as_deref().map(Path::new),
+            clip.as_deref(),
             seed,
             logit_scale,
             options,
@@ -341,7 +345,8 @@ pub mod lrm_api {
     /// Write the LRM as a folder `load_lrm` reads (projections.safetensors and the models).
     #[rhai_fn(return_raw, pure)]
     pub fn save(ctx: NativeCallContext, lrm: &mut ScriptLrm, dir: &str) -> ScriptResult<()> {
-        lrm.save(Path::new(dir)).or_script(&ctx)
+        lrm.save(&Host::of(&ctx).writable(dir).or_script(&ctx)?)
+            .or_script(&ctx)
     }
 
     #[rhai_fn(global, name = "to_string", name = "to_debug", pure)]

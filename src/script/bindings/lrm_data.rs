@@ -72,7 +72,6 @@ mod helpers {
 
 #[export_module]
 pub mod lrm_data_api {
-    use std::path::Path;
     use std::sync::Arc;
 
     use rhai::{Array, Dynamic, Map};
@@ -83,6 +82,7 @@ pub mod lrm_data_api {
     use crate::reward::batches::{
         default_timesteps, read_csv as read_csv_file, BatchOptions, LatentPairs, PreferenceData,
     };
+    use crate::reward::data::ImageSource;
     use crate::script::bindings::diffusion::Scheduler;
     use crate::script::bindings::rng::ScriptRng;
     use crate::script::bindings::vae::Vae;
@@ -95,9 +95,21 @@ pub mod lrm_data_api {
     /// Bad rows are counted (`data.skipped`, `data.skip_summary()`), bad files are errors.
     #[rhai_fn(return_raw, volatile)]
     pub fn read_preferences(ctx: NativeCallContext, path: &str) -> ScriptResult<ScriptPreferences> {
-        PreferenceData::read(Path::new(path))
-            .map(Arc::new)
-            .or_script(&ctx)
+        let host = Host::of(&ctx);
+        let file = host.readable(path).or_script(&ctx)?;
+        let set = crate::reward::data::read_preferences(&file).or_script(&ctx)?;
+        // The images a manifest names are read later, by `batch`: they pass the same gate now.
+        let mut checked = std::collections::HashSet::new();
+        for pair in &set.pairs {
+            for image in [&pair.image_0, &pair.image_1] {
+                if let ImageSource::Path(p) = image {
+                    if checked.insert(p.clone()) {
+                        host.files.check_read(p).or_script(&ctx)?;
+                    }
+                }
+            }
+        }
+        Ok(Arc::new(PreferenceData::from_set(set, path)))
     }
 
     /// Pairs already in latent space: `#{prompts: [..], latents_0: [N, C, H, W], latents_1,
@@ -292,8 +304,16 @@ pub mod lrm_data_api {
                 .or_script(&ctx)
             }
         };
+        let resolution = o.usize("resolution", 512).or_script(&ctx)?;
+        // Both images of each pair, decoded at `resolution`.
+        host.check_tensor_size(
+            "batch",
+            &[idx.len(), 2, 3, resolution, resolution],
+            candle_core::DType::F32,
+        )
+        .or_script(&ctx)?;
         let bo = BatchOptions {
-            resolution: o.usize("resolution", 512).or_script(&ctx)?,
+            resolution,
             vae: vae.as_deref(),
             scheduler: &scheduler,
             timesteps,
@@ -355,7 +375,8 @@ pub mod lrm_data_api {
         path: &str,
         required: Array,
     ) -> ScriptResult<Array> {
-        let (columns, rows) = read_csv_file(Path::new(path)).or_script(&ctx)?;
+        let (columns, rows) =
+            read_csv_file(&Host::of(&ctx).readable(path).or_script(&ctx)?).or_script(&ctx)?;
         let missing: Vec<String> = required
             .iter()
             .map(|c| c.to_string())

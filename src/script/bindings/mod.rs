@@ -56,3 +56,45 @@ pub fn register_all(engine: &mut Engine) {
     engine.register_global_module(exported_module!(lrm_data::lrm_data_api).into());
     engine.register_global_module(exported_module!(shapes_pipe::shapes_pipe_api).into());
 }
+
+#[cfg(test)]
+mod tests {
+    /// Bindings reach files only through the host's gate (`Host::readable`, `Host::writable`,
+    /// `Host::read_text`), which returns the paths they may open: none builds a path from a
+    /// script string or opens a file itself.
+    #[test]
+    fn bindings_open_paths_only_through_the_gate() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/script/bindings");
+        let forbidden = [
+            "Path::new(",
+            "PathBuf::from(",
+            "std::fs",
+            "fs::",
+            "File::",
+            "OpenOptions",
+        ];
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.file_name().is_some_and(|n| n == "mod.rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for (i, line) in text.lines().enumerate() {
+                if line.trim_start().starts_with("//") {
+                    continue;
+                }
+                for f in forbidden {
+                    if line.contains(f) {
+                        found.push(format!("{}:{}: {}", path.display(), i + 1, line.trim()));
+                    }
+                }
+            }
+        }
+        assert!(
+            found.is_empty(),
+            "raw file access in bindings:\n{}",
+            found.join("\n")
+        );
+    }
+}

@@ -48,13 +48,15 @@ pub mod prompts_api {
     use rhai::{Array, Dynamic};
 
     use crate::script::error::{OrScriptError, ScriptResult};
+    use crate::script::Host;
 
     /// Prompts from a file: a JSON list of `{caption}` objects (or strings), as the paper's 4k
     /// prompts, or plain text with one prompt per line. An error when it holds none.
     #[rhai_fn(return_raw, volatile)]
     pub fn read_prompts(ctx: NativeCallContext, path: &str) -> ScriptResult<Array> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("read_prompts: cannot read {path}: {e}"))
+        let text = Host::of(&ctx)
+            .read_text(path)
+            .map_err(|e| format!("read_prompts: {e}"))
             .or_script(&ctx)?;
         let prompts = super::parse_prompts(&text, path).or_script(&ctx)?;
         Ok(prompts.into_iter().map(Dynamic::from).collect())

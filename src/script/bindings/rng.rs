@@ -21,7 +21,7 @@ mod helpers {
 #[export_module]
 pub mod rng_api {
     use super::helpers::*;
-    use candle_core::Tensor;
+    use candle_core::{DType, Tensor};
     use rhai::{Array, Dynamic};
 
     use super::ScriptRng;
@@ -46,6 +46,9 @@ pub mod rng_api {
     #[rhai_fn(return_raw, volatile)]
     pub fn randn(ctx: NativeCallContext, r: &mut ScriptRng, shape: Array) -> ScriptResult<Tensor> {
         let dims = shape_from_array(&shape).or_script(&ctx)?;
+        Host::of(&ctx)
+            .check_tensor_size("randn", &dims, DType::F32)
+            .or_script(&ctx)?;
         lock(r).randn(dims, &Host::of(&ctx).device).or_script(&ctx)
     }
 
@@ -53,6 +56,9 @@ pub mod rng_api {
     #[rhai_fn(return_raw, volatile)]
     pub fn rand(ctx: NativeCallContext, r: &mut ScriptRng, shape: Array) -> ScriptResult<Tensor> {
         let dims = shape_from_array(&shape).or_script(&ctx)?;
+        Host::of(&ctx)
+            .check_tensor_size("rand", &dims, DType::F32)
+            .or_script(&ctx)?;
         lock(r).rand(dims, &Host::of(&ctx).device).or_script(&ctx)
     }
 
@@ -66,6 +72,9 @@ pub mod rng_api {
         shape: Array,
     ) -> ScriptResult<Tensor> {
         let dims = shape_from_array(&shape).or_script(&ctx)?;
+        Host::of(&ctx)
+            .check_tensor_size("randint", &dims, DType::I64)
+            .or_script(&ctx)?;
         lock(r)
             .randint(low, high, dims, &Host::of(&ctx).device)
             .or_script(&ctx)
@@ -87,13 +96,19 @@ pub mod rng_api {
     }
 
     /// A random permutation of 0..n as an array.
-    #[rhai_fn(volatile)]
-    pub fn permutation(r: &mut ScriptRng, n: i64) -> Array {
-        lock(r)
-            .permutation(n.max(0) as usize)
+    #[rhai_fn(return_raw, volatile)]
+    pub fn permutation(ctx: NativeCallContext, r: &mut ScriptRng, n: i64) -> ScriptResult<Array> {
+        let n = n.max(0) as usize;
+        // The indices, then as many script values.
+        let bytes_each = 8 + std::mem::size_of::<Dynamic>();
+        Host::of(&ctx)
+            .check_tensor_size("permutation", &[n, bytes_each], DType::U8)
+            .or_script(&ctx)?;
+        Ok(lock(r)
+            .permutation(n)
             .into_iter()
             .map(|i| Dynamic::from(i as i64))
-            .collect()
+            .collect())
     }
 
     /// An independent generator split off this one.

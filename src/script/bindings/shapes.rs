@@ -283,6 +283,14 @@ pub mod shapes_api {
         if n < 0 {
             return Err(format!("batch: n must be >= 0, got {n}")).or_script(&ctx);
         }
+        let side = crate::shapes::world::IMAGE_SIZE;
+        Host::of(&ctx)
+            .check_tensor_size(
+                "batch",
+                &[n as usize, 3, side, side],
+                candle_core::DType::F32,
+            )
+            .or_script(&ctx)?;
         let b = make_batch(
             w,
             n as usize,

@@ -14,8 +14,6 @@
 use rhai::plugin::*;
 
 mod helpers {
-    use std::path::Path;
-
     use candle_core::DType;
     use rhai::{Dynamic, Map, NativeCallContext};
 
@@ -39,16 +37,10 @@ mod helpers {
             ImageSource::Bytes(_) => Dynamic::UNIT,
         }
     }
-
-    pub(super) fn exists_dir(p: &str) -> bool {
-        Path::new(p).is_dir()
-    }
 }
 
 #[export_module]
 pub mod shapes_pipe_api {
-    use std::path::Path;
-
     use candle_core::{DType, Tensor};
     use rhai::{Array, Dynamic, Map};
 
@@ -109,7 +101,7 @@ pub mod shapes_pipe_api {
             text_heads: o.usize("text_heads", d.text_heads).or_script(&ctx)?,
             ..d
         };
-        make_shapes_model(Path::new(dir), &spec)
+        make_shapes_model(&Host::of(&ctx).writable(dir).or_script(&ctx)?, &spec)
             .map(|n| n as i64)
             .or_script(&ctx)
     }
@@ -123,12 +115,16 @@ pub mod shapes_pipe_api {
     /// Copy a folder's files and subfolders from `src` to `dst` (each file written atomically).
     #[rhai_fn(return_raw)]
     pub fn copy_model(ctx: NativeCallContext, src: &str, dst: &str) -> ScriptResult<()> {
-        copy_model_dir(Path::new(src), Path::new(dst)).or_script(&ctx)
+        let host = Host::of(&ctx);
+        let src = host.readable(src).or_script(&ctx)?;
+        let dst = host.writable(dst).or_script(&ctx)?;
+        copy_model_dir(&src, &dst).or_script(&ctx)
     }
 
-    /// Whether `path` is an existing folder.
-    pub fn dir_exists(path: &str) -> bool {
-        helpers::exists_dir(path)
+    /// Whether `path` is an existing folder (an error for a path the script may not read).
+    #[rhai_fn(return_raw, volatile)]
+    pub fn dir_exists(ctx: NativeCallContext, path: &str) -> ScriptResult<bool> {
+        Ok(Host::of(&ctx).readable(path).or_script(&ctx)?.is_dir())
     }
 
     /// Save the UNet as a diffusers folder: `dir/config.json` and
@@ -136,7 +132,8 @@ pub mod shapes_pipe_api {
     /// adapters are an error).
     #[rhai_fn(name = "save", return_raw, pure)]
     pub fn save_unet(ctx: NativeCallContext, unet: &mut ScriptUNet, dir: &str) -> ScriptResult<()> {
-        unet.save(Path::new(dir), DType::F32).or_script(&ctx)
+        unet.save(&Host::of(&ctx).writable(dir).or_script(&ctx)?, DType::F32)
+            .or_script(&ctx)
     }
 
     /// `unet.save(dir, #{dtype: "f16"})`: weights stored as f32, f16 or bf16 (loading converts).
@@ -148,7 +145,8 @@ pub mod shapes_pipe_api {
         opts: Map,
     ) -> ScriptResult<()> {
         let dtype = helpers::save_dtype(&ctx, &opts)?;
-        unet.save(Path::new(dir), dtype).or_script(&ctx)
+        unet.save(&Host::of(&ctx).writable(dir).or_script(&ctx)?, dtype)
+            .or_script(&ctx)
     }
 
     /// The UNet's trainable tensors as optimizer `Params` (LoRA vars when adapters are attached,
@@ -164,7 +162,7 @@ pub mod shapes_pipe_api {
     /// be used are skipped with a warning.
     #[rhai_fn(return_raw)]
     pub fn read_pair_manifest(ctx: NativeCallContext, path: &str) -> ScriptResult<Array> {
-        let set = read_manifest(Path::new(path)).or_script(&ctx)?;
+        let set = read_manifest(&Host::of(&ctx).readable(path).or_script(&ctx)?).or_script(&ctx)?;
         if !set.skipped.is_empty() {
             tracing::warn!("{path}: {}", set.skip_summary());
         }
@@ -202,14 +200,19 @@ pub mod shapes_pipe_api {
             text.push_str(&serde_json::to_string(&v).or_script(&ctx)?);
             text.push('\n');
         }
-        crate::fsutil::atomic_write(Path::new(path), text.as_bytes()).or_script(&ctx)?;
+        crate::fsutil::atomic_write(
+            &Host::of(&ctx).writable(path).or_script(&ctx)?,
+            text.as_bytes(),
+        )
+        .or_script(&ctx)?;
         Ok(rows.len() as i64)
     }
 
     /// Load a PNG/JPEG as [3, H, W] f32 in [-1, 1] at its own size.
     #[rhai_fn(return_raw, volatile)]
     pub fn load_png(ctx: NativeCallContext, path: &str) -> ScriptResult<Tensor> {
-        let img = crate::image_io::read_rgb(Path::new(path)).or_script(&ctx)?;
+        let img = crate::image_io::read_rgb(&Host::of(&ctx).readable(path).or_script(&ctx)?)
+            .or_script(&ctx)?;
         crate::image_io::rgb_to_tensor(&img, &Host::of(&ctx).device).or_script(&ctx)
     }
 }

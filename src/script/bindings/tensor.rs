@@ -13,12 +13,48 @@ mod helpers {
     use crate::script::Host;
     use crate::tensor::ops::{self, resolve_dim, BinaryOp};
 
+    /// Elements of `start..end`.
+    pub(super) fn range_len(start: i64, end: i64) -> usize {
+        end.saturating_sub(start).max(0) as usize
+    }
+
+    /// An error before allocating a tensor of `dims` beyond `--max-tensor-memory`.
+    pub(super) fn fits(
+        ctx: &NativeCallContext,
+        what: &str,
+        dims: &[usize],
+        dtype: DType,
+    ) -> ScriptResult<()> {
+        Host::of(ctx)
+            .check_tensor_size(what, dims, dtype)
+            .or_script(ctx)
+    }
+
+    /// `fits` for the broadcast result of `a` and `b` (a shape mismatch is left to the op).
+    pub(super) fn broadcast_fits(
+        ctx: &NativeCallContext,
+        what: &'static str,
+        a: &Tensor,
+        b: &Tensor,
+    ) -> ScriptResult<()> {
+        match a.shape().broadcast_shape_binary_op(b.shape(), what) {
+            Ok(shape) => fits(
+                ctx,
+                what,
+                shape.dims(),
+                ops::promoted_dtype(a.dtype(), b.dtype()),
+            ),
+            Err(_) => Ok(()),
+        }
+    }
+
     pub(super) fn bin(
         ctx: &NativeCallContext,
         op: BinaryOp,
         a: &Tensor,
         b: &Tensor,
     ) -> ScriptResult<Tensor> {
+        broadcast_fits(ctx, op.name(), a, b)?;
         ops::binary(op, a, b).or_script(ctx)
     }
 
@@ -62,6 +98,7 @@ mod helpers {
             .shape()
             .broadcast_shape_binary_op(b.shape(), "compare")
             .or_script(ctx)?;
+        fits(ctx, "compare", shape.dims(), dtype)?;
         let (a, b) = (
             a.broadcast_as(shape.clone()).or_script(ctx)?,
             b.broadcast_as(shape).or_script(ctx)?,
@@ -141,6 +178,7 @@ pub mod tensor_api {
     #[rhai_fn(return_raw)]
     pub fn zeros(ctx: NativeCallContext, shape: Array) -> ScriptResult<Tensor> {
         let dims = shape_from_array(&shape).or_script(&ctx)?;
+        fits(&ctx, "zeros", &dims, DType::F32)?;
         Tensor::zeros(dims, DType::F32, &Host::of(&ctx).device).or_script(&ctx)
     }
 
@@ -148,6 +186,7 @@ pub mod tensor_api {
     #[rhai_fn(return_raw)]
     pub fn ones(ctx: NativeCallContext, shape: Array) -> ScriptResult<Tensor> {
         let dims = shape_from_array(&shape).or_script(&ctx)?;
+        fits(&ctx, "ones", &dims, DType::F32)?;
         Tensor::ones(dims, DType::F32, &Host::of(&ctx).device).or_script(&ctx)
     }
 
@@ -158,12 +197,14 @@ pub mod tensor_api {
         let v = dynamic_f64(&value)
             .ok_or("full: value must be a number")
             .or_script(&ctx)?;
+        fits(&ctx, "full", &dims, DType::F32)?;
         Tensor::full(v as f32, dims, &Host::of(&ctx).device).or_script(&ctx)
     }
 
     /// f32 values start, start+1, ..., end-1.
     #[rhai_fn(return_raw)]
     pub fn arange(ctx: NativeCallContext, start: i64, end: i64) -> ScriptResult<Tensor> {
+        fits(&ctx, "arange", &[range_len(start, end)], DType::I64)?;
         Tensor::arange(start, end, &Host::of(&ctx).device)
             .and_then(|t| t.to_dtype(DType::F32))
             .or_script(&ctx)
@@ -172,6 +213,7 @@ pub mod tensor_api {
     /// i64 values start, start+1, ..., end-1 (ids, timesteps).
     #[rhai_fn(return_raw)]
     pub fn arange_int(ctx: NativeCallContext, start: i64, end: i64) -> ScriptResult<Tensor> {
+        fits(&ctx, "arange_int", &[range_len(start, end)], DType::I64)?;
         Tensor::arange(start, end, &Host::of(&ctx).device).or_script(&ctx)
     }
 
@@ -190,6 +232,7 @@ pub mod tensor_api {
         if n < 1 {
             return Err(format!("linspace: n must be >= 1, got {n}")).or_script(&ctx);
         }
+        fits(&ctx, "linspace", &[n as usize], DType::F32)?;
         let step = if n > 1 { (b - a) / (n - 1) as f64 } else { 0.0 };
         let v: Vec<f32> = (0..n).map(|i| (a + step * i as f64) as f32).collect();
         Tensor::from_vec(v, n as usize, &Host::of(&ctx).device).or_script(&ctx)
@@ -381,6 +424,24 @@ pub mod tensor_api {
     /// Matrix product (batched, broadcasting over leading dims).
     #[rhai_fn(return_raw, pure)]
     pub fn matmul(ctx: NativeCallContext, a: &mut Tensor, b: Tensor) -> ScriptResult<Tensor> {
+        if let (Some((&m, a_batch)), Some((&n, b_rest))) = (
+            a.dims().split_last().and_then(|(_, d)| d.split_last()),
+            b.dims().split_last(),
+        ) {
+            // [.., m, k] x [.., k, n] -> [broadcast batch.., m, n] (a mismatch is left to the op).
+            let b_batch = b_rest.split_last().map(|(_, d)| d).unwrap_or(&[]);
+            let batch = candle_core::Shape::from(a_batch)
+                .broadcast_shape_binary_op(&candle_core::Shape::from(b_batch), "matmul");
+            if let Ok(batch) = batch {
+                let dims: Vec<usize> = batch.dims().iter().copied().chain([m, n]).collect();
+                fits(
+                    &ctx,
+                    "matmul",
+                    &dims,
+                    ops::promoted_dtype(a.dtype(), b.dtype()),
+                )?;
+            }
+        }
         a.broadcast_matmul(&b)
             .map_err(|e| {
                 format!(
@@ -526,6 +587,7 @@ pub mod tensor_api {
             .and_then(|s| s.broadcast_shape_binary_op(b.shape(), "where"))
             .or_script(&ctx)?;
         let dtype = ops::promoted_dtype(a.dtype(), b.dtype());
+        fits(&ctx, "where_cond", shape.dims(), dtype)?;
         let run = || -> candle_core::Result<Tensor> {
             mask.broadcast_as(shape.clone())?.where_cond(
                 &a.to_dtype(dtype)?.broadcast_as(shape.clone())?,
@@ -723,6 +785,10 @@ pub mod tensor_api {
     #[rhai_fn(return_raw, pure)]
     pub fn repeat(ctx: NativeCallContext, t: &mut Tensor, times: Array) -> ScriptResult<Tensor> {
         let dims = shape_from_array(&times).or_script(&ctx)?;
+        let out: Vec<usize> = std::iter::once(t.elem_count())
+            .chain(dims.iter().copied())
+            .collect();
+        fits(&ctx, "repeat", &out, t.dtype())?;
         t.repeat(dims).or_script(&ctx)
     }
     /// Row `i` along dim 0 (negative counts from the end): `t[i]`.
@@ -752,6 +818,9 @@ pub mod tensor_api {
             .or_script(&ctx);
         }
         let idx = int_index(&ctx, &idx, "index_select")?;
+        let mut dims = t.dims().to_vec();
+        dims[d] = idx.elem_count();
+        fits(&ctx, "index_select", &dims, t.dtype())?;
         t.index_select(&idx, d).or_script(&ctx)
     }
     /// torch.gather along `dim`.
@@ -786,6 +855,12 @@ pub mod tensor_api {
     #[rhai_fn(return_raw)]
     pub fn cat(ctx: NativeCallContext, items: Array, dim: i64) -> ScriptResult<Tensor> {
         let ts = tensors(&ctx, &items, "cat")?;
+        fits(
+            &ctx,
+            "cat",
+            &[ts.iter().map(Tensor::elem_count).sum()],
+            ts[0].dtype(),
+        )?;
         let d = dim_of(&ctx, &ts[0], dim)?;
         Tensor::cat(&ts, d)
             .map_err(|e| format!("cat: {e}"))
@@ -795,6 +870,12 @@ pub mod tensor_api {
     #[rhai_fn(return_raw)]
     pub fn stack(ctx: NativeCallContext, items: Array, dim: i64) -> ScriptResult<Tensor> {
         let ts = tensors(&ctx, &items, "stack")?;
+        fits(
+            &ctx,
+            "stack",
+            &[ts.iter().map(Tensor::elem_count).sum()],
+            ts[0].dtype(),
+        )?;
         let rank = ts[0].rank() as i64;
         let d = if dim < 0 { dim + rank + 1 } else { dim };
         if d < 0 || d > rank {

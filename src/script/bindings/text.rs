@@ -77,7 +77,6 @@ pub(crate) mod helpers {
 
 #[export_module]
 pub mod text_api {
-    use std::path::Path;
     use std::sync::Arc;
 
     use candle_core::Tensor;
@@ -97,7 +96,7 @@ pub mod text_api {
     /// + `merges.txt`), padding and truncating to its `model_max_length` (77).
     #[rhai_fn(return_raw, volatile)]
     pub fn load_tokenizer(ctx: NativeCallContext, dir: &str) -> ScriptResult<Tokenizer> {
-        ClipTokenizer::load(Path::new(dir))
+        ClipTokenizer::load(&Host::of(&ctx).readable(dir).or_script(&ctx)?)
             .map(Arc::new)
             .or_script(&ctx)
     }
@@ -207,7 +206,7 @@ pub mod text_api {
         let host = Host::of(&ctx);
         let (dtype, device, mode) =
             load_options(&options, "load_text_encoder", &host.device).or_script(&ctx)?;
-        ClipTextModel::load(Path::new(dir), dtype, &device, mode)
+        ClipTextModel::load(&host.readable(dir).or_script(&ctx)?, dtype, &device, mode)
             .map(Arc::new)
             .or_script(&ctx)
     }

@@ -46,7 +46,6 @@ pub(crate) fn lora_config_from_map(
 }
 
 mod helpers {
-    use std::path::Path;
     use std::sync::Arc;
 
     use candle_core::{DType, Tensor};
@@ -82,11 +81,11 @@ mod helpers {
         let (dtype, mode) = dtype_mode(ctx, opts, "load_unet", &[])?;
         let host = Host::of(ctx);
         host.check().or_script(ctx)?;
-        let path = Path::new(dir);
+        let path = host.readable(dir).or_script(ctx)?;
         let path = if path.join("unet").join("config.json").is_file() {
             path.join("unet")
         } else {
-            path.to_path_buf()
+            path
         };
         UNet2DConditionModel::load(&path, dtype, &host.device, mode)
             .map(Arc::new)
@@ -103,16 +102,16 @@ mod helpers {
             Options::new(opts, "random_unet", &["dtype", "trainable", "seed"]).or_script(ctx)?;
         let host = Host::of(ctx);
         let seed = o.i64("seed", host.seed as i64).or_script(ctx)? as u64;
-        let path = Path::new(config);
-        let file = if path.is_dir() {
-            path.join("config.json")
+        let file = if host.readable(config).or_script(ctx)?.is_dir() {
+            format!("{}/config.json", config.trim_end_matches('/'))
         } else {
-            path.to_path_buf()
+            config.to_string()
         };
-        let text = std::fs::read_to_string(&file)
-            .map_err(|e| format!("random_unet: cannot read {}: {e}", file.display()))
+        let text = host
+            .read_text(&file)
+            .map_err(|e| format!("random_unet: {e}"))
             .or_script(ctx)?;
-        let cfg = UNetConfig::from_json(&text, &file.display().to_string()).or_script(ctx)?;
+        let cfg = UNetConfig::from_json(&text, &file).or_script(ctx)?;
         UNet2DConditionModel::random(cfg, seed, dtype, &host.device, mode)
             .map(Arc::new)
             .or_script(ctx)
@@ -177,6 +176,8 @@ pub mod unet_api {
     use super::ScriptUNet;
     use candle_core::Tensor;
     use rhai::{Array, Dynamic, Map};
+
+    use crate::script::Host;
 
     use crate::script::error::{OrScriptError, ScriptResult};
     use crate::script::options::Options;
@@ -296,7 +297,8 @@ pub mod unet_api {
         unet: &mut ScriptUNet,
         path: &str,
     ) -> ScriptResult<()> {
-        unet.save_lora(std::path::Path::new(path)).or_script(&ctx)
+        unet.save_lora(&Host::of(&ctx).writable(path).or_script(&ctx)?)
+            .or_script(&ctx)
     }
 
     /// Load adapters from safetensors (PEFT/diffusers keys); returns the number of layers.
@@ -306,7 +308,7 @@ pub mod unet_api {
         unet: &mut ScriptUNet,
         path: &str,
     ) -> ScriptResult<i64> {
-        unet.load_lora(std::path::Path::new(path))
+        unet.load_lora(&Host::of(&ctx).readable(path).or_script(&ctx)?)
             .map(|n| n as i64)
             .or_script(&ctx)
     }
@@ -324,7 +326,7 @@ pub mod unet_api {
     ) -> ScriptResult<()> {
         let o = Options::new(&opts, "export_lora", &["format"]).or_script(&ctx)?;
         let format = o.string("format", "peft").or_script(&ctx)?;
-        let path = std::path::Path::new(path);
+        let path = &Host::of(&ctx).writable(path).or_script(&ctx)?;
         match format.as_str() {
             "peft" | "diffusers" => {
                 crate::models::lora_export::export_peft(unet.lora(), path).or_script(&ctx)
@@ -347,9 +349,12 @@ pub mod unet_api {
         unet: &mut ScriptUNet,
         path: &str,
     ) -> ScriptResult<i64> {
-        crate::models::lora_export::import_kohya(unet.lora(), std::path::Path::new(path))
-            .map(|n| n as i64)
-            .or_script(&ctx)
+        crate::models::lora_export::import_kohya(
+            unet.lora(),
+            &Host::of(&ctx).readable(path).or_script(&ctx)?,
+        )
+        .map(|n| n as i64)
+        .or_script(&ctx)
     }
 
     /// Write a diffusers UNet folder (`config.json` + `diffusion_pytorch_model.safetensors`) with
@@ -360,7 +365,11 @@ pub mod unet_api {
         unet: &mut ScriptUNet,
         dir: &str,
     ) -> ScriptResult<()> {
-        crate::models::lora_export::save_merged(unet, std::path::Path::new(dir)).or_script(&ctx)
+        crate::models::lora_export::save_merged(
+            unet,
+            &Host::of(&ctx).writable(dir).or_script(&ctx)?,
+        )
+        .or_script(&ctx)
     }
 
     /// A frozen UNet on this one's weights (shared, not copied: optimizer updates show

@@ -12,7 +12,6 @@ pub type Vae = Arc<AutoencoderKL>;
 
 #[export_module]
 pub mod vae_api {
-    use std::path::Path;
     use std::sync::Arc;
 
     use candle_core::Tensor;
@@ -38,7 +37,7 @@ pub mod vae_api {
         let host = Host::of(&ctx);
         let (dtype, device, mode) =
             load_options(&options, "load_vae", &host.device).or_script(&ctx)?;
-        AutoencoderKL::load(Path::new(dir), dtype, &device, mode)
+        AutoencoderKL::load(&host.readable(dir).or_script(&ctx)?, dtype, &device, mode)
             .map(Arc::new)
             .or_script(&ctx)
     }
