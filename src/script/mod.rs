@@ -8,7 +8,9 @@ pub mod engine;
 pub mod error;
 pub mod host;
 pub mod options;
+pub mod params;
 pub mod resolver;
+pub mod suggest;
 
 pub use engine::{build_engine, EngineOptions, Limits, ScriptEngine};
 pub use error::{classify, host_error, Failure, OrScriptError, ScriptResult};
