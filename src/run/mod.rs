@@ -258,14 +258,14 @@ pub fn declaration_of(
     source: &str,
 ) -> Result<Option<Declaration>, i32> {
     let name = path.display().to_string();
-    let ast = se.engine.compile(source).map_err(|e| {
+    se.engine.compile(source).map_err(|e| {
         log::report(&format!(
             "error: {}",
             report::format_at(&name, source, e.position(), &e.err_type().to_string())
         ));
         Failure::Parse.exit_code()
     })?;
-    Declaration::of_script(&ast, source).map_err(|e| {
+    Declaration::of_script(source).map_err(|e| {
         log::report(&format!("error: {name}: {e}"));
         Failure::Parse.exit_code()
     })

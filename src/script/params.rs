@@ -15,7 +15,7 @@
 //! so a wrong `--set` stops with exit 2 before the run starts, and `lpo run SCRIPT --help` lists
 //! the parameters without running anything.
 
-use rhai::{Dynamic, Map, AST};
+use rhai::{Dynamic, Map};
 
 use super::options::dynamic_f64;
 use super::suggest::did_you_mean;
@@ -359,9 +359,13 @@ impl Declaration {
         Ok(Declaration { params })
     }
 
-    /// The declaration of a compiled script: its top-level `const PARAMS`, which must be a
-    /// literal map. None when the script declares nothing.
-    pub fn of_script(ast: &AST, source: &str) -> Result<Option<Self>, String> {
+    /// The declaration of a script: its top-level `const PARAMS`, which must be a literal map.
+    /// None when the script declares nothing. Parsed without optimization, which would drop
+    /// a constant nothing uses.
+    pub fn of_script(source: &str) -> Result<Option<Self>, String> {
+        let mut engine = rhai::Engine::new_raw();
+        engine.set_optimization_level(rhai::OptimizationLevel::None);
+        let ast = engine.compile(source).map_err(|e| e.to_string())?;
         let literal = ast
             .iter_literal_variables(true, false)
             .find(|(name, ..)| *name == DECLARATION)
@@ -447,15 +451,19 @@ impl Declaration {
     }
 }
 
-/// Whether `source` has a top-level-looking `const PARAMS` (to tell a non-literal declaration
-/// from none).
+/// Whether `source` has a `const PARAMS` anywhere (to tell a declaration that is not a
+/// top-level literal from none).
 fn declares_params(source: &str) -> bool {
-    source.lines().any(|line| {
-        line.trim_start()
-            .strip_prefix("const")
-            .map(str::trim_start)
-            .and_then(|rest| rest.strip_prefix(DECLARATION))
-            .is_some_and(|rest| !rest.starts_with(|c: char| c.is_alphanumeric() || c == '_'))
+    let ident = |c: char| c.is_alphanumeric() || c == '_';
+    source.match_indices("const").any(|(at, _)| {
+        let before = source[..at].chars().next_back();
+        let rest = &source[at + "const".len()..];
+        let name = rest.trim_start();
+        before.is_none_or(|c| !ident(c))
+            && name.len() < rest.len()
+            && name
+                .strip_prefix(DECLARATION)
+                .is_some_and(|after| !after.starts_with(ident))
     })
 }
 
@@ -464,8 +472,7 @@ mod tests {
     use super::*;
 
     fn declaration(script: &str) -> Declaration {
-        let ast = rhai::Engine::new().compile(script).unwrap();
-        Declaration::of_script(&ast, script).unwrap().unwrap()
+        Declaration::of_script(script).unwrap().unwrap()
     }
 
     fn type_name(v: &Dynamic) -> String {
@@ -533,10 +540,7 @@ mod tests {
 
     #[test]
     fn bad_declarations_are_named() {
-        let err = |s: &str| {
-            let ast = rhai::Engine::new().compile(s).unwrap();
-            Declaration::of_script(&ast, s).unwrap_err()
-        };
+        let err = |s: &str| Declaration::of_script(s).unwrap_err();
         assert!(
             err("const PARAMS = #{a: #{value: (), doc: \"x\"}}; let q = PARAMS;")
                 .contains("PARAMS.a: a `()` default needs a `type`")
@@ -554,8 +558,14 @@ mod tests {
             err("let x = 1; const PARAMS = #{a: #{value: x, doc: \"\"}}; let q = PARAMS;")
                 .contains("literals")
         );
-        let none = "let q = 1;";
-        let ast = rhai::Engine::new().compile(none).unwrap();
-        assert!(Declaration::of_script(&ast, none).unwrap().is_none());
+        assert!(Declaration::of_script("let q = 1; // const PARAMSX")
+            .unwrap()
+            .is_none());
+        // An unused declaration is still read.
+        assert!(
+            Declaration::of_script("const PARAMS = #{a: #{value: 1, doc: \"\"}};")
+                .unwrap()
+                .is_some()
+        );
     }
 }

@@ -58,7 +58,8 @@ pub mod prompts_api {
     use crate::script::error::{OrScriptError, ScriptResult};
 
     /// Prompts from a file: a JSON list of `{caption}` objects (or strings), as the paper's 4k
-    /// prompts, or plain text with one prompt per line. An error when it holds none.
+    /// prompts, or plain text with one prompt per line. An error when it holds none, or when it
+    /// starts with `{` (a JSON object is not a prompt list).
     #[rhai_fn(return_raw, volatile)]
     pub fn read_prompts(ctx: NativeCallContext, path: &str) -> ScriptResult<Array> {
         let text = std::fs::read_to_string(path)
