@@ -133,7 +133,7 @@ enum Command {
         /// The API reference as Markdown (docs/API.md is made with this).
         #[arg(long)]
         markdown: bool,
-        /// Only functions whose name contains this text.
+        /// Only functions whose name contains this text (exit 1, with close names, when none does).
         filter: Option<String>,
     },
     /// Time LPO's sampling and training steps on full-size SD1.5 / SDXL shapes with random

@@ -237,6 +237,24 @@ fn a_non_utf8_script_is_a_parse_error_naming_file_and_position() {
     }
     let o = lpo(dir.path(), &["run", "latin1.rhai", "--help"]);
     assert_eq!(code(&o), 65, "{}", stderr(&o));
+    // The same for an imported module.
+    std::fs::write(
+        dir.path().join("latin1mod.rhai"),
+        b"fn f() { \"caf\xe9\" }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("imports.rhai"),
+        "import \"./latin1mod\" as m;\nm::f();\n",
+    )
+    .unwrap();
+    let o = lpo(dir.path(), &["run", "imports.rhai"]);
+    assert_eq!(code(&o), 65, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("latin1mod.rhai") && stderr(&o).contains("not UTF-8"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]

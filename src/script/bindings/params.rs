@@ -15,13 +15,12 @@ pub mod params_api {
 
     /// `values` (a recipe's `params`) checked against the declaration `spec` and returned with
     /// every default filled in. `spec` maps each name to `#{value, doc}` (the default value and
-    /// what it means) plus optional `type`
-    /// ("int", "float" (ints too), "bool", "string", "path", "array", "map", "any", an object
-    /// type such as "Vae", or several joined by `|`; default: the default's type; a `()` default
-    /// always allows `()`), `min` / `max` (inclusive) and `choices`. An error names every
-    /// unknown key (with the accepted ones), wrong type and out-of-range value. A recipe
-    /// declares `const PARAMS = #{...}` (literals only) so that `lpo run` checks `--set`
-    /// before the run starts and `lpo run SCRIPT --help` lists it.
+    /// what it means) plus optional `type` ("int", "float" (ints too), "bool", "string", "path",
+    /// "array", "map", "any", an object type such as "Vae", or several joined by `|`; default:
+    /// the default value's type; a `()` default always allows `()`), `min` / `max` (inclusive)
+    /// and `choices`. An error names every unknown key (with the accepted ones), wrong type and
+    /// out-of-range value. A recipe declares `const PARAMS = #{...}` (literals only) so that
+    /// `lpo run` checks `--set` before the run starts and `lpo run SCRIPT --help` lists it.
     #[rhai_fn(return_raw)]
     pub fn check_params(ctx: NativeCallContext, spec: Map, values: Map) -> ScriptResult<Map> {
         checked(&ctx, &spec, &values, "params")
