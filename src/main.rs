@@ -70,7 +70,8 @@ impl SessionArgs {
 enum Command {
     /// Run a script headless, in a run folder (exit codes: 0 ok, 1 runtime error, 2 usage,
     /// 3 safety limit, 65 parse error, 66 not found, 75 run folder locked by another process,
-    /// 124 deadline, 130 SIGINT, 143 SIGTERM). `lpo run SCRIPT --help` lists the script's parameters.
+    /// 124 deadline, 130 SIGINT, 143 SIGTERM). `lpo run SCRIPT --help` lists the script's
+    /// parameters.
     #[command(disable_help_flag = true)]
     Run {
         /// The script (omit with --resume).
@@ -133,7 +134,8 @@ enum Command {
         /// The API reference as Markdown (docs/API.md is made with this).
         #[arg(long)]
         markdown: bool,
-        /// Only functions whose name contains this text (exit 1, with close names, when none does).
+        /// Only functions whose name contains this text (exit 1, naming close ones, when none
+        /// does).
         filter: Option<String>,
     },
     /// Time LPO's sampling and training steps on full-size SD1.5 / SDXL shapes with random

@@ -152,7 +152,11 @@ fn a_declaration_that_is_not_literal_is_a_parse_error() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("computed.rhai"),
-        "let x = 2;\nconst PARAMS = #{n: #{value: x, doc: \"n\"}};\nlet p = check_params(PARAMS, params);\n",
+        concat!(
+            "let x = 2;\n",
+            "const PARAMS = #{n: #{value: x, doc: \"n\"}};\n",
+            "let p = check_params(PARAMS, params);\n"
+        ),
     )
     .unwrap();
     for cmd in ["check", "run"] {

@@ -80,7 +80,7 @@ pub fn cli_params(
     let mut problems = Vec::new();
     for (k, text) in set {
         match declared.get(k) {
-            Some(spec) => match spec.from_text(text) {
+            Some(spec) => match spec.read_text(text) {
                 Ok(v) => {
                     params.insert(k.as_str().into(), v);
                 }

@@ -63,7 +63,7 @@ impl Kind {
 
     /// The kind of a default value; None for `()`, which says nothing about the type.
     fn of(value: &Dynamic, type_of: &dyn Fn(&Dynamic) -> String) -> Option<Kind> {
-        Some(if value.is_unit() {
+        let kind = if value.is_unit() {
             return None;
         } else if value.is_int() {
             Kind::Int
@@ -79,7 +79,8 @@ impl Kind {
             Kind::Map
         } else {
             Kind::Named(type_of(value))
-        })
+        };
+        Some(kind)
     }
 
     fn name(&self) -> &str {
@@ -112,7 +113,7 @@ impl Kind {
     }
 
     /// The value of command-line text as this kind, if it reads as one.
-    fn from_text(&self, text: &str) -> Option<Dynamic> {
+    fn read(&self, text: &str) -> Option<Dynamic> {
         match self {
             Kind::Int => text.parse::<i64>().ok().map(Dynamic::from),
             // An int stays an int, as the script would have written it.
@@ -262,7 +263,7 @@ impl ParamSpec {
     }
 
     /// Command-line text (`--set NAME=TEXT`) as a value of this parameter's type, checked.
-    pub fn from_text(&self, text: &str) -> Result<Dynamic, String> {
+    pub fn read_text(&self, text: &str) -> Result<Dynamic, String> {
         // `()` first: a nullable string parameter reads "()" as none, as undeclared ones do.
         let order = [
             Kind::Unit,
@@ -280,7 +281,7 @@ impl ParamSpec {
             .iter()
             .filter(|k| self.kinds.contains(k))
             .chain(named)
-            .find_map(|k| k.from_text(text))
+            .find_map(|k| k.read(text))
             .ok_or_else(|| format!("`{}` takes {}, got `{text}`", self.name, self.type_text()))?;
         self.check(&value, &|v| v.type_name().to_string())?;
         Ok(value)
@@ -497,7 +498,7 @@ mod tests {
     #[test]
     fn text_is_read_as_the_declared_type() {
         let d = declaration(SCRIPT);
-        let read = |k: &str, t: &str| d.get(k).unwrap().from_text(t);
+        let read = |k: &str, t: &str| d.get(k).unwrap().read_text(t);
         assert_eq!(read("epochs", "3").unwrap().as_int().unwrap(), 3);
         assert!(read("epochs", "abc").unwrap_err().contains("takes int"));
         assert!(read("epochs", "2.5").is_err());
