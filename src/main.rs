@@ -95,12 +95,20 @@ impl SessionArgs {
 enum Command {
     /// Run a script headless, in a run folder (exit codes: 0 ok, 1 runtime error, 2 usage,
     /// 3 safety limit, 65 parse error, 66 not found, 75 run folder locked by another process,
-    /// 124 deadline, 130 SIGINT, 143 SIGTERM).
+    /// 124 deadline, 130 SIGINT, 143 SIGTERM). `lpo run SCRIPT --help` lists the script's
+    /// parameters.
+    #[command(disable_help_flag = true)]
     Run {
         /// The script (omit with --resume).
-        #[arg(required_unless_present = "resume", conflicts_with = "resume")]
+        #[arg(required_unless_present_any = ["resume", "help"], conflicts_with = "resume")]
         script: Option<PathBuf>,
-        /// Script parameter, typed (int, float, bool, string); repeatable. Reaches the script as `params`.
+        /// Print help; with a SCRIPT, the script's declared parameters (it does not run).
+        #[arg(short, long)]
+        help: bool,
+        /// Script parameter; repeatable. Reaches the script as `params`. A script that declares
+        /// its parameters (`const PARAMS`) gets the value as the declared type, and an unknown
+        /// key, wrong type or out-of-range value stops with exit 2; otherwise the value is typed
+        /// as it reads (int, float, bool, string).
         #[arg(long = "set", value_name = "KEY=VALUE", conflicts_with = "resume")]
         set: Vec<String>,
         /// Params as a JSON object (`--set` values override its keys).
@@ -151,7 +159,8 @@ enum Command {
         /// The API reference as Markdown (docs/API.md is made with this).
         #[arg(long)]
         markdown: bool,
-        /// Only functions whose name contains this text.
+        /// Only functions whose name contains this text (exit 1, naming close ones, when none
+        /// does).
         filter: Option<String>,
     },
     /// Time LPO's sampling and training steps on full-size SD1.5 / SDXL shapes with random
@@ -241,6 +250,7 @@ fn lpo_main() -> ExitCode {
     let code = match cli.command {
         Command::Run {
             script,
+            help,
             set,
             params_json,
             timeout,
@@ -251,6 +261,12 @@ fn lpo_main() -> ExitCode {
             stop_grace,
             session,
         } => {
+            if help {
+                return ExitCode::from(match &script {
+                    Some(script) => lpo::run::print_params_help(script),
+                    None => print_run_help(),
+                } as u8);
+            }
             let mut params = rhai::Map::new();
             if let Some(json) = params_json {
                 let value: Result<serde_json::Value, _> = serde_json::from_str(&json);
@@ -265,17 +281,13 @@ fn lpo_main() -> ExitCode {
                     }
                 }
             }
-            for s in &set {
-                match parse_set(s) {
-                    Ok((k, v)) => {
-                        params.insert(k.into(), v);
-                    }
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        return ExitCode::from(2);
-                    }
+            let set = match set.iter().map(|s| parse_set(s)).collect() {
+                Ok(set) => set,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
                 }
-            }
+            };
             if !(stop_grace.is_finite() && stop_grace >= 0.0)
                 || timeout.is_some_and(|t| !(t.is_finite() && t >= 0.0))
             {
@@ -286,6 +298,7 @@ fn lpo_main() -> ExitCode {
                 script,
                 resume,
                 params,
+                set,
                 device: session.device.clone(),
                 seed: session.seed,
                 limits: session.limits(),
@@ -414,6 +427,20 @@ fn lpo_main() -> ExitCode {
     ExitCode::from(code.clamp(0, 255) as u8)
 }
 
+/// `lpo run --help` (clap's help flag is replaced by one that also serves `lpo run SCRIPT --help`).
+fn print_run_help() -> i32 {
+    use clap::CommandFactory;
+    let mut cli = Cli::command();
+    cli.build();
+    match cli.find_subcommand_mut("run") {
+        Some(run) => {
+            let _ = run.print_long_help();
+            0
+        }
+        None => 1,
+    }
+}
+
 fn print_functions(engine: &rhai::Engine, json: bool, filter: Option<&str>) -> i32 {
     let metadata = match engine.gen_fn_metadata_to_json(false) {
         Ok(m) => m,
@@ -428,11 +455,14 @@ fn print_functions(engine: &rhai::Engine, json: bool, filter: Option<&str>) -> i
         return 0;
     }
     use std::io::Write;
+    let functions = lpo::script::docs::functions(&metadata);
     let mut out = std::io::stdout().lock();
-    for f in lpo::script::docs::functions(&metadata) {
+    let mut shown = 0;
+    for f in &functions {
         if filter.is_some_and(|flt| !f.name.contains(flt)) {
             continue;
         }
+        shown += 1;
         let mut text = format!("{}\n", f.signature);
         for line in f.doc.lines() {
             text.push_str(&format!("    {line}\n"));
@@ -442,5 +472,15 @@ fn print_functions(engine: &rhai::Engine, json: bool, filter: Option<&str>) -> i
             break;
         }
     }
-    0
+    match filter {
+        Some(flt) if shown == 0 => {
+            let names: Vec<&str> = functions.iter().map(|f| f.name.as_str()).collect();
+            eprintln!(
+                "error: no function matches `{flt}`{}",
+                lpo::script::suggest::did_you_mean(flt, &names)
+            );
+            1
+        }
+        _ => 0,
+    }
 }

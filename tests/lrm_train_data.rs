@@ -268,7 +268,10 @@ fn recipe_trains_with_accumulation_and_both_loss_and_evaluates() {
         "{table}"
     );
     let bad = m_get(&out, "bad");
-    assert!(bad.contains("unknown setting 'stepz'"), "{bad}");
+    assert!(
+        bad.contains("unknown parameter `stepz` (did you mean `steps`?)"),
+        "{bad}"
+    );
 }
 
 /// `lpo run scripts/train_lrm.rhai` with checkpoints; a copy cut back to its step-2

@@ -8,7 +8,7 @@ use rhai::{Dynamic, Map};
 
 use super::confinement::Grants;
 use super::dir::{Locked, RunDir, EXIT_LOCKED};
-use super::{engine_for, log, report, run_script, RunOptions};
+use super::{engine_for, log, run_script, RunOptions};
 use crate::control::RunControl;
 use crate::script::{Failure, Host, Limits};
 
@@ -18,7 +18,10 @@ pub struct Headless {
     pub script: Option<PathBuf>,
     /// Continue this run folder with its stored script and params.
     pub resume: Option<PathBuf>,
+    /// `--params-json` values (a resumed run reads its stored params instead).
     pub params: Map,
+    /// `--set KEY=VALUE` texts, read as the script's declared types.
+    pub set: Vec<(String, String)>,
     pub device: String,
     pub seed: u64,
     pub limits: Limits,
@@ -32,6 +35,10 @@ pub struct Headless {
     /// How long a cooperative script gets after a signal before it is stopped by force.
     pub stop_grace: Duration,
 }
+
+/// Exit code of a rejected command line (`--set` of an undeclared, mistyped or out-of-range
+/// parameter).
+pub const EXIT_USAGE: i32 = 2;
 
 /// The part of `params.json` a resumed run reads back.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -85,14 +92,11 @@ pub fn run(mut h: Headless) -> i32 {
         log::report(&format!("error: script not found: {}", script.display()));
         return Failure::NotFound.exit_code();
     }
-    let source = match std::fs::read_to_string(&script) {
+    let source = match super::read_script(&script) {
         Ok(s) => s,
-        Err(e) => {
-            log::report(&format!(
-                "error: cannot read script {}: {e}",
-                script.display()
-            ));
-            return Failure::NotFound.exit_code();
+        Err((code, e)) => {
+            log::report(&format!("error: {e}"));
+            return code;
         }
     };
     let original = stored
@@ -137,20 +141,25 @@ pub fn run(mut h: Headless) -> i32 {
             return 2;
         }
     };
-    // Parse errors are reported before a run folder is made.
+    // Parse errors and rejected params are reported before a run folder is made.
     {
         let se = engine_for(
             &original,
             Host::new(RunControl::new(), candle_core::Device::Cpu, 0),
             h.limits.clone(),
         );
-        if let Err(e) = se.engine.compile(&source) {
-            let name = original.display().to_string();
-            log::report(&format!(
-                "error: {}",
-                report::format_at(&name, &source, e.position(), &e.err_type().to_string())
-            ));
-            return Failure::Parse.exit_code();
+        let declared = match super::declaration_of(&se, &original, &source) {
+            Ok(d) => d,
+            Err(code) => return code,
+        };
+        let set = std::mem::take(&mut h.set);
+        match super::cli_params(declared.as_ref(), std::mem::take(&mut h.params), &set) {
+            Ok(params) => h.params = params,
+            Err(problems) => {
+                let name = original.display().to_string();
+                log::report(&super::params_report(&name, declared.as_ref(), &problems));
+                return EXIT_USAGE;
+            }
         }
     }
     let mut run = match RunDir::open(&run_path) {

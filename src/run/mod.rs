@@ -11,9 +11,11 @@ pub mod signals;
 
 use std::path::{Path, PathBuf};
 
-use rhai::{Dynamic, Map, Scope};
+use rhai::{Map, Scope};
 
 use crate::control::RunControl;
+pub use crate::script::params::typed_value;
+use crate::script::params::{Declaration, HOST_KEYS};
 use crate::script::{build_engine, classify, EngineOptions, Failure, Host, Limits, ScriptEngine};
 
 /// Everything `lpo run` needs.
@@ -50,8 +52,9 @@ impl RunOptions {
     }
 }
 
-/// Parse `key=value` with a typed value: int, float, bool, else string.
-pub fn parse_set(arg: &str) -> Result<(String, Dynamic), String> {
+/// Split `key=value`; the value stays text until it meets the script's declaration
+/// ([`cli_params`]).
+pub fn parse_set(arg: &str) -> Result<(String, String), String> {
     let (key, value) = arg
         .split_once('=')
         .ok_or_else(|| format!("--set `{arg}`: expected key=value"))?;
@@ -61,21 +64,90 @@ pub fn parse_set(arg: &str) -> Result<(String, Dynamic), String> {
             "--set `{arg}`: `{key}` is not a valid parameter name"
         ));
     }
-    Ok((key.to_string(), typed_value(value)))
+    Ok((key.to_string(), value.to_string()))
 }
 
-pub fn typed_value(value: &str) -> Dynamic {
-    if let Ok(i) = value.parse::<i64>() {
-        Dynamic::from(i)
-    } else if let Ok(f) = value.parse::<f64>() {
-        Dynamic::from(f)
-    } else if value == "true" || value == "false" {
-        Dynamic::from(value == "true")
-    } else if value == "()" {
-        Dynamic::UNIT
-    } else {
-        Dynamic::from(value.to_string())
+/// The `params` of a run from `--params-json` values and `--set` texts. A script that declares
+/// its parameters gets each text read as the declared type, and every unknown key, wrong type
+/// or out-of-range value is returned as a problem; otherwise texts are typed as they read
+/// (int, float, bool, `()`, else string).
+pub fn cli_params(
+    declared: Option<&Declaration>,
+    mut params: Map,
+    set: &[(String, String)],
+) -> Result<Map, Vec<String>> {
+    let Some(declared) = declared else {
+        for (k, text) in set {
+            params.insert(k.as_str().into(), typed_value(text));
+        }
+        return Ok(params);
+    };
+    let mut problems = Vec::new();
+    for (k, text) in set {
+        match declared.get(k) {
+            Some(spec) => match spec.read_text(text) {
+                Ok(v) => {
+                    params.insert(k.as_str().into(), v);
+                }
+                Err(e) => problems.push(format!("--set {k}={text}: {e}")),
+            },
+            None if HOST_KEYS.contains(&k.as_str()) => {
+                params.insert(k.as_str().into(), typed_value(text));
+            }
+            None => problems.push(format!("--set {k}: {}", declared.unknown(k))),
+        }
     }
+    let set_keys: Vec<&str> = set.iter().map(|(k, _)| k.as_str()).collect();
+    let unset: Map = params
+        .iter()
+        .filter(|(k, _)| !set_keys.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    problems.extend(declared.problems(&unset, &|v| v.type_name().to_string()));
+    if problems.is_empty() {
+        Ok(params)
+    } else {
+        Err(problems)
+    }
+}
+
+/// The message of `lpo run` for rejected params (exit 2): each problem and the accepted names.
+pub fn params_report(name: &str, declared: Option<&Declaration>, problems: &[String]) -> String {
+    let mut text = String::new();
+    for p in problems {
+        text.push_str(&format!("error: {name}: {p}\n"));
+    }
+    if let Some(d) = declared {
+        text.push_str(&format!(
+            "accepted parameters: {}\n(`lpo run {name} --help` describes each)",
+            d.names().join(", ")
+        ));
+    }
+    text.trim_end().to_string()
+}
+
+/// The text of a script file. Err: the exit code (66 unreadable, 65 not UTF-8) and a message
+/// naming the file.
+pub fn read_script(path: &Path) -> Result<String, (i32, String)> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        (
+            Failure::NotFound.exit_code(),
+            format!("cannot read script {}: {e}", path.display()),
+        )
+    })?;
+    String::from_utf8(bytes).map_err(|e| {
+        let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
+        let col = good.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+        (
+            Failure::Parse.exit_code(),
+            format!(
+                "{}:{line}:{col}: not UTF-8 text (byte 0x{:02x}); a script must be UTF-8",
+                path.display(),
+                e.as_bytes()[good.len()]
+            ),
+        )
+    })
 }
 
 /// An engine for a script file: imports resolve beside it and in `./stdlib`.
@@ -90,11 +162,11 @@ pub fn engine_for(script: &Path, host: Host, limits: Limits) -> ScriptEngine {
 
 /// Run a script to completion; returns the process exit code.
 pub fn run_script(opts: RunOptions, control: std::sync::Arc<RunControl>) -> i32 {
-    let source = match std::fs::read_to_string(&opts.script) {
+    let source = match read_script(&opts.script) {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: cannot read script {}: {e}", opts.script.display());
-            return Failure::NotFound.exit_code();
+        Err((code, e)) => {
+            log::report(&format!("error: {e}"));
+            return code;
         }
     };
     if let Some(timeout) = opts.timeout {
@@ -152,13 +224,14 @@ pub fn run_script(opts: RunOptions, control: std::sync::Arc<RunControl>) -> i32 
     }
 }
 
-/// Compile only; report every parse error found. Returns the exit code.
+/// Compile only; report every parse error found, and a malformed parameter declaration.
+/// Returns the exit code.
 pub fn check_script(path: &Path) -> i32 {
-    let source = match std::fs::read_to_string(path) {
+    let source = match read_script(path) {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: cannot read script {}: {e}", path.display());
-            return Failure::NotFound.exit_code();
+        Err((code, e)) => {
+            eprintln!("error: {e}");
+            return code;
         }
     };
     let se = engine_for(
@@ -171,11 +244,79 @@ pub fn check_script(path: &Path) -> i32 {
     for e in &errors {
         report::print_parse_error(&name, &source, e);
     }
-    if errors.is_empty() {
-        println!("{name}: ok");
-        0
-    } else {
+    if !errors.is_empty() {
         eprintln!("{name}: {} error(s)", errors.len());
-        Failure::Parse.exit_code()
+        return Failure::Parse.exit_code();
     }
+    if let Err(code) = declaration_of(&se, path, &source) {
+        return code;
+    }
+    println!("{name}: ok");
+    0
+}
+
+/// The parameter declaration of a script (compiled with `se`). Err: the exit code, after the
+/// parse error or malformed declaration was reported.
+pub fn declaration_of(
+    se: &ScriptEngine,
+    path: &Path,
+    source: &str,
+) -> Result<Option<Declaration>, i32> {
+    let name = path.display().to_string();
+    se.engine.compile(source).map_err(|e| {
+        log::report(&format!(
+            "error: {}",
+            report::format_at(&name, source, e.position(), &e.err_type().to_string())
+        ));
+        Failure::Parse.exit_code()
+    })?;
+    Declaration::of_script(source).map_err(|e| {
+        log::report(&format!("error: {name}: {e}"));
+        Failure::Parse.exit_code()
+    })
+}
+
+/// `lpo run SCRIPT --help`: the script's header comment and its declared parameters, read
+/// from the compiled script without running it. Returns the exit code.
+pub fn print_params_help(path: &Path) -> i32 {
+    let source = match read_script(path) {
+        Ok(s) => s,
+        Err((code, e)) => {
+            eprintln!("error: {e}");
+            return code;
+        }
+    };
+    let se = engine_for(
+        path,
+        Host::new(RunControl::new(), candle_core::Device::Cpu, 0),
+        Limits::default(),
+    );
+    let declared = match declaration_of(&se, path, &source) {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    let name = path.display();
+    let header: Vec<&str> = source
+        .lines()
+        .map_while(|l| l.trim_start().strip_prefix("//"))
+        .map(|l| l.strip_prefix(' ').unwrap_or(l))
+        .collect();
+    let mut text = String::new();
+    if !header.is_empty() {
+        text.push_str(&header.join("\n"));
+        text.push_str("\n\n");
+    }
+    match declared {
+        Some(d) => text.push_str(&format!(
+            "Parameters (lpo run {name} --set NAME=VALUE ...):\n{}",
+            d.help()
+        )),
+        None => text.push_str(&format!(
+            "{name} declares no parameters (no `const PARAMS`); it reads the map `params` itself.\n"
+        )),
+    }
+    text.push_str("\n`lpo run --help` lists the options of `lpo run` itself.\n");
+    use std::io::Write;
+    let _ = std::io::stdout().write_all(text.as_bytes());
+    0
 }

@@ -8,8 +8,10 @@ pub mod engine;
 pub mod error;
 pub mod host;
 pub mod options;
+pub mod params;
 pub mod resolver;
 pub mod stack;
+pub mod suggest;
 
 pub use engine::{build_engine, EngineOptions, Limits, ScriptEngine};
 pub use error::{classify, host_error, Failure, OrScriptError, ScriptResult};

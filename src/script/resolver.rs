@@ -108,11 +108,28 @@ impl ModuleResolver for StdlibResolver {
                         .check_read(&p)
                         .map_err(|e| super::error::error_at(pos, e))?;
                 }
-                let text = std::fs::read_to_string(&p).map_err(|e| {
+                let text = std::fs::read_to_string(&p).map_err(|e| -> Box<EvalAltResult> {
+                    if e.kind() == std::io::ErrorKind::InvalidData {
+                        // Not UTF-8: a parse error of that module, as for the script itself.
+                        let lex = rhai::LexError::Runtime(
+                            "not UTF-8 text; a script must be UTF-8".into(),
+                        );
+                        let parse = EvalAltResult::ErrorParsing(
+                            rhai::ParseErrorType::BadInput(lex),
+                            Position::NONE,
+                        );
+                        return EvalAltResult::ErrorInModule(
+                            p.display().to_string(),
+                            parse.into(),
+                            pos,
+                        )
+                        .into();
+                    }
                     EvalAltResult::ErrorSystem(
                         format!("cannot read module {}", p.display()),
                         e.into(),
                     )
+                    .into()
                 })?;
                 (p.display().to_string(), p.display().to_string(), text)
             }

@@ -9,6 +9,7 @@ pub mod loss;
 pub mod lpo;
 pub mod lrm;
 pub mod lrm_data;
+pub mod params;
 pub mod prompts;
 pub mod rng;
 pub mod run;
@@ -31,6 +32,7 @@ pub fn register_all(engine: &mut Engine) {
     engine.register_global_module(exported_module!(rng::rng_api).into());
     engine.register_global_module(exported_module!(io::io_api).into());
     engine.register_global_module(exported_module!(prompts::prompts_api).into());
+    engine.register_global_module(exported_module!(params::params_api).into());
     engine.register_global_module(exported_module!(system::system_api).into());
     engine.register_global_module(exported_module!(unet::unet_api).into());
     engine.register_type_with_name::<text::Tokenizer>("Tokenizer");

@@ -6,6 +6,14 @@ use rhai::plugin::*;
 /// 4k prompts), or plain text with one prompt per line (blank lines skipped).
 pub fn parse_prompts(text: &str, path: &str) -> Result<Vec<String>, String> {
     let trimmed = text.trim_start();
+    if trimmed.starts_with('{') {
+        // A JSON object (or JSON lines) is not a prompt; one line of it would pass as one.
+        return Err(format!(
+            "{path}: starts with `{{`, so it is JSON but not a list; accepted: a JSON list of \
+             strings or of {{\"caption\": ...}} (or {{\"prompt\": ...}}) objects, or plain text \
+             with one prompt per line"
+        ));
+    }
     let prompts: Vec<String> = if trimmed.starts_with('[') {
         let value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| format!("{path}: invalid JSON: {e}"))?;
@@ -51,7 +59,8 @@ pub mod prompts_api {
     use crate::script::Host;
 
     /// Prompts from a file: a JSON list of `{caption}` objects (or strings), as the paper's 4k
-    /// prompts, or plain text with one prompt per line. An error when it holds none.
+    /// prompts, or plain text with one prompt per line. An error when it holds none, or when it
+    /// starts with `{` (a JSON object is not a prompt list).
     #[rhai_fn(return_raw, volatile)]
     pub fn read_prompts(ctx: NativeCallContext, path: &str) -> ScriptResult<Array> {
         let text = Host::of(&ctx)
