@@ -28,7 +28,7 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// A script that declares four parameters and writes what it got to `got.json`.
+/// A script that declares four parameters and writes what it got to `got.json` in its run folder.
 const DECLARING: &str = r#"// Trains nothing; reports its params.
 const PARAMS = #{
     epochs: #{value: 5, min: 1, doc: "training epochs"},
@@ -38,7 +38,7 @@ const PARAMS = #{
     mode: #{value: "a", choices: ["a", "b"], doc: "the mode"},
 };
 let p = check_params(PARAMS, params);
-write_json(p, "got.json");
+write_json(p, run_dir() + "/got.json");
 "#;
 
 fn declaring_dir() -> tempfile::TempDir {
@@ -90,7 +90,7 @@ fn valid_set_values_reach_the_script_as_the_declared_types_over_the_defaults() {
     let o = run_with(dir.path(), &["epochs=7", "lr=1", "name=007", "clip=0.5"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let got: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("got.json")).unwrap())
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("run/got.json")).unwrap())
             .unwrap();
     assert_eq!(got["epochs"], serde_json::json!(7));
     // An int where a float is declared stays as given; a path keeps its text.
@@ -119,7 +119,7 @@ fn help_lists_the_params_without_running_the_script() {
     ] {
         assert!(out.contains(text), "`{text}` missing from:\n{out}");
     }
-    assert!(!dir.path().join("got.json").exists(), "the script ran");
+    assert!(!dir.path().join("run/got.json").exists(), "the script ran");
     assert!(!dir.path().join("runs").exists(), "a run folder was made");
 
     // `lpo run --help` alone is the command's own help.
