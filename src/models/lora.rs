@@ -536,3 +536,189 @@ impl LoraHub {
         Ok(pairs.len())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::grad::finite_difference_check;
+
+    /// A hub holding one conv layer `[4, 3, k, k]` under the name `block.conv` and one linear
+    /// layer `[5, 3]` under `block.proj`, with seeded random weights.
+    fn hub_with_layers(k: usize, stride: usize, padding: usize) -> (LoraHub, Arc<LoraLayer>) {
+        let dev = Device::Cpu;
+        let mut rng = SeededRng::new(3);
+        let mut map = HashMap::new();
+        map.insert(
+            "block.conv.weight".to_string(),
+            rng.randn((4, 3, k, k), &dev).unwrap(),
+        );
+        map.insert("block.conv.bias".to_string(), rng.randn(4, &dev).unwrap());
+        map.insert(
+            "block.proj.weight".to_string(),
+            rng.randn((5, 3), &dev).unwrap(),
+        );
+        let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
+        let hub = LoraHub::new();
+        let conv = hub
+            .conv(3, 4, k, stride, padding, vb.pp("block").pp("conv"))
+            .unwrap();
+        hub.linear(3, 5, false, vb.pp("block").pp("proj")).unwrap();
+        (hub, conv)
+    }
+
+    fn config(targets: &[&str]) -> LoraConfig {
+        LoraConfig {
+            rank: 2,
+            alpha: 3.0,
+            targets: targets.iter().map(|t| t.to_string()).collect(),
+            seed: 1,
+        }
+    }
+
+    /// B starts at zero; random values make A's gradient nonzero and the adapter visible.
+    fn randomize_b(layer: &LoraLayer, seed: u64) {
+        let ad = layer.adapter().expect("adapter");
+        let b = SeededRng::new(seed)
+            .randn(ad.b.dims(), &Device::Cpu)
+            .unwrap();
+        ad.b.set(&b).unwrap();
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn conv_adapters_have_peft_shapes_and_targets_select_by_kind() -> Result<()> {
+        let (hub, conv) = hub_with_layers(3, 2, 1);
+        assert_eq!(hub.add(&config(&["all-conv"]))?, 1);
+        let ad = conv.adapter().expect("conv adapter");
+        assert_eq!(ad.a.dims(), &[2, 3, 3, 3]);
+        assert_eq!(ad.b.dims(), &[4, 2, 1, 1]);
+        assert_eq!(ad.b.as_tensor().abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+
+        let (hub, _) = hub_with_layers(3, 1, 1);
+        assert_eq!(hub.add(&config(&["all-linear"]))?, 1);
+        let names: Vec<String> = hub.vars("").into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            ["block.proj.lora_A.weight", "block.proj.lora_B.weight"]
+        );
+
+        // PEFT's suffix rule: whole dot-separated components only
+        let (hub, _) = hub_with_layers(3, 1, 1);
+        assert_eq!(hub.add(&config(&["conv", "block.proj"]))?, 2);
+        let (hub, _) = hub_with_layers(3, 1, 1);
+        let err = hub.add(&config(&["onv"])).unwrap_err().to_string();
+        assert!(err.contains("no layer matches"), "{err}");
+        let err = hub
+            .add(&config(&["all-attention"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown target `all-attention`"), "{err}");
+        Ok(())
+    }
+
+    /// The adapter's output is that of the conv with the merged weight `W + scale * B A`, and
+    /// merging keeps the output; the switch off gives the base conv exactly.
+    #[test]
+    fn conv_adapter_equals_its_merged_weight_and_switches_off_exactly() -> Result<()> {
+        for &(k, s, p) in &[(3, 1, 1), (3, 2, 1), (3, 2, 0), (1, 1, 0)] {
+            let (hub, conv) = hub_with_layers(k, s, p);
+            let x = SeededRng::new(9).randn((2, 3, 7, 7), &Device::Cpu)?;
+            let base = conv.forward(&x)?;
+            hub.add(&config(&["conv"]))?;
+            assert_eq!(
+                max_diff(&conv.forward(&x)?, &base),
+                0.0,
+                "fresh adapter is a no-op"
+            );
+            randomize_b(&conv, 4);
+            let adapted = conv.forward(&x)?;
+            assert!(
+                max_diff(&adapted, &base) > 1e-2,
+                "k{k} s{s} p{p}: no effect"
+            );
+            hub.set_enabled(false);
+            assert_eq!(max_diff(&conv.forward(&x)?, &base), 0.0, "switched off");
+            hub.set_enabled(true);
+            let merged_w = (conv.weight()? + conv.delta(&conv.adapter().unwrap())?)?;
+            let merged = Conv2d::new(merged_w, conv.bias.clone(), s, p).forward(&x)?;
+            assert!(max_diff(&adapted, &merged) < 1e-4, "k{k} s{s} p{p}: delta");
+            assert!(conv.merge()?);
+            assert!(conv.adapter().is_none());
+            assert!(
+                max_diff(&conv.forward(&x)?, &adapted) < 1e-4,
+                "k{k} s{s} p{p}: merge"
+            );
+        }
+        Ok(())
+    }
+
+    /// Central differences of L = <probe, conv(x)> at sampled entries of A and B against the
+    /// autograd gradient (L is bilinear in A and B, so exact up to f32 rounding).
+    #[test]
+    fn conv_adapter_gradients_match_finite_differences() -> Result<()> {
+        for &(k, s, p) in &[(3, 1, 1), (3, 2, 1), (1, 1, 0)] {
+            let (hub, conv) = hub_with_layers(k, s, p);
+            hub.add(&config(&["conv"]))?;
+            randomize_b(&conv, 5);
+            let mut rng = SeededRng::new(6);
+            let x = rng.randn((2, 3, 6, 6), &Device::Cpu)?;
+            let probe = rng.randn(conv.forward(&x)?.dims(), &Device::Cpu)?;
+            let loss = || Ok((conv.forward(&x)? * &probe)?.sum_all()?);
+            let ad = conv.adapter().unwrap();
+            let grads = loss()?.backward()?;
+            for (name, v) in [("A", &ad.a), ("B", &ad.b)] {
+                let g = grads.get(v).expect("gradient");
+                assert!(
+                    g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0,
+                    "{name}: zero"
+                );
+                let n = v.elem_count();
+                for (g, fd) in finite_difference_check(loss, v, &[0, n / 3, n / 2, n - 1], 0.5)? {
+                    assert!(
+                        (fd - g).abs() < 1e-3 * fd.abs().max(1.0),
+                        "{name} k{k} s{s} p{p}: fd {fd} vs {g}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn adapter_from_names_the_layer_and_expected_shapes() -> Result<()> {
+        let (_, conv) = hub_with_layers(3, 1, 1);
+        let dev = Device::Cpu;
+        let ok = conv.adapter_from(
+            &Tensor::zeros((2, 3, 3, 3), DType::F32, &dev)?,
+            &Tensor::zeros((4, 2, 1, 1), DType::F32, &dev)?,
+            Some(8.0),
+        )?;
+        assert_eq!((ok.rank, ok.alpha), (2, 8.0));
+        // a linear-shaped adapter on a conv layer
+        let err = conv
+            .adapter_from(
+                &Tensor::zeros((2, 3), DType::F32, &dev)?,
+                &Tensor::zeros((4, 2), DType::F32, &dev)?,
+                None,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`block.conv`") && err.contains("[r, 3, 3, 3] / [4, r, 1, 1]"),
+            "{err}"
+        );
+        Ok(())
+    }
+}
