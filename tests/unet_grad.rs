@@ -206,6 +206,106 @@ fn lora_vars_get_gradients_matching_finite_differences() {
     finite_difference_check(&unet, &i, &picked, 1);
 }
 
+/// Adapters on every linear and conv layer (each kind users train: resnet convs and
+/// time_emb_proj, proj_in/out, feed-forward, attention, time embedding, conv_in/out,
+/// down/upsamplers): every A and B gets a nonzero gradient, sampled ones match finite
+/// differences, and the switch off gives the base output bit for bit.
+#[test]
+fn adapters_on_every_layer_kind_get_gradients_and_switch_off_exactly() {
+    let _serial = serial();
+    let unet = load_sd(DType::F64, WeightMode::Frozen);
+    let i = inputs(DType::F64);
+    let base = unet.forward(&i.x, &i.t, &i.ehs, None).unwrap();
+    let n = unet
+        .add_lora(&LoraConfig {
+            rank: 2,
+            alpha: 3.0,
+            targets: vec!["all-linear".into(), "all-conv".into()],
+            seed: 3,
+        })
+        .unwrap();
+    let mut rng = SeededRng::new(5);
+    for (name, var) in unet.trainable_vars() {
+        if name.ends_with("lora_B.weight") {
+            let b = (rng.randn(var.dims(), &Device::Cpu).unwrap() * 0.05)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap();
+            var.set(&b).unwrap();
+        }
+    }
+    let vars = unet.trainable_vars();
+    assert_eq!(vars.len(), 2 * n);
+    for kind in [
+        "resnets.0.conv1",
+        "resnets.0.conv2",
+        "resnets.0.conv_shortcut",
+        "resnets.0.time_emb_proj",
+        "attentions.0.proj_in",
+        "attentions.0.proj_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "mid_block.attentions.0.transformer_blocks.0.attn1.to_q",
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v",
+        "time_embedding.linear_1",
+        "time_embedding.linear_2",
+        "unet.conv_in",
+        "unet.conv_out",
+        "downsamplers.0.conv",
+        "upsamplers.0.conv",
+    ] {
+        assert!(
+            vars.iter().any(|(name, _)| name.contains(kind)),
+            "no adapter on `{kind}`"
+        );
+    }
+    let conv_a = vars
+        .iter()
+        .find(|(name, _)| name == "unet.down_blocks.0.resnets.0.conv1.lora_A.weight")
+        .unwrap();
+    assert_eq!(conv_a.1.dims(), &[2, 32, 3, 3]);
+
+    let grads = loss(&unet, &i).backward().unwrap();
+    for (name, var) in &vars {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        assert!(
+            scalar(&g.abs().unwrap().sum_all().unwrap()) > 0.0,
+            "{name}: zero gradient"
+        );
+    }
+    // every conv adapter kind among the sampled vars, plus a spread of the rest
+    let picked: Vec<(String, Var)> = vars
+        .iter()
+        .filter(|(name, _)| {
+            name.contains("down_blocks.1.resnets.0.conv")
+                || name.contains("downsamplers")
+                || name.contains("attentions.0.proj_in")
+                || name.contains("time_embedding.linear_1")
+        })
+        .chain(vars.iter().step_by(23))
+        .cloned()
+        .collect();
+    finite_difference_check(&unet, &i, &picked, 1);
+
+    unet.set_lora_enabled(false);
+    let off = unet.forward(&i.x, &i.t, &i.ehs, None).unwrap();
+    let diff = scalar(
+        &(off - &base)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_keepdim(0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap(),
+    );
+    assert_eq!(diff, 0.0, "adapters off must give the base output exactly");
+}
+
 #[test]
 fn fresh_adapters_start_at_zero_and_a_has_std_one_over_rank() {
     let _serial = serial();

@@ -63,6 +63,14 @@ impl Conv2d {
         Ok(Self::new(weight, Some(bias), stride, padding))
     }
 
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     /// `y` [B, O, ...] plus the bias over dim 1.
     fn add_bias(&self, y: Tensor) -> Result<Tensor> {
         match &self.bias {

@@ -1,7 +1,12 @@
-//! LoRA adapters on linear projections (diffusers/PEFT style).
+//! LoRA adapters on linear and convolution layers (diffusers/PEFT style).
 //!
-//! A [`LoraLinear`] is a linear layer `y = x W^T + b` that can carry an adapter
-//! `y += scale * (x A^T) B^T` with `A: [rank, in]`, `B: [out, rank]`, `scale = alpha / rank`.
+//! A [`LoraLayer`] is a linear layer `y = x W^T + b` or a 2-D convolution `y = W * x + b` that
+//! can carry an adapter `y += scale * up(down(x))` with `scale = alpha / rank`:
+//! - linear: `down = x A^T`, `up = h B^T`, `A: [rank, in]`, `B: [out, rank]`;
+//! - conv (as PEFT and kohya LoCon): `down` is a convolution with the layer's kernel, stride and
+//!   padding into `rank` channels (`A: [rank, in, kh, kw]`), `up` a 1x1 convolution
+//!   (`B: [out, rank, 1, 1]`), so `scale * B A` reshaped is the weight delta.
+//!
 //! `A` is drawn N(0, (1/rank)^2) from our [`SeededRng`] (PEFT's `init_lora_weights="gaussian"`),
 //! `B` starts at zero, so a fresh adapter leaves the output unchanged. The base weight is a plain
 //! tensor (frozen); the adapter weights are `Var`s. All layers of one model share a [`LoraHub`]
@@ -21,14 +26,21 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::VarBuilder;
 
+use crate::models::conv::Conv2d;
 use crate::tensor::SeededRng;
+
+/// `targets` entry that selects every linear layer (PEFT's `target_modules="all-linear"`).
+pub const ALL_LINEAR: &str = "all-linear";
+/// `targets` entry that selects every convolution.
+pub const ALL_CONV: &str = "all-conv";
 
 /// Where adapters go and how big they are.
 #[derive(Debug, Clone)]
 pub struct LoraConfig {
     pub rank: usize,
     pub alpha: f64,
-    /// Module-name suffixes that get adapters (default: `to_q`, `to_k`, `to_v`, `to_out.0`).
+    /// Module-name suffixes that get adapters (default: `to_q`, `to_k`, `to_v`, `to_out.0`),
+    /// or [`ALL_LINEAR`] / [`ALL_CONV`].
     pub targets: Vec<String>,
     pub seed: u64,
 }
@@ -41,7 +53,7 @@ impl LoraConfig {
     }
 }
 
-/// One adapter: `A: [rank, in]`, `B: [out, rank]`.
+/// One adapter: `A` (down) and `B` (up), shaped as [`LoraLayer::adapter_shapes`] says.
 #[derive(Debug, Clone)]
 pub struct LoraAdapter {
     pub a: Var,
@@ -60,18 +72,38 @@ fn lock_err<T>(_: T) -> anyhow::Error {
     anyhow::anyhow!("LoRA layer lock poisoned")
 }
 
-/// A linear layer whose weight can be merged into and which may carry a LoRA adapter.
+fn candle_lock_err<T>(_: T) -> candle_core::Error {
+    candle_core::Error::Msg("LoRA layer lock poisoned".into())
+}
+
+/// How a [`LoraLayer`] applies its weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerKind {
+    /// weight `[out, in]`
+    Linear,
+    /// weight `[out, in, kh, kw]`; groups 1, dilation 1
+    Conv { stride: usize, padding: usize },
+}
+
+/// A linear or conv layer whose weight can be merged into and which may carry a LoRA adapter.
 #[derive(Debug)]
-pub struct LoraLinear {
+pub struct LoraLayer {
     /// Full module path, e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`.
     pub path: String,
+    kind: LayerKind,
     weight: RwLock<Tensor>,
     bias: Option<Tensor>,
     adapter: RwLock<Option<LoraAdapter>>,
     enabled: Arc<AtomicBool>,
 }
 
-impl LoraLinear {
+/// The name this type had while only linear layers carried adapters (`lora_export` uses it).
+pub type LoraLinear = LoraLayer;
+
+impl LoraLayer {
+    pub fn kind(&self) -> LayerKind {
+        self.kind
+    }
     pub fn in_dim(&self) -> Result<usize> {
         Ok(self.weight.read().map_err(lock_err)?.dim(1)?)
     }
@@ -89,34 +121,99 @@ impl LoraLinear {
         Ok(self.weight.read().map_err(lock_err)?.clone())
     }
 
+    /// The shapes of `A` and `B` for a rank-`rank` adapter on this layer: `[r, in]` / `[out, r]`
+    /// for linear, `[r, in, kh, kw]` / `[out, r, 1, 1]` for conv (PEFT's and kohya's layout).
+    pub fn adapter_shapes(&self, rank: usize) -> Result<(Vec<usize>, Vec<usize>)> {
+        let w = self.weight.read().map_err(lock_err)?;
+        let dims = w.dims();
+        let mut a = dims.to_vec();
+        a[0] = rank;
+        let mut b = vec![dims[0], rank];
+        b.resize(dims.len(), 1);
+        Ok((a, b))
+    }
+
+    /// An adapter from `A` / `B` read from a file, checked against this layer's shapes and
+    /// moved to its dtype and device. The error names the layer and both shapes.
+    pub fn adapter_from(&self, a: &Tensor, b: &Tensor, alpha: Option<f64>) -> Result<LoraAdapter> {
+        let rank = a.dims().first().copied().unwrap_or(0);
+        let (want_a, want_b) = self.adapter_shapes(rank)?;
+        if rank == 0 || a.dims() != want_a.as_slice() || b.dims() != want_b.as_slice() {
+            // the expected shapes with the rank left open, e.g. `[r, 320, 3, 3] / [320, r, 1, 1]`
+            let (ea, eb) = self.adapter_shapes(0)?;
+            let show = |s: Vec<usize>, r_at: usize| {
+                let v: Vec<String> = s
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| if i == r_at { "r".into() } else { d.to_string() })
+                    .collect();
+                format!("[{}]", v.join(", "))
+            };
+            bail!(
+                "`{}` has lora_A {:?} / lora_B {:?}, expected {} / {}",
+                self.path,
+                a.dims(),
+                b.dims(),
+                show(ea, 0),
+                show(eb, 1)
+            );
+        }
+        let w = self.weight()?;
+        let a = a.to_dtype(w.dtype())?.to_device(w.device())?;
+        let b = b.to_dtype(w.dtype())?.to_device(w.device())?;
+        Ok(LoraAdapter {
+            a: Var::from_tensor(&a)?,
+            b: Var::from_tensor(&b)?,
+            rank,
+            alpha: alpha.unwrap_or(rank as f64),
+        })
+    }
+
+    /// `scale * B A` in the weight's shape (what merging adds to the weight), detached, in the
+    /// adapter's dtype and on its device.
+    pub fn delta(&self, ad: &LoraAdapter) -> Result<Tensor> {
+        let a = ad.a.as_tensor().detach();
+        let b = ad.b.as_tensor().detach();
+        let shape = self.weight.read().map_err(lock_err)?.dims().to_vec();
+        let ab = b
+            .reshape((b.dim(0)?, ad.rank))?
+            .matmul(&a.reshape((ad.rank, ()))?)?;
+        Ok((ab.reshape(shape)? * ad.scale())?)
+    }
+
     /// `W <- W + scale * B A` and drop the adapter.
     pub fn merge(&self) -> Result<bool> {
         let Some(ad) = self.adapter() else {
             return Ok(false);
         };
+        let delta = self.delta(&ad)?;
         let mut w = self.weight.write().map_err(lock_err)?;
-        let delta = (ad
-            .b
-            .as_tensor()
-            .detach()
-            .matmul(&ad.a.as_tensor().detach())?
-            * ad.scale())?;
         *w = (w.detach() + delta.to_dtype(w.dtype())?)?;
         drop(w);
         self.set_adapter(None)?;
         Ok(true)
     }
+
+    /// The layer's own op with `weight` (no bias for the adapter's halves).
+    fn apply(
+        &self,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        x: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        match self.kind {
+            LayerKind::Linear => candle_nn::Linear::new(weight, bias).forward(x),
+            LayerKind::Conv { stride, padding } => {
+                Conv2d::new(weight, bias, stride, padding).forward(x)
+            }
+        }
+    }
 }
 
-impl Module for LoraLinear {
+impl Module for LoraLayer {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let w = self
-            .weight
-            .read()
-            .map_err(|_| candle_core::Error::Msg("LoRA layer lock poisoned".into()))?
-            .clone();
-        let lin = candle_nn::Linear::new(w, self.bias.clone());
-        let y = lin.forward(x)?;
+        let w = self.weight.read().map_err(candle_lock_err)?.clone();
+        let y = self.apply(w, self.bias.clone(), x)?;
         if !self.enabled.load(Ordering::Relaxed) {
             return Ok(y);
         }
@@ -124,8 +221,15 @@ impl Module for LoraLinear {
         match adapter {
             None => Ok(y),
             Some(ad) => {
-                let down = candle_nn::Linear::new(ad.a.as_tensor().clone(), None).forward(x)?;
-                let up = candle_nn::Linear::new(ad.b.as_tensor().clone(), None).forward(&down)?;
+                let down = self.apply(ad.a.as_tensor().clone(), None, x)?;
+                let up = match self.kind {
+                    LayerKind::Linear => {
+                        candle_nn::Linear::new(ad.b.as_tensor().clone(), None).forward(&down)?
+                    }
+                    LayerKind::Conv { .. } => {
+                        Conv2d::new(ad.b.as_tensor().clone(), None, 1, 0).forward(&down)?
+                    }
+                };
                 y + (up * ad.scale())?
             }
         }
@@ -136,7 +240,7 @@ impl Module for LoraLinear {
 #[derive(Debug, Clone, Default)]
 pub struct LoraHub {
     enabled: Arc<AtomicBool>,
-    layers: Arc<Mutex<Vec<Arc<LoraLinear>>>>,
+    layers: Arc<Mutex<Vec<Arc<LoraLayer>>>>,
 }
 
 impl LoraHub {
@@ -154,15 +258,46 @@ impl LoraHub {
         out_dim: usize,
         bias: bool,
         vb: VarBuilder,
-    ) -> candle_core::Result<Arc<LoraLinear>> {
+    ) -> candle_core::Result<Arc<LoraLayer>> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias {
             Some(vb.get(out_dim, "bias")?)
         } else {
             None
         };
-        let layer = Arc::new(LoraLinear {
-            path: vb.prefix(),
+        self.register(vb.prefix(), LayerKind::Linear, weight, bias)
+    }
+
+    /// Build a conv layer from `vb` (weight `[cout, cin, kernel, kernel]`, bias `[cout]`) and
+    /// register it. Without an adapter it runs [`Conv2d`] as is (the CPU im2col path).
+    pub fn conv(
+        &self,
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Arc<LoraLayer>> {
+        let path = vb.prefix();
+        let conv = Conv2d::load(vb, cin, cout, kernel, stride, padding)?;
+        let kind = LayerKind::Conv {
+            stride: stride.max(1),
+            padding,
+        };
+        self.register(path, kind, conv.weight().clone(), conv.bias().cloned())
+    }
+
+    fn register(
+        &self,
+        path: String,
+        kind: LayerKind,
+        weight: Tensor,
+        bias: Option<Tensor>,
+    ) -> candle_core::Result<Arc<LoraLayer>> {
+        let layer = Arc::new(LoraLayer {
+            path,
+            kind,
             weight: RwLock::new(weight),
             bias,
             adapter: RwLock::new(None),
@@ -185,7 +320,7 @@ impl LoraHub {
     }
 
     /// All registered layers, sorted by path.
-    pub fn layers(&self) -> Vec<Arc<LoraLinear>> {
+    pub fn layers(&self) -> Vec<Arc<LoraLayer>> {
         let mut v = self.layers.lock().map(|l| l.clone()).unwrap_or_default();
         v.sort_by(|a, b| a.path.cmp(&b.path));
         v
@@ -195,10 +330,15 @@ impl LoraHub {
         self.layers().iter().any(|l| l.adapter().is_some())
     }
 
-    fn matches(path: &str, targets: &[String]) -> bool {
-        targets
-            .iter()
-            .any(|t| path == t || path.ends_with(&format!(".{t}")))
+    /// PEFT's `target_modules` rule: a target names a module by a dot-separated suffix of its
+    /// path; [`ALL_LINEAR`] / [`ALL_CONV`] take every layer of that kind.
+    fn matches(layer: &LoraLayer, targets: &[String]) -> bool {
+        let path = layer.path.as_str();
+        targets.iter().any(|t| match t.as_str() {
+            ALL_LINEAR => layer.kind == LayerKind::Linear,
+            ALL_CONV => matches!(layer.kind, LayerKind::Conv { .. }),
+            t => path == t || path.ends_with(&format!(".{t}")),
+        })
     }
 
     /// Attach fresh adapters to every layer whose path ends in one of `cfg.targets`.
@@ -210,6 +350,13 @@ impl LoraHub {
         if cfg.targets.is_empty() {
             bail!("add_lora: `targets` is empty");
         }
+        if let Some(t) = cfg
+            .targets
+            .iter()
+            .find(|t| t.starts_with("all-") && ![ALL_LINEAR, ALL_CONV].contains(&t.as_str()))
+        {
+            bail!("add_lora: unknown target `{t}` (expected a module-name suffix, \"{ALL_LINEAR}\" or \"{ALL_CONV}\")");
+        }
         if self.has_adapters() {
             bail!(
                 "add_lora: this model already has LoRA adapters (merge_lora or load_lora instead)"
@@ -219,13 +366,13 @@ impl LoraHub {
         let std = 1.0 / cfg.rank as f64;
         let mut count = 0;
         for layer in self.layers() {
-            if !Self::matches(&layer.path, &cfg.targets) {
+            if !Self::matches(&layer, &cfg.targets) {
                 continue;
             }
             let w = layer.weight()?;
-            let (out_dim, in_dim) = w.dims2()?;
-            let a = (rng.randn((cfg.rank, in_dim), w.device())? * std)?.to_dtype(w.dtype())?;
-            let b = Tensor::zeros((out_dim, cfg.rank), w.dtype(), w.device())?;
+            let (a_shape, b_shape) = layer.adapter_shapes(cfg.rank)?;
+            let a = (rng.randn(a_shape, w.device())? * std)?.to_dtype(w.dtype())?;
+            let b = Tensor::zeros(b_shape, w.dtype(), w.device())?;
             layer.set_adapter(Some(LoraAdapter {
                 a: Var::from_tensor(&a)?,
                 b: Var::from_tensor(&b)?,
@@ -328,7 +475,7 @@ impl LoraHub {
         let file_alpha = meta.get("lora_alpha").and_then(|v| v.parse::<f64>().ok());
         let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
             .with_context(|| format!("load_lora: cannot read tensors of {}", path.display()))?;
-        let layers: HashMap<String, Arc<LoraLinear>> = self
+        let layers: HashMap<String, Arc<LoraLayer>> = self
             .layers()
             .into_iter()
             .map(|l| (l.path.clone(), l))
@@ -372,45 +519,206 @@ impl LoraHub {
                     path.display()
                 );
             };
-            let (rank, in_dim) = a
-                .dims2()
-                .with_context(|| format!("load_lora: `{module}.lora_A.weight` must be 2-D"))?;
-            let (out_dim, rank_b) = b
-                .dims2()
-                .with_context(|| format!("load_lora: `{module}.lora_B.weight` must be 2-D"))?;
-            if in_dim != layer.in_dim()?
-                || out_dim != layer.out_dim()?
-                || rank != rank_b
-                || rank == 0
-            {
-                bail!(
-                    "load_lora: {}: `{module}` has lora_A {:?} / lora_B {:?}, expected [r, {}] / [{}, r]",
-                    path.display(),
-                    a.dims(),
-                    b.dims(),
-                    layer.in_dim()?,
-                    layer.out_dim()?
-                );
-            }
-            let w = layer.weight()?;
-            let a = a.to_dtype(w.dtype())?.to_device(w.device())?;
-            let b = b.to_dtype(w.dtype())?.to_device(w.device())?;
+            let new = layer
+                .adapter_from(a, b, file_alpha)
+                .with_context(|| format!("load_lora: {}", path.display()))?;
             match layer.adapter() {
-                Some(ad) if ad.rank == rank => {
-                    ad.a.set(&a)?;
-                    ad.b.set(&b)?;
+                Some(ad) if ad.a.shape() == new.a.shape() && ad.b.shape() == new.b.shape() => {
+                    ad.a.set(new.a.as_tensor())?;
+                    ad.b.set(new.b.as_tensor())?;
                     if let Some(alpha) = file_alpha {
                         layer.set_adapter(Some(LoraAdapter { alpha, ..ad }))?;
                     }
                 }
-                _ => layer.set_adapter(Some(LoraAdapter {
-                    a: Var::from_tensor(&a)?,
-                    b: Var::from_tensor(&b)?,
-                    rank,
-                    alpha: file_alpha.unwrap_or(rank as f64),
-                }))?,
+                _ => layer.set_adapter(Some(new))?,
             }
         }
         Ok(pairs.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::grad::finite_difference_check;
+
+    /// A hub holding one conv layer `[4, 3, k, k]` under the name `block.conv` and one linear
+    /// layer `[5, 3]` under `block.proj`, with seeded random weights.
+    fn hub_with_layers(k: usize, stride: usize, padding: usize) -> (LoraHub, Arc<LoraLayer>) {
+        let dev = Device::Cpu;
+        let mut rng = SeededRng::new(3);
+        let mut map = HashMap::new();
+        map.insert(
+            "block.conv.weight".to_string(),
+            rng.randn((4, 3, k, k), &dev).unwrap(),
+        );
+        map.insert("block.conv.bias".to_string(), rng.randn(4, &dev).unwrap());
+        map.insert(
+            "block.proj.weight".to_string(),
+            rng.randn((5, 3), &dev).unwrap(),
+        );
+        let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
+        let hub = LoraHub::new();
+        let conv = hub
+            .conv(3, 4, k, stride, padding, vb.pp("block").pp("conv"))
+            .unwrap();
+        hub.linear(3, 5, false, vb.pp("block").pp("proj")).unwrap();
+        (hub, conv)
+    }
+
+    fn config(targets: &[&str]) -> LoraConfig {
+        LoraConfig {
+            rank: 2,
+            alpha: 3.0,
+            targets: targets.iter().map(|t| t.to_string()).collect(),
+            seed: 1,
+        }
+    }
+
+    /// B starts at zero; random values make A's gradient nonzero and the adapter visible.
+    fn randomize_b(layer: &LoraLayer, seed: u64) {
+        let ad = layer.adapter().expect("adapter");
+        let b = SeededRng::new(seed)
+            .randn(ad.b.dims(), &Device::Cpu)
+            .unwrap();
+        ad.b.set(&b).unwrap();
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn conv_adapters_have_peft_shapes_and_targets_select_by_kind() -> Result<()> {
+        let (hub, conv) = hub_with_layers(3, 2, 1);
+        assert_eq!(hub.add(&config(&["all-conv"]))?, 1);
+        let ad = conv.adapter().expect("conv adapter");
+        assert_eq!(ad.a.dims(), &[2, 3, 3, 3]);
+        assert_eq!(ad.b.dims(), &[4, 2, 1, 1]);
+        assert_eq!(ad.b.as_tensor().abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+
+        let (hub, _) = hub_with_layers(3, 1, 1);
+        assert_eq!(hub.add(&config(&["all-linear"]))?, 1);
+        let names: Vec<String> = hub.vars("").into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            ["block.proj.lora_A.weight", "block.proj.lora_B.weight"]
+        );
+
+        // PEFT's suffix rule: whole dot-separated components only
+        let (hub, _) = hub_with_layers(3, 1, 1);
+        assert_eq!(hub.add(&config(&["conv", "block.proj"]))?, 2);
+        let (hub, _) = hub_with_layers(3, 1, 1);
+        let err = hub.add(&config(&["onv"])).unwrap_err().to_string();
+        assert!(err.contains("no layer matches"), "{err}");
+        let err = hub
+            .add(&config(&["all-attention"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown target `all-attention`"), "{err}");
+        Ok(())
+    }
+
+    /// The adapter's output is that of the conv with the merged weight `W + scale * B A`, and
+    /// merging keeps the output; the switch off gives the base conv exactly.
+    #[test]
+    fn conv_adapter_equals_its_merged_weight_and_switches_off_exactly() -> Result<()> {
+        for &(k, s, p) in &[(3, 1, 1), (3, 2, 1), (3, 2, 0), (1, 1, 0)] {
+            let (hub, conv) = hub_with_layers(k, s, p);
+            let x = SeededRng::new(9).randn((2, 3, 7, 7), &Device::Cpu)?;
+            let base = conv.forward(&x)?;
+            hub.add(&config(&["conv"]))?;
+            assert_eq!(
+                max_diff(&conv.forward(&x)?, &base),
+                0.0,
+                "fresh adapter is a no-op"
+            );
+            randomize_b(&conv, 4);
+            let adapted = conv.forward(&x)?;
+            assert!(
+                max_diff(&adapted, &base) > 1e-2,
+                "k{k} s{s} p{p}: no effect"
+            );
+            hub.set_enabled(false);
+            assert_eq!(max_diff(&conv.forward(&x)?, &base), 0.0, "switched off");
+            hub.set_enabled(true);
+            let merged_w = (conv.weight()? + conv.delta(&conv.adapter().unwrap())?)?;
+            let merged = Conv2d::new(merged_w, conv.bias.clone(), s, p).forward(&x)?;
+            assert!(max_diff(&adapted, &merged) < 1e-4, "k{k} s{s} p{p}: delta");
+            assert!(conv.merge()?);
+            assert!(conv.adapter().is_none());
+            assert!(
+                max_diff(&conv.forward(&x)?, &adapted) < 1e-4,
+                "k{k} s{s} p{p}: merge"
+            );
+        }
+        Ok(())
+    }
+
+    /// Central differences of L = <probe, conv(x)> at sampled entries of A and B against the
+    /// autograd gradient (L is bilinear in A and B, so exact up to f32 rounding).
+    #[test]
+    fn conv_adapter_gradients_match_finite_differences() -> Result<()> {
+        for &(k, s, p) in &[(3, 1, 1), (3, 2, 1), (1, 1, 0)] {
+            let (hub, conv) = hub_with_layers(k, s, p);
+            hub.add(&config(&["conv"]))?;
+            randomize_b(&conv, 5);
+            let mut rng = SeededRng::new(6);
+            let x = rng.randn((2, 3, 6, 6), &Device::Cpu)?;
+            let probe = rng.randn(conv.forward(&x)?.dims(), &Device::Cpu)?;
+            let loss = || Ok((conv.forward(&x)? * &probe)?.sum_all()?);
+            let ad = conv.adapter().unwrap();
+            let grads = loss()?.backward()?;
+            for (name, v) in [("A", &ad.a), ("B", &ad.b)] {
+                let g = grads.get(v).expect("gradient");
+                assert!(
+                    g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0,
+                    "{name}: zero"
+                );
+                let n = v.elem_count();
+                for (g, fd) in finite_difference_check(loss, v, &[0, n / 3, n / 2, n - 1], 0.5)? {
+                    assert!(
+                        (fd - g).abs() < 1e-3 * fd.abs().max(1.0),
+                        "{name} k{k} s{s} p{p}: fd {fd} vs {g}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn adapter_from_names_the_layer_and_expected_shapes() -> Result<()> {
+        let (_, conv) = hub_with_layers(3, 1, 1);
+        let dev = Device::Cpu;
+        let ok = conv.adapter_from(
+            &Tensor::zeros((2, 3, 3, 3), DType::F32, &dev)?,
+            &Tensor::zeros((4, 2, 1, 1), DType::F32, &dev)?,
+            Some(8.0),
+        )?;
+        assert_eq!((ok.rank, ok.alpha), (2, 8.0));
+        // a linear-shaped adapter on a conv layer
+        let err = conv
+            .adapter_from(
+                &Tensor::zeros((2, 3), DType::F32, &dev)?,
+                &Tensor::zeros((4, 2), DType::F32, &dev)?,
+                None,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`block.conv`") && err.contains("[r, 3, 3, 3] / [4, r, 1, 1]"),
+            "{err}"
+        );
+        Ok(())
     }
 }

@@ -19,7 +19,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 
 use super::loading::Weights;
 use super::lora::{LoraAdapter, LoraHub, LoraLinear};
@@ -179,27 +179,10 @@ pub fn import_kohya(hub: &LoraHub, path: &Path) -> Result<usize> {
                 path.display()
             );
         };
-        let (rank, in_dim) = a.dims2()?;
-        let (out_dim, rank_b) = b.dims2()?;
-        if rank != rank_b || in_dim != layer.in_dim()? || out_dim != layer.out_dim()? {
-            bail!(
-                "import_kohya: {}: `{module}` has lora_down {:?} / lora_up {:?}, expected [r, {}] / [{}, r]",
-                path.display(),
-                a.dims(),
-                b.dims(),
-                layer.in_dim()?,
-                layer.out_dim()?
-            );
-        }
-        let w = layer.weight()?;
-        let a = a.to_dtype(w.dtype())?.to_device(w.device())?;
-        let b = b.to_dtype(w.dtype())?.to_device(w.device())?;
-        layer.set_adapter(Some(LoraAdapter {
-            a: Var::from_tensor(&a)?,
-            b: Var::from_tensor(&b)?,
-            rank,
-            alpha: alpha.unwrap_or(rank as f64),
-        }))?;
+        let adapter = layer
+            .adapter_from(a, b, *alpha)
+            .with_context(|| format!("import_kohya: {}", path.display()))?;
+        layer.set_adapter(Some(adapter))?;
     }
     Ok(parts.len())
 }
@@ -244,8 +227,7 @@ pub fn save_merged(unet: &UNet2DConditionModel, dir: &Path) -> Result<()> {
         }
         let mut w = layer.weight()?.detach().to_device(&Device::Cpu)?;
         if let Some(ad) = layer.adapter() {
-            let delta =
-                (cpu_f32(ad.b.as_tensor())?.matmul(&cpu_f32(ad.a.as_tensor())?)? * ad.scale())?;
+            let delta = cpu_f32(&layer.delta(&ad)?)?;
             w = (w.to_dtype(DType::F32)? + delta)?.to_dtype(unet.dtype())?;
         }
         tensors.insert(key, w.contiguous()?);

@@ -4,21 +4,19 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{GroupNorm, Linear, VarBuilder};
-
-use crate::models::conv::Conv2d;
+use candle_nn::{GroupNorm, VarBuilder};
 
 use super::checkpointed_attention::{attend, attend_checkpointed};
-use crate::models::lora::{LoraHub, LoraLinear};
+use crate::models::lora::{LoraHub, LoraLayer};
 use crate::models::nn::LayerNorm;
 
 /// Multi-head attention (`attn1` self, `attn2` cross); projections can carry LoRA adapters.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    to_q: Arc<LoraLinear>,
-    to_k: Arc<LoraLinear>,
-    to_v: Arc<LoraLinear>,
-    to_out: Arc<LoraLinear>,
+    to_q: Arc<LoraLayer>,
+    to_k: Arc<LoraLayer>,
+    to_v: Arc<LoraLayer>,
+    to_out: Arc<LoraLayer>,
     heads: usize,
     head_dim: usize,
     upcast: bool,
@@ -108,17 +106,17 @@ pub fn attention_slice() -> usize {
 /// GEGLU feed-forward: `net.2(h * gelu(gate))` with `[h, gate] = net.0.proj(x)`.
 #[derive(Debug, Clone)]
 pub struct FeedForward {
-    proj: Linear,
-    out: Linear,
+    proj: Arc<LoraLayer>,
+    out: Arc<LoraLayer>,
     inner: usize,
 }
 
 impl FeedForward {
-    pub fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
+    pub fn new(vb: VarBuilder, hub: &LoraHub, dim: usize) -> Result<Self> {
         let inner = dim * 4;
         Ok(Self {
-            proj: candle_nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
-            out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            proj: hub.linear(dim, inner * 2, true, vb.pp("net.0.proj"))?,
+            out: hub.linear(inner, dim, true, vb.pp("net.2"))?,
             inner,
         })
     }
@@ -168,7 +166,7 @@ impl BasicTransformerBlock {
                 upcast,
             )?,
             norm3: LayerNorm::new(dim, 1e-5, vb.pp("norm3"))?,
-            ff: FeedForward::new(vb.pp("ff"), dim)?,
+            ff: FeedForward::new(vb.pp("ff"), hub, dim)?,
         })
     }
 
@@ -182,20 +180,16 @@ impl BasicTransformerBlock {
     }
 }
 
-#[derive(Debug, Clone)]
-enum Proj {
-    Conv(Conv2d),
-    Linear(Linear),
-}
-
 /// `Transformer2DModel` (continuous input): GroupNorm(eps 1e-6) -> proj_in (1x1 conv, or linear
 /// with `use_linear_projection`) -> transformer blocks over the H*W tokens -> proj_out -> + input.
 #[derive(Debug, Clone)]
 pub struct Transformer2DModel {
     norm: GroupNorm,
-    proj_in: Proj,
+    /// 1x1 convs, or linear layers over the tokens with `use_linear_projection`.
+    proj_in: Arc<LoraLayer>,
     blocks: Vec<BasicTransformerBlock>,
-    proj_out: Proj,
+    proj_out: Arc<LoraLayer>,
+    linear_projection: bool,
     inner: usize,
 }
 
@@ -219,27 +213,13 @@ impl Transformer2DModel {
         let inner = cfg.heads * head_dim;
         let (proj_in, proj_out) = if cfg.linear {
             (
-                Proj::Linear(candle_nn::linear(channels, inner, vb.pp("proj_in"))?),
-                Proj::Linear(candle_nn::linear(inner, channels, vb.pp("proj_out"))?),
+                hub.linear(channels, inner, true, vb.pp("proj_in"))?,
+                hub.linear(inner, channels, true, vb.pp("proj_out"))?,
             )
         } else {
             (
-                Proj::Conv(super::resnet::conv(
-                    vb.pp("proj_in"),
-                    channels,
-                    inner,
-                    1,
-                    1,
-                    0,
-                )?),
-                Proj::Conv(super::resnet::conv(
-                    vb.pp("proj_out"),
-                    inner,
-                    channels,
-                    1,
-                    1,
-                    0,
-                )?),
+                hub.conv(channels, inner, 1, 1, 0, vb.pp("proj_in"))?,
+                hub.conv(inner, channels, 1, 1, 0, vb.pp("proj_out"))?,
             )
         };
         let blocks = (0..cfg.layers)
@@ -260,6 +240,7 @@ impl Transformer2DModel {
             proj_in,
             blocks,
             proj_out,
+            linear_projection: cfg.linear,
             inner,
         })
     }
@@ -270,9 +251,10 @@ impl Transformer2DModel {
         let tokens = |t: &Tensor, ch: usize| -> Result<Tensor> {
             t.permute((0, 2, 3, 1))?.reshape((b, h * w, ch))
         };
-        let mut hs = match &self.proj_in {
-            Proj::Conv(conv) => tokens(&conv.forward(&normed)?, self.inner)?,
-            Proj::Linear(lin) => lin.forward(&tokens(&normed, c)?)?,
+        let mut hs = if self.linear_projection {
+            self.proj_in.forward(&tokens(&normed, c)?)?
+        } else {
+            tokens(&self.proj_in.forward(&normed)?, self.inner)?
         };
         for block in &self.blocks {
             hs = block.forward(&hs, context)?;
@@ -282,9 +264,10 @@ impl Transformer2DModel {
                 .permute((0, 3, 1, 2))?
                 .contiguous()
         };
-        let out = match &self.proj_out {
-            Proj::Conv(conv) => conv.forward(&spatial(&hs, self.inner)?)?,
-            Proj::Linear(lin) => spatial(&lin.forward(&hs)?, c)?,
+        let out = if self.linear_projection {
+            spatial(&self.proj_out.forward(&hs)?, c)?
+        } else {
+            self.proj_out.forward(&spatial(&hs, self.inner)?)?
         };
         out + x
     }

@@ -42,6 +42,7 @@ impl DownBlock {
             let cin = if j == 0 { cfg.cin } else { cfg.cout };
             resnets.push(ResnetBlock2D::new(
                 vb.pp(format!("resnets.{j}")),
+                hub,
                 cin,
                 cfg.cout,
                 cfg.temb,
@@ -61,6 +62,7 @@ impl DownBlock {
         let downsampler = match downsample {
             Some(padding) => Some(Downsample2D::new(
                 vb.pp("downsamplers.0"),
+                hub,
                 cfg.cout,
                 padding,
             )?),
@@ -108,6 +110,7 @@ impl MidBlock {
         let c = cfg.cout;
         let first = ResnetBlock2D::new(
             vb.pp("resnets.0"),
+            hub,
             c,
             c,
             cfg.temb,
@@ -120,6 +123,7 @@ impl MidBlock {
             Transformer2DModel::new(vb.pp("attentions.0"), hub, c, attn)?,
             ResnetBlock2D::new(
                 vb.pp("resnets.1"),
+                hub,
                 c,
                 c,
                 cfg.temb,
@@ -170,6 +174,7 @@ impl UpBlock {
             let rin = if j == 0 { prev } else { cfg.cout };
             resnets.push(ResnetBlock2D::new(
                 vb.pp(format!("resnets.{j}")),
+                hub,
                 rin + skip,
                 cfg.cout,
                 cfg.temb,
@@ -187,7 +192,7 @@ impl UpBlock {
             }
         }
         let upsampler = if upsample {
-            Some(Upsample2D::new(vb.pp("upsamplers.0"), cfg.cout)?)
+            Some(Upsample2D::new(vb.pp("upsamplers.0"), hub, cfg.cout)?)
         } else {
             None
         };

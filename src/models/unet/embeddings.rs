@@ -1,7 +1,11 @@
 //! Timestep embeddings: diffusers' `Timesteps` (sinusoidal) and `TimestepEmbedding` (MLP).
 
+use std::sync::Arc;
+
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::models::lora::{LoraHub, LoraLayer};
 
 /// Sinusoidal projection of scalar timesteps, computed in f32 exactly as diffusers'
 /// `get_timestep_embedding` (exponent = -ln(10000) * i / (half - freq_shift)); the output is
@@ -48,15 +52,20 @@ impl Timesteps {
 /// `linear_2(silu(linear_1(x)))`.
 #[derive(Debug, Clone)]
 pub struct TimestepEmbedding {
-    linear_1: Linear,
-    linear_2: Linear,
+    linear_1: Arc<LoraLayer>,
+    linear_2: Arc<LoraLayer>,
 }
 
 impl TimestepEmbedding {
-    pub fn new(vb: VarBuilder, in_dim: usize, time_embed_dim: usize) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        hub: &LoraHub,
+        in_dim: usize,
+        time_embed_dim: usize,
+    ) -> Result<Self> {
         Ok(Self {
-            linear_1: candle_nn::linear(in_dim, time_embed_dim, vb.pp("linear_1"))?,
-            linear_2: candle_nn::linear(time_embed_dim, time_embed_dim, vb.pp("linear_2"))?,
+            linear_1: hub.linear(in_dim, time_embed_dim, true, vb.pp("linear_1"))?,
+            linear_2: hub.linear(time_embed_dim, time_embed_dim, true, vb.pp("linear_2"))?,
         })
     }
 }

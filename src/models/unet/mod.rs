@@ -20,21 +20,19 @@ pub mod resnet;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Module, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{GroupNorm, VarBuilder};
 
-use crate::models::conv::Conv2d;
-
 use self::attention::TransformerCfg;
 use self::blocks::{BlockCfg, DownBlock, MidBlock, UpBlock};
 pub use self::config::UNetConfig;
 use self::embeddings::{TimestepEmbedding, Timesteps};
 use crate::models::loading::{WeightMode, Weights};
-use crate::models::lora::{LoraConfig, LoraHub};
+use crate::models::lora::{LoraConfig, LoraHub, LoraLayer};
 use crate::tensor::SeededRng;
 
 /// SDXL's added conditioning (`addition_embed_type: "text_time"`).
@@ -74,12 +72,12 @@ pub struct UNet2DConditionModel {
     time_embedding: TimestepEmbedding,
     add_time_proj: Option<Timesteps>,
     add_embedding: Option<TimestepEmbedding>,
-    conv_in: Conv2d,
+    conv_in: Arc<LoraLayer>,
     down_blocks: Vec<DownBlock>,
     mid_block: MidBlock,
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Arc<LoraLayer>,
     /// The trainable base weights (WeightMode::Trainable), sorted by name.
     base_vars: Vec<(String, Var)>,
     /// Every base weight by name (a `Var`'s tensor for trainable models, so it follows updates).
@@ -299,7 +297,7 @@ impl UNet2DConditionModel {
         let groups = cfg.norm_num_groups;
         let eps = cfg.norm_eps;
         let time_proj = Timesteps::new(boc[0], cfg.flip_sin_to_cos, cfg.freq_shift);
-        let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), boc[0], temb)?;
+        let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), hub, boc[0], temb)?;
         let (add_time_proj, add_embedding) = if cfg.needs_added_cond() {
             let d = cfg.addition_time_embed_dim.unwrap_or_default();
             let inp = cfg
@@ -307,13 +305,18 @@ impl UNet2DConditionModel {
                 .unwrap_or_default();
             (
                 Some(Timesteps::new(d, cfg.flip_sin_to_cos, cfg.freq_shift)),
-                Some(TimestepEmbedding::new(vb.pp("add_embedding"), inp, temb)?),
+                Some(TimestepEmbedding::new(
+                    vb.pp("add_embedding"),
+                    hub,
+                    inp,
+                    temb,
+                )?),
             )
         } else {
             (None, None)
         };
         let k = cfg.conv_in_kernel;
-        let conv_in = resnet::conv(vb.pp("conv_in"), cfg.in_channels, boc[0], k, 1, (k - 1) / 2)?;
+        let conv_in = hub.conv(cfg.in_channels, boc[0], k, 1, (k - 1) / 2, vb.pp("conv_in"))?;
         let attn_cfg = |layers: usize, heads: usize, cross: usize| TransformerCfg {
             heads,
             layers,
@@ -395,13 +398,13 @@ impl UNet2DConditionModel {
         }
         let conv_norm_out = candle_nn::group_norm(groups, boc[0], eps, vb.pp("conv_norm_out"))?;
         let k = cfg.conv_out_kernel;
-        let conv_out = resnet::conv(
-            vb.pp("conv_out"),
+        let conv_out = hub.conv(
             boc[0],
             cfg.out_channels,
             k,
             1,
             (k - 1) / 2,
+            vb.pp("conv_out"),
         )?;
         Ok(Self {
             config: cfg.clone(),

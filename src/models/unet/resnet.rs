@@ -1,37 +1,30 @@
 //! `ResnetBlock2D`, `Downsample2D` and `Upsample2D` as diffusers builds them for SD UNets.
 
+use std::sync::Arc;
+
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{GroupNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, VarBuilder};
 
-use crate::models::conv::Conv2d;
-
-pub(crate) fn conv(
-    vb: VarBuilder,
-    cin: usize,
-    cout: usize,
-    k: usize,
-    stride: usize,
-    padding: usize,
-) -> Result<Conv2d> {
-    Conv2d::load(vb, cin, cout, k, stride, padding)
-}
+use crate::models::lora::{LoraHub, LoraLayer};
 
 /// norm1 -> silu -> conv1 -> + time_emb_proj(silu(temb)) -> norm2 -> silu -> conv2, plus the
 /// (1x1-projected when channels change) input, divided by `output_scale_factor`.
 #[derive(Debug, Clone)]
 pub struct ResnetBlock2D {
     norm1: GroupNorm,
-    conv1: Conv2d,
-    time_emb_proj: Linear,
+    conv1: Arc<LoraLayer>,
+    time_emb_proj: Arc<LoraLayer>,
     norm2: GroupNorm,
-    conv2: Conv2d,
-    conv_shortcut: Option<Conv2d>,
+    conv2: Arc<LoraLayer>,
+    conv_shortcut: Option<Arc<LoraLayer>>,
     output_scale_factor: f64,
 }
 
 impl ResnetBlock2D {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         vb: VarBuilder,
+        hub: &LoraHub,
         cin: usize,
         cout: usize,
         temb: usize,
@@ -41,12 +34,12 @@ impl ResnetBlock2D {
     ) -> Result<Self> {
         Ok(Self {
             norm1: candle_nn::group_norm(groups, cin, eps, vb.pp("norm1"))?,
-            conv1: conv(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
-            time_emb_proj: candle_nn::linear(temb, cout, vb.pp("time_emb_proj"))?,
+            conv1: hub.conv(cin, cout, 3, 1, 1, vb.pp("conv1"))?,
+            time_emb_proj: hub.linear(temb, cout, true, vb.pp("time_emb_proj"))?,
             norm2: candle_nn::group_norm(groups, cout, eps, vb.pp("norm2"))?,
-            conv2: conv(vb.pp("conv2"), cout, cout, 3, 1, 1)?,
+            conv2: hub.conv(cout, cout, 3, 1, 1, vb.pp("conv2"))?,
             conv_shortcut: if cin != cout {
-                Some(conv(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?)
+                Some(hub.conv(cin, cout, 1, 1, 0, vb.pp("conv_shortcut"))?)
             } else {
                 None
             },
@@ -79,14 +72,14 @@ impl ResnetBlock2D {
 /// 3x3 stride-2 conv (`downsamplers.0.conv`); padding 0 pads right/bottom by one like diffusers.
 #[derive(Debug, Clone)]
 pub struct Downsample2D {
-    conv: Conv2d,
+    conv: Arc<LoraLayer>,
     padding: usize,
 }
 
 impl Downsample2D {
-    pub fn new(vb: VarBuilder, channels: usize, padding: usize) -> Result<Self> {
+    pub fn new(vb: VarBuilder, hub: &LoraHub, channels: usize, padding: usize) -> Result<Self> {
         Ok(Self {
-            conv: conv(vb.pp("conv"), channels, channels, 3, 2, padding)?,
+            conv: hub.conv(channels, channels, 3, 2, padding, vb.pp("conv"))?,
             padding,
         })
     }
@@ -106,13 +99,13 @@ impl Module for Downsample2D {
 /// Nearest upsampling (x2, or to the skip connection's size) then a 3x3 conv (`upsamplers.0.conv`).
 #[derive(Debug, Clone)]
 pub struct Upsample2D {
-    conv: Conv2d,
+    conv: Arc<LoraLayer>,
 }
 
 impl Upsample2D {
-    pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
+    pub fn new(vb: VarBuilder, hub: &LoraHub, channels: usize) -> Result<Self> {
         Ok(Self {
-            conv: conv(vb.pp("conv"), channels, channels, 3, 1, 1)?,
+            conv: hub.conv(channels, channels, 3, 1, 1, vb.pp("conv"))?,
         })
     }
 

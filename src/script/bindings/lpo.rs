@@ -359,7 +359,8 @@ pub mod lpo_api {
     // ---- policy ----
 
     /// The LPO policy over a UNet. `#{lora: #{rank: 4, alpha: 4.0, targets: [..], seed}}`:
-    /// LoRA adapters (added unless the UNet already has some, e.g. from `load_lora`); the
+    /// LoRA adapters (added unless the UNet already has some, e.g. from `load_lora`; `targets`
+    /// as in `add_lora`: module-name suffixes of any linear or conv, `"all-linear"`, `"all-conv"`); the
     /// reference is the same UNet with adapters off. `#{full: true, reference: dir | unet}`:
     /// full fine-tuning of a UNet loaded `trainable: true` against a frozen reference UNet.
     #[rhai_fn(return_raw, volatile)]

@@ -11,7 +11,8 @@ use crate::models::unet::UNet2DConditionModel;
 pub type ScriptUNet = Arc<UNet2DConditionModel>;
 
 /// A LoRA config from a script map `#{rank: 4, alpha: rank, targets: [..], seed: run seed}`
-/// (`add_lora`, `lpo_policy`'s `lora`); `what` names the caller in errors.
+/// (`add_lora`, `lpo_policy`'s `lora`; `targets` as [`crate::models::lora::LoraConfig`]);
+/// `what` names the caller in errors.
 pub(crate) fn lora_config_from_map(
     ctx: &NativeCallContext,
     opts: &rhai::Map,
@@ -265,7 +266,11 @@ pub mod unet_api {
 
     /// Attach LoRA adapters: `#{rank: 4, alpha: 4.0, targets: ["to_q", "to_k", "to_v", "to_out.0"], seed}`
     /// (A ~ N(0, 1/rank^2) from the seeded rng, B = 0; the model must be loaded frozen).
-    /// Returns the number of adapted layers.
+    /// `targets` name modules by path suffix as PEFT's `target_modules` do: any linear or conv
+    /// (`conv1`, `conv2`, `conv_shortcut`, `time_emb_proj`, `proj_in`, `proj_out`,
+    /// `ff.net.0.proj`, `ff.net.2`, `time_embedding.linear_1`, `conv_in`, `downsamplers.0.conv`,
+    /// ...), or `"all-linear"` / `"all-conv"`; conv adapters are LoCon-style (A [r, in, kh, kw],
+    /// B [out, r, 1, 1]). Returns the number of adapted layers.
     #[rhai_fn(return_raw, volatile)]
     pub fn add_lora(ctx: NativeCallContext, unet: &mut ScriptUNet, opts: Map) -> ScriptResult<i64> {
         let cfg = super::lora_config_from_map(&ctx, &opts, "add_lora")?;
