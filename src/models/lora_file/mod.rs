@@ -1,0 +1,289 @@
+//! LoRA safetensors files: [`load`] reads every UNet key convention diffusers'
+//! `load_lora_weights` reads ([`keys`]), with alpha as diffusers / PEFT / kohya store it
+//! ([`alpha`]); [`save`] writes PEFT keys `unet.<module>.lora_A.weight` / `lora_B.weight` (B as
+//! trained, not scaled) with alpha in diffusers' `lora_adapter_metadata` header, so both diffusers
+//! and [`load`] apply the adapters at scale `alpha / rank`.
+//!
+//! Text-encoder tensors in a file (a diffusers UNet + text-encoder LoRA, kohya `lora_te*_`) are not
+//! applied: the UNet part loads and the skipped prefixes are reported as warnings (also logged).
+
+pub mod alpha;
+pub mod keys;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::lora::{LoraAdapter, LoraHub, LoraLinear};
+use alpha::{AlphaSource, FileAlphas};
+use keys::{Factor, KeyFormat, LoraKey};
+
+/// Which key conventions [`load`] accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accept {
+    /// Whatever the file holds.
+    Any,
+    /// PEFT, diffusers and attention-processor keys (no kohya).
+    Diffusers,
+    /// kohya / webui keys only.
+    Kohya,
+}
+
+impl Accept {
+    /// `"auto"`, `"peft"` / `"diffusers"`, `"kohya"` / `"webui"`.
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "auto" => Accept::Any,
+            "peft" | "diffusers" => Accept::Diffusers,
+            "kohya" | "webui" => Accept::Kohya,
+            other => bail!(
+                "unknown LoRA format `{other}` (expected \"auto\", \"peft\", \"diffusers\" or \"kohya\")"
+            ),
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Accept::Any => "auto",
+            Accept::Diffusers => "peft",
+            Accept::Kohya => "kohya",
+        }
+    }
+
+    fn allows(self, f: KeyFormat) -> bool {
+        match self {
+            Accept::Any => true,
+            Accept::Diffusers => f != KeyFormat::Kohya,
+            Accept::Kohya => f == KeyFormat::Kohya,
+        }
+    }
+}
+
+/// What [`load`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedLora {
+    /// Adapted layers.
+    pub layers: usize,
+    /// The key conventions found, e.g. `"diffusers"`, `"diffusers+peft"`, `"kohya"`.
+    pub format: String,
+    /// Where alpha came from, e.g. `"lora_adapter_metadata"`, `"none (alpha = rank)"`.
+    pub alpha_from: String,
+    /// Parts of the file that were not applied (text-encoder LoRA).
+    pub warnings: Vec<String>,
+}
+
+#[derive(Default)]
+struct Pending {
+    down: Option<Tensor>,
+    up: Option<Tensor>,
+}
+
+fn scalar(t: &Tensor, key: &str) -> Result<f64> {
+    let v = t
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()
+        .with_context(|| format!("`{key}` is not a number"))?;
+    match v.as_slice() {
+        [a] => Ok(*a),
+        _ => bail!("`{key}` must hold one value, has shape {:?}", t.dims()),
+    }
+}
+
+/// Load the adapters of `path` into `hub`'s layers (see the module docs). Layers that already
+/// carry an adapter of the same rank keep their `Var`s (updated in place); others get new ones.
+pub fn load(hub: &LoraHub, path: &Path, accept: Accept) -> Result<LoadedLora> {
+    let what = format!("load_lora: {}", path.display());
+    let bytes = std::fs::read(path).with_context(|| format!("{what}: cannot read the file"))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow::anyhow!("{what}: not a safetensors file (truncated?): {e}"))?;
+    let header = header.metadata().clone().unwrap_or_default();
+    let mut alphas = FileAlphas::from_header(&header).with_context(|| what.clone())?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .with_context(|| format!("{what}: cannot read the tensors"))?;
+
+    let layers: HashMap<String, Arc<LoraLinear>> = hub
+        .layers()
+        .into_iter()
+        .map(|l| (l.path.clone(), l))
+        .collect();
+    let kohya_modules: HashMap<String, String> = layers
+        .keys()
+        .map(|p| (keys::kohya_name(p), p.clone()))
+        .collect();
+    let mut pending: BTreeMap<String, Pending> = BTreeMap::new();
+    let mut formats = BTreeSet::new();
+    let mut skipped: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for key in names {
+        let t = &tensors[key];
+        let (module, factor, format) =
+            match keys::parse(key, &kohya_modules).with_context(|| what.clone())? {
+                LoraKey::TextEncoder { prefix } => {
+                    *skipped.entry(prefix).or_default() += 1;
+                    continue;
+                }
+                LoraKey::Unet {
+                    module,
+                    factor,
+                    format,
+                } => (module, factor, format),
+            };
+        if !accept.allows(format) {
+            bail!(
+                "{what}: `{key}` is a {} key, but format \"{}\" was asked for (leave `format` out to auto-detect)",
+                format.name(),
+                accept.name()
+            );
+        }
+        if !layers.contains_key(&module) {
+            bail!("{what}: `{key}` names no LoRA-capable layer of this model (`{module}`)");
+        }
+        let e = pending.entry(module.clone()).or_default();
+        match factor {
+            Factor::Down => e.down = Some(t.clone()),
+            Factor::Up => e.up = Some(t.clone()),
+            Factor::Alpha => {
+                alphas
+                    .tensors
+                    .insert(module, scalar(t, key).with_context(|| what.clone())?);
+                continue;
+            }
+        }
+        formats.insert(format);
+    }
+    let warnings: Vec<String> = skipped
+        .iter()
+        .map(|(prefix, n)| {
+            format!(
+                "{}: {n} text-encoder LoRA tensors (`{prefix}*`) were not applied: load_lora \
+                 loads the UNet part only",
+                path.display()
+            )
+        })
+        .collect();
+    if pending.is_empty() {
+        if skipped.is_empty() {
+            bail!("{what}: the file holds no LoRA tensors");
+        }
+        bail!(
+            "{what}: the file holds only text-encoder LoRA ({}), nothing for the UNet",
+            skipped.keys().copied().collect::<Vec<_>>().join(", ")
+        );
+    }
+    let mut sources = BTreeSet::new();
+    for (module, p) in &pending {
+        let (Some(a), Some(b)) = (&p.down, &p.up) else {
+            bail!("{what}: `{module}` lacks its down (lora_A) or up (lora_B) weight");
+        };
+        let rank = a.dims().first().copied().unwrap_or(0);
+        let (alpha, source) = alphas.alpha(module, rank).with_context(|| what.clone())?;
+        sources.insert(source);
+        install(&layers[module], module, a, b, alpha).with_context(|| what.clone())?;
+    }
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    Ok(LoadedLora {
+        layers: pending.len(),
+        format: formats
+            .iter()
+            .map(|f| f.name())
+            .collect::<Vec<_>>()
+            .join("+"),
+        alpha_from: sources
+            .iter()
+            .map(|s: &AlphaSource| s.describe())
+            .collect::<Vec<_>>()
+            .join("+"),
+        warnings,
+    })
+}
+
+/// Give `layer` the adapter `(a, b, alpha)` after checking the shapes against it.
+fn install(layer: &LoraLinear, module: &str, a: &Tensor, b: &Tensor, alpha: f64) -> Result<()> {
+    let (in_dim, out_dim) = (layer.in_dim()?, layer.out_dim()?);
+    let shape_err = || {
+        anyhow::anyhow!(
+            "`{module}` has down (lora_A) {:?} / up (lora_B) {:?}, expected [r, {in_dim}] / [{out_dim}, r]",
+            a.dims(),
+            b.dims(),
+        )
+    };
+    let ((rank, a_in), (b_out, rank_b)) = match (a.dims2(), b.dims2()) {
+        (Ok(a), Ok(b)) => (a, b),
+        _ => return Err(shape_err()),
+    };
+    if a_in != in_dim || b_out != out_dim || rank != rank_b || rank == 0 {
+        return Err(shape_err());
+    }
+    let w = layer.weight()?;
+    let a = a.to_dtype(w.dtype())?.to_device(w.device())?;
+    let b = b.to_dtype(w.dtype())?.to_device(w.device())?;
+    match layer.adapter() {
+        Some(ad) if ad.rank == rank => {
+            ad.a.set(&a)?;
+            ad.b.set(&b)?;
+            layer.set_adapter(Some(LoraAdapter { alpha, ..ad }))
+        }
+        _ => layer.set_adapter(Some(LoraAdapter {
+            a: Var::from_tensor(&a)?,
+            b: Var::from_tensor(&b)?,
+            rank,
+            alpha,
+        })),
+    }
+}
+
+/// Write `hub`'s adapters (see the module docs) atomically as f32 safetensors.
+pub fn save(hub: &LoraHub, path: &Path) -> Result<()> {
+    let adapted: Vec<(String, LoraAdapter)> = hub
+        .layers()
+        .into_iter()
+        .filter_map(|l| l.adapter().map(|a| (l.path.clone(), a)))
+        .collect();
+    if adapted.is_empty() {
+        bail!("save_lora: the model has no LoRA adapters");
+    }
+    let f32_cpu = |v: &Var| -> Result<Tensor> {
+        Ok(v.as_tensor()
+            .detach()
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?
+            .contiguous()?)
+    };
+    let mut tensors = HashMap::new();
+    for (module, ad) in &adapted {
+        tensors.insert(format!("unet.{module}.lora_A.weight"), f32_cpu(&ad.a)?);
+        tensors.insert(format!("unet.{module}.lora_B.weight"), f32_cpu(&ad.b)?);
+    }
+    let summary: Vec<(String, usize, f64)> = adapted
+        .iter()
+        .map(|(m, ad)| (m.clone(), ad.rank, ad.alpha))
+        .collect();
+    let header: HashMap<String, String> = [
+        ("format".to_string(), "pt".to_string()),
+        (
+            alpha::ADAPTER_METADATA_KEY.to_string(),
+            alpha::adapter_metadata(&summary),
+        ),
+        // read by older lpo versions (one alpha for all layers)
+        (
+            alpha::OUR_RANK_KEY.to_string(),
+            adapted[0].1.rank.to_string(),
+        ),
+        (
+            alpha::OUR_ALPHA_KEY.to_string(),
+            adapted[0].1.alpha.to_string(),
+        ),
+    ]
+    .into();
+    let bytes = safetensors::serialize(&tensors, Some(header))
+        .with_context(|| format!("save_lora: cannot serialize {}", path.display()))?;
+    crate::fsutil::atomic_write(path, &bytes)
+        .with_context(|| format!("save_lora: cannot write {}", path.display()))
+}
