@@ -59,9 +59,15 @@ fn every_diffusers_convention_loads_and_matches_diffusers() {
         ("attn_processor", "attn-processor", "none (alpha = rank)"),
         ("peft_plain", "peft", "none (alpha = rank)"),
         ("peft_base_model", "peft", "none (alpha = rank)"),
+        // PeftModel.save_pretrained: alpha 8 only in the adapter_config.json beside the weights
+        ("peft_model", "peft", "adapter_config.json"),
     ];
     for (name, format, alpha_from) in cases {
-        let (info, out) = load_and_forward(&format!("{DIR}/{name}.safetensors"));
+        let file = match name {
+            "peft_model" => format!("{DIR}/peft_model/adapter_model.safetensors"),
+            _ => format!("{DIR}/{name}.safetensors"),
+        };
+        let (info, out) = load_and_forward(&file);
         let want = &exp[&format!("out.{name}")];
         assert!(
             max_diff(want, base) > 1e-2,

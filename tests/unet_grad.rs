@@ -368,7 +368,7 @@ fn lora_on_trainable_base_is_refused_and_bad_lora_files_error() {
         t,
     );
     candle_core::safetensors::save(&m, &p).unwrap();
-    let err = format!("{:#}", frozen.load_lora(&p, Accept::Any).unwrap_err());
+    let err = format!("{:#}", frozen.load_lora(&p, Accept::Any, None).unwrap_err());
     assert!(
         err.contains("attn1.to_q") && err.contains("[2, 5]"),
         "{err}"
@@ -379,7 +379,7 @@ fn lora_on_trainable_base_is_refused_and_bad_lora_files_error() {
         Tensor::zeros((2, 5), DType::F32, &Device::Cpu).unwrap(),
     );
     candle_core::safetensors::save(&m, &p).unwrap();
-    let err = format!("{:#}", frozen.load_lora(&p, Accept::Any).unwrap_err());
+    let err = format!("{:#}", frozen.load_lora(&p, Accept::Any, None).unwrap_err());
     assert!(err.contains("unet.no_such.lora_A.weight"), "{err}");
 }
 

@@ -124,7 +124,7 @@ pub fn export_kohya(hub: &LoraHub, path: &Path) -> Result<()> {
 /// Read a kohya/webui file into `hub`'s layers (replacing their adapters). Returns the count.
 /// The same as [`lora_file::load`] restricted to kohya keys (kept for scripts that call it).
 pub fn import_kohya(hub: &LoraHub, path: &Path) -> Result<usize> {
-    Ok(lora_file::load(hub, path, lora_file::Accept::Kohya)?.layers)
+    Ok(lora_file::load(hub, path, lora_file::Accept::Kohya, None)?.layers)
 }
 
 /// Write `dir/config.json` + `dir/diffusion_pytorch_model.safetensors` with the adapters merged.

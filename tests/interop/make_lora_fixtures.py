@@ -20,13 +20,16 @@ in every key convention diffusers' `load_lora_weights` reads for the UNet:
   kohya.safetensors            convert_state_dict_to_kohya(...) (lora_unet_* / lora_te1_*), with
                                the UNet's `.alpha` tensors set to 8.0 as kohya's trainer writes
                                network_alpha
+  peft_model/                  PeftModel.save_pretrained: adapter_model.safetensors
+                               (base_model.model.<m>.lora_A.weight) + adapter_config.json (alpha 8)
   attn_processor.safetensors   the old attention-processor form
                                unet.<block>.attnN.processor.to_q_lora.down.weight (renamed by
                                hand: diffusers still reads it, but no longer writes it)
 
 expected.safetensors holds the fixed input (`x`, `t`, `ehs`), the base UNet output `base` and, per
 file, `out.<name>`: the UNet output after diffusers loaded that file (`pipe.load_lora_weights`, or
-`unet.load_lora_adapter(prefix=None)` for the unprefixed PEFT forms, which the pipeline skips).
+`unet.load_lora_adapter(prefix=None)` for the unprefixed PEFT forms, which the pipeline skips;
+`PeftModel.from_pretrained` for peft_model/).
 """
 
 import os
@@ -38,7 +41,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -128,6 +131,14 @@ def main():
             kohya[k] = torch.tensor(float(ALPHA))
     save_file({k: v.contiguous() for k, v in kohya.items()}, f"{OUT}/kohya.safetensors")
 
+    peft_model = get_peft_model(
+        UNet2DConditionModel.from_pretrained(f"{SD}/unet"),
+        LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets),
+    )
+    set_peft_model_state_dict(peft_model, {f"base_model.model.{k}": v for k, v in peft_sd.items()})
+    peft_model.save_pretrained(f"{OUT}/peft_model")
+    os.remove(f"{OUT}/peft_model/README.md")  # a generated model card
+
     old = {}
     for k, v in diffusers_sd.items():
         for proj in ["to_q", "to_k", "to_v"]:
@@ -149,11 +160,14 @@ def main():
             "attn_processor",
             "peft_plain",
             "peft_base_model",
+            "peft_model",
         ]:
             pipe = pipeline()
             path = f"{OUT}/{name}.safetensors"
             if name == "peft_plain":
                 pipe.unet.load_lora_adapter(path, prefix=None)
+            elif name == "peft_model":
+                pipe.unet = PeftModel.from_pretrained(pipe.unet, f"{OUT}/peft_model").base_model.model
             elif name == "peft_base_model":
                 sd = {k.removeprefix("base_model.model."): v for k, v in load_file(path).items()}
                 pipe.unet.load_lora_adapter(sd, prefix=None)
@@ -168,6 +182,9 @@ def main():
     gap = (expected["out.diffusers_meta"] - expected["out.diffusers_nometa"]).abs().max().item()
     assert gap > 1e-2, gap
     save_file(expected, f"{OUT}/expected.safetensors")
+    for folder, _, files in os.walk(OUT):
+        for f in files:
+            os.chmod(os.path.join(folder, f), 0o644)
     print(f"wrote {OUT}")
 
 

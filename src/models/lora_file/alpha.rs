@@ -7,8 +7,10 @@
 //!    `lora_alpha`, `alpha_pattern` (regex -> alpha, matched as PEFT's `get_pattern_key` does),
 //!    `r` / `rank_pattern` (checked against the tensors), `use_rslora` (scale `alpha / sqrt(r)`);
 //!    missing fields take `LoraConfig`'s defaults (r = alpha = 8), as in diffusers;
-//! 3. our older files' `lora_alpha` header entry;
-//! 4. nothing: alpha = rank (scale 1), diffusers' default.
+//! 3. PEFT's `adapter_config.json` beside an `adapter_model.safetensors` (`PeftModel.save_pretrained`
+//!    keeps alpha there, not in the weights file), read the same way;
+//! 4. our older files' `lora_alpha` header entry;
+//! 5. nothing: alpha = rank (scale 1), diffusers' default.
 //!
 //! Written ([`adapter_metadata`]) as `save_lora_weights(..., unet_lora_adapter_metadata=...)` does,
 //! so diffusers' `load_lora_weights` applies the adapters at our scale.
@@ -28,7 +30,7 @@ pub const OUR_RANK_KEY: &str = "lora_rank";
 const PEFT_DEFAULT_R: usize = 8;
 const PEFT_DEFAULT_ALPHA: f64 = 8.0;
 
-/// The UNet part of a `lora_adapter_metadata` header.
+/// The UNet part of a `lora_adapter_metadata` header (or of a PEFT `adapter_config.json`).
 #[derive(Debug, Clone)]
 pub struct PeftAlphas {
     r: usize,
@@ -43,6 +45,7 @@ pub struct PeftAlphas {
 pub enum AlphaSource {
     Tensor,
     AdapterMetadata,
+    AdapterConfig,
     OurMetadata,
     Default,
 }
@@ -52,6 +55,7 @@ impl AlphaSource {
         match self {
             AlphaSource::Tensor => ".alpha tensors",
             AlphaSource::AdapterMetadata => "lora_adapter_metadata",
+            AlphaSource::AdapterConfig => "adapter_config.json",
             AlphaSource::OurMetadata => "lora_alpha metadata",
             AlphaSource::Default => "none (alpha = rank)",
         }
@@ -63,6 +67,7 @@ impl AlphaSource {
 pub struct FileAlphas {
     pub tensors: HashMap<String, f64>,
     pub peft: Option<PeftAlphas>,
+    pub peft_config: Option<PeftAlphas>,
     pub ours: Option<f64>,
 }
 
@@ -85,8 +90,15 @@ impl FileAlphas {
         Ok(Self {
             tensors: HashMap::new(),
             peft,
+            peft_config: None,
             ours,
         })
+    }
+
+    /// Also honour a PEFT `adapter_config.json` (its text `json`).
+    pub fn with_peft_config(mut self, json: &str) -> Result<Self> {
+        self.peft_config = PeftAlphas::parse(json)?;
+        Ok(self)
     }
 
     /// The alpha of `module`, whose tensors have rank `rank`, as our `alpha / rank` scale wants it.
@@ -96,6 +108,9 @@ impl FileAlphas {
         }
         if let Some(p) = &self.peft {
             return Ok((p.alpha(module, rank)?, AlphaSource::AdapterMetadata));
+        }
+        if let Some(p) = &self.peft_config {
+            return Ok((p.alpha(module, rank)?, AlphaSource::AdapterConfig));
         }
         if let Some(a) = self.ours {
             return Ok((a, AlphaSource::OurMetadata));
@@ -297,6 +312,12 @@ mod tests {
             FileAlphas::default().alpha(Q, 4).unwrap(),
             (4.0, AlphaSource::Default)
         );
+        // a PEFT adapter_config.json counts after the header, before our own entry
+        let a = FileAlphas::from_header(&h)
+            .unwrap()
+            .with_peft_config(r#"{"r": 4, "lora_alpha": 12, "peft_type": "LORA"}"#)
+            .unwrap();
+        assert_eq!(a.alpha(Q, 4).unwrap(), (12.0, AlphaSource::AdapterConfig));
         for bad in [
             r#"{"unet.r": "x"}"#,
             "[1]",

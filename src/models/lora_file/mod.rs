@@ -11,7 +11,7 @@ pub mod alpha;
 pub mod keys;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -93,15 +93,38 @@ fn scalar(t: &Tensor, key: &str) -> Result<f64> {
     }
 }
 
-/// Load the adapters of `path` into `hub`'s layers (see the module docs). Layers that already
-/// carry an adapter of the same rank keep their `Var`s (updated in place); others get new ones.
-pub fn load(hub: &LoraHub, path: &Path, accept: Accept) -> Result<LoadedLora> {
+/// PEFT's `adapter_config.json` beside `file` when `file` is a `PeftModel.save_pretrained`
+/// `adapter_model.safetensors` (its alpha lives in the config).
+pub fn peft_config_beside(file: &Path) -> Option<PathBuf> {
+    if file.file_name()? != "adapter_model.safetensors" {
+        return None;
+    }
+    let config = file.with_file_name("adapter_config.json");
+    config.is_file().then_some(config)
+}
+
+/// Load the adapters of `path` into `hub`'s layers (see the module docs); `peft_config` is a PEFT
+/// `adapter_config.json` to take alpha from ([`peft_config_beside`]). Layers that already carry
+/// an adapter of the same rank keep their `Var`s (updated in place); others get new ones.
+pub fn load(
+    hub: &LoraHub,
+    path: &Path,
+    accept: Accept,
+    peft_config: Option<&Path>,
+) -> Result<LoadedLora> {
     let what = format!("load_lora: {}", path.display());
     let bytes = std::fs::read(path).with_context(|| format!("{what}: cannot read the file"))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| anyhow::anyhow!("{what}: not a safetensors file (truncated?): {e}"))?;
     let header = header.metadata().clone().unwrap_or_default();
     let mut alphas = FileAlphas::from_header(&header).with_context(|| what.clone())?;
+    if let Some(config) = peft_config {
+        let json = std::fs::read_to_string(config)
+            .with_context(|| format!("{what}: cannot read {}", config.display()))?;
+        alphas = alphas
+            .with_peft_config(&json)
+            .with_context(|| format!("{what}: bad {}", config.display()))?;
+    }
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
         .with_context(|| format!("{what}: cannot read the tensors"))?;
 

@@ -644,16 +644,18 @@ impl UNet2DConditionModel {
         lora_file::save(&self.lora, path)
     }
 
-    /// Load a LoRA file in any convention `accept` allows (see [`lora_file`]).
+    /// Load a LoRA file in any convention `accept` allows, alpha also from a PEFT
+    /// `adapter_config.json` (see [`lora_file::load`]).
     pub fn load_lora(
         &self,
         path: &Path,
         accept: lora_file::Accept,
+        peft_config: Option<&Path>,
     ) -> anyhow::Result<lora_file::LoadedLora> {
         if !self.base_vars.is_empty() {
             bail!("load_lora: this UNet was loaded trainable; load it frozen to use LoRA");
         }
-        lora_file::load(&self.lora, path, accept)
+        lora_file::load(&self.lora, path, accept, peft_config)
     }
 
     /// The current base weights by diffusers name (detached; merged LoRA layers included).

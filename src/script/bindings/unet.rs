@@ -77,7 +77,8 @@ mod helpers {
         Ok((dtype, mode))
     }
 
-    /// `load_lora(path[, #{format}])`: the file through the confinement gate, format auto-detected.
+    /// `load_lora(path[, #{format}])`: the file (and a PEFT `adapter_config.json` beside an
+    /// `adapter_model.safetensors`) through the confinement gate, format auto-detected.
     pub(super) fn load_lora(
         ctx: &NativeCallContext,
         unet: &UNet2DConditionModel,
@@ -89,8 +90,14 @@ mod helpers {
         let accept = Accept::parse(&o.string("format", "auto").or_script(ctx)?)
             .map_err(|e| format!("load_lora: {e}"))
             .or_script(ctx)?;
-        let path = Host::of(ctx).readable(path).or_script(ctx)?;
-        unet.load_lora(&path, accept).or_script(ctx)
+        let host = Host::of(ctx);
+        let path = host.readable(path).or_script(ctx)?;
+        let config = match crate::models::lora_file::peft_config_beside(&path) {
+            Some(c) => Some(host.readable(&c.to_string_lossy()).or_script(ctx)?),
+            None => None,
+        };
+        unet.load_lora(&path, accept, config.as_deref())
+            .or_script(ctx)
     }
 
     pub(super) fn load(ctx: &NativeCallContext, dir: &str, opts: &Map) -> ScriptResult<ScriptUNet> {
@@ -322,8 +329,8 @@ pub mod unet_api {
     /// Load a LoRA file in any UNet convention diffusers reads, detected from its keys: PEFT
     /// `<module>.lora_A.weight` (also under `unet.` / `base_model.model.`), the training scripts'
     /// `unet.<module>.lora.down.weight`, old `processor.to_q_lora.down.weight`, kohya
-    /// `lora_unet_*`. Alpha from `.alpha` tensors, diffusers' `lora_adapter_metadata`, or
-    /// alpha = rank. Text-encoder LoRA in the file is not applied (logged as a warning).
+    /// `lora_unet_*`. Alpha from `.alpha` tensors, diffusers' `lora_adapter_metadata`, PEFT's
+    /// `adapter_config.json` beside an `adapter_model.safetensors`, or alpha = rank. Text-encoder LoRA in the file is not applied (logged as a warning).
     /// Returns the number of layers.
     #[rhai_fn(return_raw, volatile)]
     pub fn load_lora(
