@@ -314,3 +314,36 @@ fn a_file_without_our_header_still_loads_at_its_metadata_scale() {
     let y2: Tensor = engine().eval(&script).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(max_diff(&y, &y2), 0.0);
 }
+
+#[test]
+fn a_file_with_one_bad_module_changes_nothing() {
+    // every module is checked before any adapter is installed
+    let dir = tempfile::tempdir().unwrap();
+    let mut t: HashMap<String, Tensor> =
+        candle_core::safetensors::load(format!("{DIR}/peft_plain.safetensors"), &Device::Cpu)
+            .unwrap();
+    let last = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v.lora_B.weight";
+    assert!(t.contains_key(last));
+    t.insert(
+        last.into(),
+        Tensor::zeros((3, 4), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    let bad = dir.path().join("bad.safetensors");
+    candle_core::safetensors::save(&t, &bad).unwrap();
+    let script = format!(
+        r#"
+        let u = load_unet("{SD}");
+        let err = "";
+        try {{ u.load_lora("{}"); }} catch (e) {{ err = `${{e}}`; }}
+        #{{err: err, params: u.lora_param_count}}
+    "#,
+        bad.display()
+    );
+    let m: Map = engine().eval(&script).unwrap();
+    let err = m["err"].clone().into_string().unwrap();
+    assert!(
+        err.contains("attn2.to_v") && err.contains("[3, 4]"),
+        "{err}"
+    );
+    assert_eq!(m["params"].as_int().unwrap(), 0, "no adapter was installed");
+}

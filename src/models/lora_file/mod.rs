@@ -198,15 +198,20 @@ pub fn load(
             skipped.keys().copied().collect::<Vec<_>>().join(", ")
         );
     }
+    // check every module before changing any, so a bad file leaves the model as it was
     let mut sources = BTreeSet::new();
+    let mut ready = Vec::with_capacity(pending.len());
     for (module, p) in &pending {
         let (Some(a), Some(b)) = (&p.down, &p.up) else {
             bail!("{what}: `{module}` lacks its down (lora_A) or up (lora_B) weight");
         };
-        let rank = a.dims().first().copied().unwrap_or(0);
+        let rank = checked_rank(&layers[module], module, a, b).with_context(|| what.clone())?;
         let (alpha, source) = alphas.alpha(module, rank).with_context(|| what.clone())?;
         sources.insert(source);
-        install(&layers[module], module, a, b, alpha).with_context(|| what.clone())?;
+        ready.push((&layers[module], a, b, rank, alpha));
+    }
+    for (layer, a, b, rank, alpha) in ready {
+        install(layer, a, b, rank, alpha)?;
     }
     for w in &warnings {
         tracing::warn!("{w}");
@@ -227,8 +232,8 @@ pub fn load(
     })
 }
 
-/// Give `layer` the adapter `(a, b, alpha)` after checking the shapes against it.
-fn install(layer: &LoraLinear, module: &str, a: &Tensor, b: &Tensor, alpha: f64) -> Result<()> {
+/// The rank of the adapter `(a, b)` for `layer`, or an error naming the shapes.
+fn checked_rank(layer: &LoraLinear, module: &str, a: &Tensor, b: &Tensor) -> Result<usize> {
     let (in_dim, out_dim) = (layer.in_dim()?, layer.out_dim()?);
     let shape_err = || {
         anyhow::anyhow!(
@@ -244,6 +249,11 @@ fn install(layer: &LoraLinear, module: &str, a: &Tensor, b: &Tensor, alpha: f64)
     if a_in != in_dim || b_out != out_dim || rank != rank_b || rank == 0 {
         return Err(shape_err());
     }
+    Ok(rank)
+}
+
+/// Give `layer` the adapter `(a, b)` of rank `rank` (shapes checked by [`checked_rank`]).
+fn install(layer: &LoraLinear, a: &Tensor, b: &Tensor, rank: usize, alpha: f64) -> Result<()> {
     let w = layer.weight()?;
     let a = a.to_dtype(w.dtype())?.to_device(w.device())?;
     let b = b.to_dtype(w.dtype())?.to_device(w.device())?;

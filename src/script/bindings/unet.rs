@@ -330,7 +330,8 @@ pub mod unet_api {
     /// `<module>.lora_A.weight` (also under `unet.` / `base_model.model.`), the training scripts'
     /// `unet.<module>.lora.down.weight`, old `processor.to_q_lora.down.weight`, kohya
     /// `lora_unet_*`. Alpha from `.alpha` tensors, diffusers' `lora_adapter_metadata`, PEFT's
-    /// `adapter_config.json` beside an `adapter_model.safetensors`, or alpha = rank. Text-encoder LoRA in the file is not applied (logged as a warning).
+    /// `adapter_config.json` beside an `adapter_model.safetensors`, or alpha = rank.
+    /// Text-encoder LoRA in the file is not applied (logged as a warning).
     /// Returns the number of layers.
     #[rhai_fn(return_raw, volatile)]
     pub fn load_lora(
