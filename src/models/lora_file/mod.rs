@@ -48,7 +48,7 @@ impl Accept {
     fn name(self) -> &'static str {
         match self {
             Accept::Any => "auto",
-            Accept::Diffusers => "peft",
+            Accept::Diffusers => "peft/diffusers",
             Accept::Kohya => "kohya",
         }
     }
