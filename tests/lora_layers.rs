@@ -12,6 +12,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use lpo::models::loading::WeightMode;
 use lpo::models::lora::LoraConfig;
+use lpo::models::lora_file::Accept;
 use lpo::models::unet::{UNet2DConditionModel, UNetConfig};
 use lpo::tensor::SeededRng;
 use rhai::Map;
@@ -225,7 +226,7 @@ fn mismatched_conv_adapters_and_unknown_targets_are_clear_errors() {
         WeightMode::Frozen,
     )
     .unwrap();
-    let err = format!("{:#}", unet.load_lora(&p).unwrap_err());
+    let err = format!("{:#}", unet.load_lora(&p, Accept::Any, None).unwrap_err());
     assert!(
         err.contains("bad.safetensors")
             && err.contains("down_blocks.0.resnets.0.conv1")

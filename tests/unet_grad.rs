@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use lpo::control::RunControl;
 use lpo::models::loading::WeightMode;
 use lpo::models::lora::LoraConfig;
+use lpo::models::lora_file::Accept;
 use lpo::models::unet::UNet2DConditionModel;
 use lpo::script::{build_engine, EngineOptions, Host};
 use lpo::tensor::SeededRng;
@@ -467,7 +468,7 @@ fn lora_on_trainable_base_is_refused_and_bad_lora_files_error() {
         t,
     );
     candle_core::safetensors::save(&m, &p).unwrap();
-    let err = format!("{:#}", frozen.load_lora(&p).unwrap_err());
+    let err = format!("{:#}", frozen.load_lora(&p, Accept::Any, None).unwrap_err());
     assert!(
         err.contains("attn1.to_q") && err.contains("[2, 5]"),
         "{err}"
@@ -478,7 +479,7 @@ fn lora_on_trainable_base_is_refused_and_bad_lora_files_error() {
         Tensor::zeros((2, 5), DType::F32, &Device::Cpu).unwrap(),
     );
     candle_core::safetensors::save(&m, &p).unwrap();
-    let err = format!("{:#}", frozen.load_lora(&p).unwrap_err());
+    let err = format!("{:#}", frozen.load_lora(&p, Accept::Any, None).unwrap_err());
     assert!(err.contains("unet.no_such.lora_A.weight"), "{err}");
 }
 

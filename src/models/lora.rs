@@ -13,17 +13,15 @@
 //! whose switch turns every adapter off at once: with adapters off the output is exactly the
 //! base model's, so the reference policy needs no second copy of the network.
 //!
-//! Files use the PEFT/diffusers key naming `unet.<module path>.lora_A.weight` / `lora_B.weight`
-//! (as `get_peft_model_state_dict` + diffusers' `unet.` prefix); rank and alpha are stored in the
-//! safetensors metadata (`lora_rank`, `lora_alpha`).
+//! Files (reading every diffusers / PEFT / kohya convention, writing PEFT keys with diffusers'
+//! alpha metadata) live in [`super::lora_file`].
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Module, Tensor, Var};
+use anyhow::{bail, Result};
+use candle_core::{Module, Tensor, Var};
 use candle_nn::VarBuilder;
 
 use crate::models::conv::Conv2d;
@@ -96,9 +94,6 @@ pub struct LoraLayer {
     adapter: RwLock<Option<LoraAdapter>>,
     enabled: Arc<AtomicBool>,
 }
-
-/// The name this type had while only linear layers carried adapters (`lora_export` uses it).
-pub type LoraLinear = LoraLayer;
 
 impl LoraLayer {
     pub fn kind(&self) -> LayerKind {
@@ -415,130 +410,14 @@ impl LoraHub {
         }
         Ok(n)
     }
-
-    /// Write the adapters as f32 safetensors (atomically).
-    pub fn save(&self, path: &Path, prefix: &str) -> Result<()> {
-        let vars = self.vars(prefix);
-        if vars.is_empty() {
-            bail!("save_lora: the model has no LoRA adapters");
-        }
-        let first = self
-            .layers()
-            .into_iter()
-            .find_map(|l| l.adapter())
-            .expect("adapters exist");
-        let mut bufs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-        for (name, var) in &vars {
-            let t = var
-                .as_tensor()
-                .detach()
-                .to_dtype(DType::F32)?
-                .to_device(&Device::Cpu)?;
-            let data: Vec<f32> = t.flatten_all()?.to_vec1()?;
-            let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-            bufs.push((name.clone(), t.dims().to_vec(), bytes));
-        }
-        let views = bufs
-            .iter()
-            .map(|(n, s, b)| {
-                Ok((
-                    n.clone(),
-                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let meta: HashMap<String, String> = [
-            ("format".to_string(), "pt".to_string()),
-            ("lora_rank".to_string(), first.rank.to_string()),
-            ("lora_alpha".to_string(), first.alpha.to_string()),
-        ]
-        .into_iter()
-        .collect();
-        let bytes = safetensors::serialize(views, Some(meta)).context("save_lora: serialize")?;
-        crate::fsutil::atomic_write(path, &bytes)
-            .with_context(|| format!("save_lora: cannot write {}", path.display()))
-    }
-
-    /// Load adapters written by [`LoraHub::save`] or by diffusers/PEFT (keys with or without the
-    /// `unet.` / `base_model.model.` prefix). Existing adapters of the same shape are updated in
-    /// place (their Vars stay the same objects), others are created. Returns the number of layers.
-    pub fn load(&self, path: &Path) -> Result<usize> {
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("load_lora: cannot read {}", path.display()))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
-            anyhow::anyhow!(
-                "load_lora: {} is not a safetensors file (truncated?): {e}",
-                path.display()
-            )
-        })?;
-        let meta = meta.metadata().clone().unwrap_or_default();
-        let file_alpha = meta.get("lora_alpha").and_then(|v| v.parse::<f64>().ok());
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-            .with_context(|| format!("load_lora: cannot read tensors of {}", path.display()))?;
-        let layers: HashMap<String, Arc<LoraLayer>> = self
-            .layers()
-            .into_iter()
-            .map(|l| (l.path.clone(), l))
-            .collect();
-        let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
-        for (key, t) in tensors {
-            let k = key
-                .strip_prefix("unet.")
-                .or_else(|| key.strip_prefix("base_model.model."))
-                .unwrap_or(&key);
-            let (module, is_a) = if let Some(m) = k.strip_suffix(".lora_A.weight") {
-                (m, true)
-            } else if let Some(m) = k.strip_suffix(".lora_B.weight") {
-                (m, false)
-            } else if k.ends_with(".alpha") {
-                continue;
-            } else {
-                bail!("load_lora: {}: unexpected key `{key}` (expected `<module>.lora_A.weight` / `.lora_B.weight`)", path.display());
-            };
-            if !layers.contains_key(module) {
-                bail!(
-                    "load_lora: {}: key `{key}` names no LoRA-capable layer of this model",
-                    path.display()
-                );
-            }
-            let e = pairs.entry(module.to_string()).or_default();
-            if is_a {
-                e.0 = Some(t)
-            } else {
-                e.1 = Some(t)
-            }
-        }
-        if pairs.is_empty() {
-            bail!("load_lora: {} holds no LoRA tensors", path.display());
-        }
-        for (module, (a, b)) in &pairs {
-            let layer = &layers[module];
-            let (Some(a), Some(b)) = (a, b) else {
-                bail!(
-                    "load_lora: {}: `{module}` lacks its lora_A or lora_B weight",
-                    path.display()
-                );
-            };
-            let new = layer
-                .adapter_from(a, b, file_alpha)
-                .with_context(|| format!("load_lora: {}", path.display()))?;
-            match layer.adapter() {
-                Some(ad) if ad.a.shape() == new.a.shape() && ad.b.shape() == new.b.shape() => {
-                    ad.a.set(new.a.as_tensor())?;
-                    ad.b.set(new.b.as_tensor())?;
-                    if let Some(alpha) = file_alpha {
-                        layer.set_adapter(Some(LoraAdapter { alpha, ..ad }))?;
-                    }
-                }
-                _ => layer.set_adapter(Some(new))?,
-            }
-        }
-        Ok(pairs.len())
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::{DType, Device};
+
     use super::*;
     use crate::tensor::grad::finite_difference_check;
 

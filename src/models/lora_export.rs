@@ -8,13 +8,13 @@
 //!   are noted in the safetensors metadata (`lora_rank`, `lora_alpha` = rank, `lora_alpha_orig`).
 //! - **kohya/webui** (`export_kohya`): `lora_unet_<module path, `.` -> `_`>.lora_down.weight` (= A),
 //!   `.lora_up.weight` (= B), `.alpha` (0-d f32); the scale is `alpha / rank` as in our adapters.
-//!   `import_kohya` reads such a file back (our layers are matched by their flattened names).
+//!   `import_kohya` reads such a file back (via [`lora_file::load`], which reads every format).
 //! - **Merged UNet folder** (`save_merged`): `config.json` + `diffusion_pytorch_model.safetensors`
 //!   in diffusers layout, every base weight from the folder the UNet was loaded from, with
 //!   `W + scale * B A` for every adapted layer (whether or not the adapter switch is on); for a
 //!   fully fine-tuned UNet (loaded trainable) the trained weights are written instead.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -22,13 +22,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use super::loading::Weights;
-use super::lora::{LoraAdapter, LoraHub, LoraLinear};
+use super::lora::{LoraAdapter, LoraHub, LoraLayer};
+use super::lora_file::{self, keys::kohya_name};
 use super::unet::{UNet2DConditionModel, WEIGHTS_STEM};
-
-/// The kohya name of a module path: `lora_unet_` + the path with `.` replaced by `_`.
-pub fn kohya_name(path: &str) -> String {
-    format!("lora_unet_{}", path.replace('.', "_"))
-}
 
 fn cpu_f32(t: &Tensor) -> Result<Tensor> {
     Ok(t.detach()
@@ -37,7 +33,7 @@ fn cpu_f32(t: &Tensor) -> Result<Tensor> {
         .contiguous()?)
 }
 
-fn adapted(hub: &LoraHub, what: &str) -> Result<Vec<(Arc<LoraLinear>, LoraAdapter)>> {
+fn adapted(hub: &LoraHub, what: &str) -> Result<Vec<(Arc<LoraLayer>, LoraAdapter)>> {
     let v: Vec<_> = hub
         .layers()
         .into_iter()
@@ -126,65 +122,9 @@ pub fn export_kohya(hub: &LoraHub, path: &Path) -> Result<()> {
 }
 
 /// Read a kohya/webui file into `hub`'s layers (replacing their adapters). Returns the count.
+/// The same as [`lora_file::load`] restricted to kohya keys (kept for scripts that call it).
 pub fn import_kohya(hub: &LoraHub, path: &Path) -> Result<usize> {
-    let tensors = crate::tensor::io::load_safetensors(path, &Device::Cpu)
-        .with_context(|| format!("import_kohya: {}", path.display()))?;
-    let by_name: HashMap<String, Arc<LoraLinear>> = hub
-        .layers()
-        .into_iter()
-        .map(|l| (kohya_name(&l.path), l))
-        .collect();
-    type Parts = (Option<Tensor>, Option<Tensor>, Option<f64>);
-    let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
-    for (key, t) in tensors {
-        let (module, which) = if let Some(m) = key.strip_suffix(".lora_down.weight") {
-            (m, 0)
-        } else if let Some(m) = key.strip_suffix(".lora_up.weight") {
-            (m, 1)
-        } else if let Some(m) = key.strip_suffix(".alpha") {
-            (m, 2)
-        } else {
-            bail!("import_kohya: {}: unexpected key `{key}`", path.display());
-        };
-        if !by_name.contains_key(module) {
-            bail!(
-                "import_kohya: {}: `{key}` names no LoRA-capable layer of this model",
-                path.display()
-            );
-        }
-        let e = parts.entry(module.to_string()).or_default();
-        match which {
-            0 => e.0 = Some(t),
-            1 => e.1 = Some(t),
-            _ => {
-                let v = t
-                    .to_dtype(DType::F64)?
-                    .flatten_all()?
-                    .to_vec1::<f64>()?
-                    .first()
-                    .copied()
-                    .with_context(|| format!("import_kohya: `{key}` is empty"))?;
-                e.2 = Some(v)
-            }
-        }
-    }
-    if parts.is_empty() {
-        bail!("import_kohya: {} holds no LoRA tensors", path.display());
-    }
-    for (module, (down, up, alpha)) in &parts {
-        let layer = &by_name[module];
-        let (Some(a), Some(b)) = (down, up) else {
-            bail!(
-                "import_kohya: {}: `{module}` lacks lora_down or lora_up",
-                path.display()
-            );
-        };
-        let adapter = layer
-            .adapter_from(a, b, *alpha)
-            .with_context(|| format!("import_kohya: {}", path.display()))?;
-        layer.set_adapter(Some(adapter))?;
-    }
-    Ok(parts.len())
+    Ok(lora_file::load(hub, path, lora_file::Accept::Kohya, None)?.layers)
 }
 
 /// Write `dir/config.json` + `dir/diffusion_pytorch_model.safetensors` with the adapters merged.

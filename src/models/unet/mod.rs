@@ -33,6 +33,7 @@ pub use self::config::UNetConfig;
 use self::embeddings::{TimestepEmbedding, Timesteps};
 use crate::models::loading::{WeightMode, Weights};
 use crate::models::lora::{LoraConfig, LoraHub, LoraLayer};
+use crate::models::lora_file;
 use crate::tensor::SeededRng;
 
 /// SDXL's added conditioning (`addition_embed_type: "text_time"`).
@@ -640,15 +641,24 @@ impl UNet2DConditionModel {
         self.lora.set_enabled(on)
     }
 
+    /// Write the adapters for diffusers' `load_lora_weights` and [`Self::load_lora`]
+    /// (PEFT keys, alpha in `lora_adapter_metadata`; see [`lora_file`]).
     pub fn save_lora(&self, path: &Path) -> anyhow::Result<()> {
-        self.lora.save(path, "unet.")
+        lora_file::save(&self.lora, path)
     }
 
-    pub fn load_lora(&self, path: &Path) -> anyhow::Result<usize> {
+    /// Load a LoRA file in any convention `accept` allows, alpha also from a PEFT
+    /// `adapter_config.json` (see [`lora_file::load`]).
+    pub fn load_lora(
+        &self,
+        path: &Path,
+        accept: lora_file::Accept,
+        peft_config: Option<&Path>,
+    ) -> anyhow::Result<lora_file::LoadedLora> {
         if !self.base_vars.is_empty() {
             bail!("load_lora: this UNet was loaded trainable; load it frozen to use LoRA");
         }
-        self.lora.load(path)
+        lora_file::load(&self.lora, path, accept, peft_config)
     }
 
     /// The current base weights by diffusers name (detached; merged LoRA layers included).

@@ -78,6 +78,29 @@ mod helpers {
         Ok((dtype, mode))
     }
 
+    /// `load_lora(path[, #{format}])`: the file (and a PEFT `adapter_config.json` beside an
+    /// `adapter_model.safetensors`) through the confinement gate, format auto-detected.
+    pub(super) fn load_lora(
+        ctx: &NativeCallContext,
+        unet: &UNet2DConditionModel,
+        path: &str,
+        opts: &Map,
+    ) -> ScriptResult<crate::models::lora_file::LoadedLora> {
+        use crate::models::lora_file::Accept;
+        let o = Options::new(opts, "load_lora", &["format"]).or_script(ctx)?;
+        let accept = Accept::parse(&o.string("format", "auto").or_script(ctx)?)
+            .map_err(|e| format!("load_lora: {e}"))
+            .or_script(ctx)?;
+        let host = Host::of(ctx);
+        let path = host.readable(path).or_script(ctx)?;
+        let config = match crate::models::lora_file::peft_config_beside(&path) {
+            Some(c) => Some(host.readable(&c.to_string_lossy()).or_script(ctx)?),
+            None => None,
+        };
+        unet.load_lora(&path, accept, config.as_deref())
+            .or_script(ctx)
+    }
+
     pub(super) fn load(ctx: &NativeCallContext, dir: &str, opts: &Map) -> ScriptResult<ScriptUNet> {
         let (dtype, mode) = dtype_mode(ctx, opts, "load_unet", &[])?;
         let host = Host::of(ctx);
@@ -295,7 +318,9 @@ pub mod unet_api {
         unet.set_lora_enabled(on)
     }
 
-    /// Save the adapters as safetensors with PEFT/diffusers keys (`unet.<module>.lora_A.weight`).
+    /// Save the adapters for diffusers and `load_lora`: keys `unet.<module>.lora_A.weight` /
+    /// `lora_B.weight` (B as trained) with alpha in diffusers' `lora_adapter_metadata` header,
+    /// so `pipe.load_lora_weights(file)` applies them at scale alpha / rank.
     #[rhai_fn(return_raw)]
     pub fn save_lora(
         ctx: NativeCallContext,
@@ -306,16 +331,40 @@ pub mod unet_api {
             .or_script(&ctx)
     }
 
-    /// Load adapters from safetensors (PEFT/diffusers keys); returns the number of layers.
+    /// Load a LoRA file in any UNet convention diffusers reads, detected from its keys: PEFT
+    /// `<module>.lora_A.weight` (also under `unet.` / `base_model.model.`), the training scripts'
+    /// `unet.<module>.lora.down.weight`, old `processor.to_q_lora.down.weight`, kohya
+    /// `lora_unet_*`. Alpha from `.alpha` tensors, diffusers' `lora_adapter_metadata`, PEFT's
+    /// `adapter_config.json` beside an `adapter_model.safetensors`, or alpha = rank.
+    /// Text-encoder LoRA in the file is not applied (logged as a warning).
+    /// Returns the number of layers.
     #[rhai_fn(return_raw, volatile)]
     pub fn load_lora(
         ctx: NativeCallContext,
         unet: &mut ScriptUNet,
         path: &str,
     ) -> ScriptResult<i64> {
-        unet.load_lora(&Host::of(&ctx).readable(path).or_script(&ctx)?)
-            .map(|n| n as i64)
-            .or_script(&ctx)
+        helpers::load_lora(&ctx, unet, path, &Map::new()).map(|l| l.layers as i64)
+    }
+
+    /// `load_lora` with options `#{format: "auto" | "peft" | "diffusers" | "kohya"}` (a format
+    /// other than "auto" refuses keys of the others); returns `#{layers, format, alpha_from,
+    /// warnings}` (`warnings`: parts of the file not applied, e.g. its text-encoder LoRA).
+    #[rhai_fn(name = "load_lora", return_raw, volatile)]
+    pub fn load_lora_opts(
+        ctx: NativeCallContext,
+        unet: &mut ScriptUNet,
+        path: &str,
+        opts: Map,
+    ) -> ScriptResult<Map> {
+        let l = helpers::load_lora(&ctx, unet, path, &opts)?;
+        let mut m = Map::new();
+        m.insert("layers".into(), Dynamic::from(l.layers as i64));
+        m.insert("format".into(), Dynamic::from(l.format));
+        m.insert("alpha_from".into(), Dynamic::from(l.alpha_from));
+        let warnings: Array = l.warnings.into_iter().map(Dynamic::from).collect();
+        m.insert("warnings".into(), Dynamic::from(warnings));
+        Ok(m)
     }
 
     /// Export the adapters for other tools: `#{format: "peft"}` (default; diffusers'
@@ -347,7 +396,7 @@ pub mod unet_api {
     }
 
     /// Load adapters from a kohya/webui LoRA file (`lora_unet_*.lora_down.weight`, `.lora_up.weight`,
-    /// `.alpha`); returns the number of layers.
+    /// `.alpha`); returns the number of layers. `load_lora` reads these too (auto-detected).
     #[rhai_fn(return_raw, volatile)]
     pub fn import_kohya(
         ctx: NativeCallContext,
