@@ -463,17 +463,8 @@ mod tests {
         ad.b.set(&b).unwrap();
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        crate::tensor::ops::max_abs_diff(a, b).unwrap()
     }
 
     #[test]

@@ -224,21 +224,28 @@ pub fn run_script(opts: RunOptions, control: std::sync::Arc<RunControl>) -> i32 
     }
 }
 
-/// Compile only; report every parse error found, and a malformed parameter declaration.
-/// Returns the exit code.
-pub fn check_script(path: &Path) -> i32 {
-    let source = match read_script(path) {
-        Ok(s) => s,
-        Err((code, e)) => {
-            eprintln!("error: {e}");
-            return code;
-        }
-    };
+/// The script's text and an engine to compile it with, for commands that never run it (`check`,
+/// `run SCRIPT --help`). Err: the exit code, after the unreadable script was reported.
+fn offline_engine(path: &Path) -> Result<(String, ScriptEngine), i32> {
+    let source = read_script(path).map_err(|(code, e)| {
+        eprintln!("error: {e}");
+        code
+    })?;
     let se = engine_for(
         path,
         Host::new(RunControl::new(), candle_core::Device::Cpu, 0),
         Limits::default(),
     );
+    Ok((source, se))
+}
+
+/// Compile only; report every parse error found, and a malformed parameter declaration.
+/// Returns the exit code.
+pub fn check_script(path: &Path) -> i32 {
+    let (source, se) = match offline_engine(path) {
+        Ok(found) => found,
+        Err(code) => return code,
+    };
     let errors = report::all_parse_errors(&se.engine, &source);
     let name = path.display().to_string();
     for e in &errors {
@@ -279,18 +286,10 @@ pub fn declaration_of(
 /// `lpo run SCRIPT --help`: the script's header comment and its declared parameters, read
 /// from the compiled script without running it. Returns the exit code.
 pub fn print_params_help(path: &Path) -> i32 {
-    let source = match read_script(path) {
-        Ok(s) => s,
-        Err((code, e)) => {
-            eprintln!("error: {e}");
-            return code;
-        }
+    let (source, se) = match offline_engine(path) {
+        Ok(found) => found,
+        Err(code) => return code,
     };
-    let se = engine_for(
-        path,
-        Host::new(RunControl::new(), candle_core::Device::Cpu, 0),
-        Limits::default(),
-    );
     let declared = match declaration_of(&se, path, &source) {
         Ok(d) => d,
         Err(code) => return code,
