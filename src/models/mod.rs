@@ -8,6 +8,7 @@ pub mod conv;
 pub mod loading;
 pub mod lora;
 pub mod lora_export;
+pub mod model_folder;
 pub mod nn;
 pub mod tokenizer;
 pub mod unet;
