@@ -330,3 +330,23 @@ fn copying_a_folder_without_components_is_an_error_naming_it() {
         "{err}"
     );
 }
+
+#[test]
+fn a_tokenizer_json_alone_is_listed_as_a_fast_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    copy_model_folder(&tiny_sd(), &model).unwrap();
+    for f in [
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.json",
+        "merges.txt",
+    ] {
+        std::fs::remove_file(model.join("tokenizer").join(f)).unwrap();
+    }
+    let index = model_index(&model, None).unwrap().unwrap();
+    assert_eq!(
+        index["tokenizer"],
+        json!(["transformers", "PreTrainedTokenizerFast"])
+    );
+}

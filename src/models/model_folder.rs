@@ -70,26 +70,32 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
 }
 
 /// `[library, class]` of the component in `dir/name`, from its own config, or None when the
-/// config does not say (diffusers writes `_class_name`, transformers `architectures` and
-/// `tokenizer_class`).
+/// config does not say (diffusers writes `_class_name`, transformers `architectures`,
+/// `tokenizer_class` and `image_processor_type`).
 fn component_entry(dir: &Path, name: &str) -> Result<Option<Value>> {
     let sub = dir.join(name);
     let string_at = |file: &str, pointer: &str| -> Result<Option<String>> {
         Ok(read_json(&sub.join(file))?
             .and_then(|v| v.pointer(pointer).and_then(Value::as_str).map(String::from)))
     };
-    let diffusers = string_at("config.json", "/_class_name")?
-        .or(string_at("scheduler_config.json", "/_class_name")?);
-    if let Some(class) = diffusers {
-        return Ok(Some(json!(["diffusers", class])));
-    }
-    let transformers = string_at("config.json", "/architectures/0")?
-        .or(string_at("tokenizer_config.json", "/tokenizer_class")?)
-        .or(string_at(
+    for (file, pointer, library) in [
+        ("config.json", "/_class_name", "diffusers"),
+        ("scheduler_config.json", "/_class_name", "diffusers"),
+        ("config.json", "/architectures/0", "transformers"),
+        ("tokenizer_config.json", "/tokenizer_class", "transformers"),
+        (
             "preprocessor_config.json",
             "/image_processor_type",
-        )?);
-    Ok(transformers.map(|class| json!(["transformers", class])))
+            "transformers",
+        ),
+    ] {
+        if let Some(class) = string_at(file, pointer)? {
+            return Ok(Some(json!([library, class])));
+        }
+    }
+    // A bare `tokenizer.json` is what transformers' fast tokenizer class reads.
+    let fast_tokenizer = sub.join("tokenizer.json").is_file();
+    Ok(fast_tokenizer.then(|| json!(["transformers", "PreTrainedTokenizerFast"])))
 }
 
 fn is_listed(entry: &Value) -> bool {

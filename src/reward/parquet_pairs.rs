@@ -135,7 +135,7 @@ fn describe_type(ty: &Type) -> String {
         return format!("a group {{{}}}", fields.join(", "));
     }
     let info = ty.get_basic_info();
-    let mut out = format!("{}", ty.get_physical_type());
+    let mut out = ty.get_physical_type().to_string();
     if let Some(logical) = info.logical_type_ref() {
         out += &format!(" ({logical:?})");
     } else if info.converted_type() != ConvertedType::NONE {
