@@ -350,3 +350,24 @@ fn a_tokenizer_json_alone_is_listed_as_a_fast_tokenizer() {
         json!(["transformers", "PreTrainedTokenizerFast"])
     );
 }
+
+/// A pipeline lpo has no table for keeps its source index while every listed part is there.
+#[test]
+fn another_pipelines_index_is_kept_only_when_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    copy_model_folder(&tiny_sd(), &model).unwrap();
+    let source = json!({
+        "_class_name": "StableDiffusionInpaintPipeline",
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "safety_checker": [null, null]
+    });
+    let kept = model_index(&model, source.as_object()).unwrap();
+    assert_eq!(kept.as_ref(), Some(&source));
+    std::fs::remove_dir_all(model.join("vae")).unwrap();
+    assert_eq!(model_index(&model, source.as_object()).unwrap(), None);
+}
