@@ -161,3 +161,25 @@ fn script_batches_decode_every_fixture_pair() {
     let out: Vec<i64> = out.into_iter().map(|v| v.as_int().unwrap()).collect();
     assert_eq!(out, vec![21, 21, 0]);
 }
+
+/// A null label is the row's own problem: counted as a skip that names its row, numbered
+/// across row groups.
+#[test]
+fn a_skipped_row_is_numbered_across_row_groups() {
+    let path = fixtures().join("parquet_rows/row_groups.parquet");
+    let set = read_pickapic_parquet(&path).unwrap();
+    assert_eq!(set.pairs.len(), 3);
+    assert_eq!(
+        set.pairs[2].prompt, CAPTIONS[2],
+        "row 2 sits in the second row group"
+    );
+    assert_eq!(set.skipped.len(), 1);
+    assert!(
+        set.skipped[0]
+            .location
+            .ends_with("row_groups.parquet row 3"),
+        "{:?}",
+        set.skipped[0]
+    );
+    assert_eq!(set.skipped[0].reason, "label_0/label_1 null");
+}

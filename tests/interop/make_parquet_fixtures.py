@@ -14,6 +14,9 @@ num_example_per_prompt, has_label) whose images are small PNGs with the pixel pa
   `huggingface` metadata; row 2's jpg_1 has no bytes, only a path relative to the file
   (`images/row2_1.png`, also written), as `datasets` stores images kept on disk.
 
+`parquet_rows/row_groups.parquet`: the three pairs and a fourth row whose labels are null,
+written in row groups of two rows (the skip must name row 3, counted across row groups);
+
 and, in tests/fixtures/interop/parquet_bad/, files the reader must refuse as a whole:
 
 - `label_as_string.parquet`: label_0 written as strings ("1.0"), a schema error;
@@ -98,6 +101,14 @@ def main():
     pq.write_table(hf_image_table(), OUT / "pairs_hf_image.parquet")
     (OUT / "images").mkdir(exist_ok=True)
     (OUT / "images" / "row2_1.png").write_bytes(png(2, 1))
+    rows = FIXTURES / "parquet_rows"
+    rows.mkdir(exist_ok=True)
+    four = pa.concat_tables([table, table.slice(0, 1)])
+    nulls = pa.array([l[0] for l in LABELS] + [None], pa.float64())
+    four = four.set_column(four.schema.get_field_index("label_0"), "label_0", nulls)
+    nulls = pa.array([l[1] for l in LABELS] + [None], pa.float64())
+    four = four.set_column(four.schema.get_field_index("label_1"), "label_1", nulls)
+    pq.write_table(four, rows / "row_groups.parquet", row_group_size=2)
     BAD.mkdir(exist_ok=True)
     table = plain_table()
     labels = pa.array([str(l[0]) for l in LABELS], pa.string())
