@@ -176,7 +176,7 @@ pub fn save_merged(unet: &UNet2DConditionModel, dir: &Path) -> Result<()> {
         .with_context(|| format!("save_merged: cannot create {}", dir.display()))?;
     let config = match std::fs::read(src.join("config.json")) {
         Ok(bytes) => bytes,
-        Err(_) => serde_json::to_vec_pretty(&unet.config)?,
+        Err(_) => serde_json::to_vec_pretty(&unet.config.to_diffusers_json()?)?,
     };
     crate::fsutil::atomic_write(&dir.join("config.json"), &config)
         .with_context(|| format!("save_merged: cannot write {}/config.json", dir.display()))?;

@@ -9,6 +9,7 @@ pub mod loading;
 pub mod lora;
 pub mod lora_export;
 pub mod lora_file;
+pub mod model_folder;
 pub mod nn;
 pub mod tokenizer;
 pub mod unet;

@@ -1,4 +1,4 @@
-//! Preference pairs: Pick-a-Pic parquet shards as published, or a JSONL manifest
+//! Preference pairs: Pick-a-Pic parquet shards (`parquet_pairs`), or a JSONL manifest
 //! `{prompt, image_0, image_1, label_0, label_1[, num_examples_per_prompt]}` with image paths.
 //!
 //! Bad rows are never dropped silently: each is counted with its reason and reported.
@@ -10,6 +10,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 
 use super::pair_loss::validate_labels;
+pub use super::parquet_pairs::{read_pickapic_parquet, PICKAPIC_COLUMNS};
 
 #[derive(Debug, Clone)]
 pub enum ImageSource {
@@ -59,7 +60,7 @@ impl PreferenceSet {
         lines.join("\n")
     }
 
-    fn fill_missing_counts(&mut self) {
+    pub(super) fn fill_missing_counts(&mut self) {
         let mut per_prompt: HashMap<String, usize> = HashMap::new();
         for p in &self.pairs {
             *per_prompt.entry(p.prompt.clone()).or_default() += 1;
@@ -129,124 +130,6 @@ pub fn read_manifest(path: &Path) -> Result<PreferenceSet> {
                 .map(|v| v as f32)
                 .unwrap_or(0.0),
             group: row.get("group").and_then(|v| v.as_i64()),
-        });
-    }
-    set.fill_missing_counts();
-    Ok(set)
-}
-
-/// The columns a Pick-a-Pic shard must have.
-pub const PICKAPIC_COLUMNS: [&str; 7] = [
-    "caption",
-    "jpg_0",
-    "jpg_1",
-    "label_0",
-    "label_1",
-    "num_example_per_prompt",
-    "has_label",
-];
-
-/// Read a Pick-a-Pic parquet shard (rows without a label are skipped and counted).
-pub fn read_pickapic_parquet(path: &Path) -> Result<PreferenceSet> {
-    use parquet::file::reader::{FileReader, SerializedFileReader};
-    use parquet::record::Field;
-
-    let file = std::fs::File::open(path)
-        .with_context(|| format!("cannot open parquet shard {}", path.display()))?;
-    let reader = SerializedFileReader::new(file)
-        .with_context(|| format!("{} is not a readable parquet file", path.display()))?;
-    let schema = reader.metadata().file_metadata().schema_descr_ptr();
-    let present: Vec<String> = schema
-        .columns()
-        .iter()
-        .map(|c| c.name().to_string())
-        .collect();
-    let missing: Vec<&str> = PICKAPIC_COLUMNS
-        .iter()
-        .copied()
-        .filter(|c| !present.iter().any(|p| p == c))
-        .collect();
-    if !missing.is_empty() {
-        bail!(
-            "{}: missing column(s) {}; a Pick-a-Pic shard needs {}",
-            path.display(),
-            missing.join(", "),
-            PICKAPIC_COLUMNS.join(", ")
-        );
-    }
-    let mut set = PreferenceSet::default();
-    let rows = reader
-        .get_row_iter(None)
-        .with_context(|| format!("{}: cannot iterate rows", path.display()))?;
-    for (i, row) in rows.enumerate() {
-        let location = format!("{} row {i}", path.display());
-        let row = row.with_context(|| format!("{location}: unreadable row"))?;
-        let mut fields: HashMap<&str, &Field> = HashMap::new();
-        for (name, field) in row.get_column_iter() {
-            fields.insert(name.as_str(), field);
-        }
-        let num = |k: &str| -> Option<f64> {
-            match fields.get(k)? {
-                Field::Double(v) => Some(*v),
-                Field::Float(v) => Some(*v as f64),
-                Field::Long(v) => Some(*v as f64),
-                Field::Int(v) => Some(*v as f64),
-                Field::Bool(b) => Some(*b as i32 as f64),
-                _ => None,
-            }
-        };
-        let bytes = |k: &str| -> Option<Arc<Vec<u8>>> {
-            match fields.get(k)? {
-                Field::Bytes(b) => Some(Arc::new(b.data().to_vec())),
-                _ => None,
-            }
-        };
-        if num("has_label") == Some(0.0) {
-            set.skipped.push(Skipped {
-                location,
-                reason: "has_label is false".into(),
-            });
-            continue;
-        }
-        let caption = match fields.get("caption") {
-            Some(Field::Str(s)) => s.clone(),
-            _ => {
-                set.skipped.push(Skipped {
-                    location,
-                    reason: "caption is not a string".into(),
-                });
-                continue;
-            }
-        };
-        let (Some(label_0), Some(label_1)) = (num("label_0"), num("label_1")) else {
-            set.skipped.push(Skipped {
-                location,
-                reason: "label_0/label_1 missing or not numbers".into(),
-            });
-            continue;
-        };
-        if let Err(reason) = validate_labels(&[label_0 as f32], &[label_1 as f32]) {
-            set.skipped.push(Skipped {
-                location,
-                reason: reason.replace("pair 0", "pair"),
-            });
-            continue;
-        }
-        let (Some(jpg_0), Some(jpg_1)) = (bytes("jpg_0"), bytes("jpg_1")) else {
-            set.skipped.push(Skipped {
-                location,
-                reason: "jpg_0/jpg_1 missing or not bytes".into(),
-            });
-            continue;
-        };
-        set.pairs.push(PreferencePair {
-            prompt: caption,
-            image_0: ImageSource::Bytes(jpg_0),
-            image_1: ImageSource::Bytes(jpg_1),
-            label_0: label_0 as f32,
-            label_1: label_1 as f32,
-            num_examples_per_prompt: num("num_example_per_prompt").unwrap_or(0.0) as f32,
-            group: None,
         });
     }
     set.fill_missing_counts();

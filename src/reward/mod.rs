@@ -5,4 +5,5 @@ pub mod batches;
 pub mod data;
 pub mod lrm;
 pub mod pair_loss;
+pub mod parquet_pairs;
 pub mod projections;

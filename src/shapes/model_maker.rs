@@ -3,7 +3,8 @@
 //! (a small `CLIPTextModel`), `tokenizer/` (a word-level tokenizer over the shapes vocabulary,
 //! built with the tokenizers crate) and `scheduler/` (SD1.5's DDIM settings). Everything loads
 //! with the same loaders as Stable Diffusion checkpoints (`load_unet`, `load_text_encoder`,
-//! `load_tokenizer`, `load_scheduler`).
+//! `load_tokenizer`, `load_scheduler`), and each loads in diffusers / transformers with
+//! `from_pretrained(dir, subfolder=...)`.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -287,28 +288,8 @@ pub fn scheduler_config() -> serde_json::Value {
     })
 }
 
-/// Copy a model folder's files (one level of subfolders) from `src` to `dst`, atomically per file.
-pub fn copy_model_dir(src: &Path, dst: &Path) -> Result<()> {
-    if !src.is_dir() {
-        anyhow::bail!("copy: {} is not a folder", src.display());
-    }
-    std::fs::create_dir_all(dst).with_context(|| format!("cannot create {}", dst.display()))?;
-    for entry in std::fs::read_dir(src).with_context(|| format!("cannot read {}", src.display()))? {
-        let entry = entry?;
-        let path = entry.path();
-        let target = dst.join(entry.file_name());
-        if path.is_dir() {
-            copy_model_dir(&path, &target)?;
-        } else if path.is_file() {
-            let bytes =
-                std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-            atomic_write(&target, &bytes)?;
-        }
-    }
-    Ok(())
-}
-
-/// Write the whole model folder; returns the UNet's parameter count.
+/// Write the whole model folder; returns the UNet's parameter count. It has no VAE, so no
+/// `model_index.json`: diffusers has no pipeline for it (see `models::model_folder`).
 pub fn make_shapes_model(out: &Path, spec: &ShapesModelSpec) -> Result<usize> {
     let cfg = unet_config(spec)?;
     let unet =
@@ -322,18 +303,6 @@ pub fn make_shapes_model(out: &Path, spec: &ShapesModelSpec) -> Result<usize> {
     atomic_write(
         &sched.join("scheduler_config.json"),
         serde_json::to_string_pretty(&scheduler_config())?.as_bytes(),
-    )?;
-    let index = json!({
-        "_class_name": "StableDiffusionPipeline",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "vae": [null, null]
-    });
-    atomic_write(
-        &out.join("model_index.json"),
-        serde_json::to_string_pretty(&index)?.as_bytes(),
     )?;
     Ok(unet.param_count())
 }

@@ -35,6 +35,15 @@ fn null_default<'de, D: serde::Deserializer<'de>, T: Default + Deserialize<'de>>
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
+/// diffusers types `freq_shift` as an int: write 0, not 0.0, when the value is whole.
+fn integral_as_int<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        s.serialize_i64(*v as i64)
+    } else {
+        s.serialize_f64(*v)
+    }
+}
+
 fn default_in_channels() -> usize {
     4
 }
@@ -108,6 +117,8 @@ fn default_three() -> usize {
 }
 
 /// The fields of diffusers' `UNet2DConditionModel` config that matter here (defaults as diffusers').
+/// Serialized, it is a config diffusers loads: an unset optional key is left out (diffusers'
+/// default is `None` for each), never written as a `null` diffusers would not accept.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct UNetConfig {
     #[serde(default = "default_in_channels")]
@@ -118,7 +129,11 @@ pub struct UNetConfig {
     pub center_input_sample: bool,
     #[serde(default = "default_true")]
     pub flip_sin_to_cos: bool,
-    #[serde(default, deserialize_with = "null_default")]
+    #[serde(
+        default,
+        deserialize_with = "null_default",
+        serialize_with = "integral_as_int"
+    )]
     pub freq_shift: f64,
     #[serde(default = "default_down")]
     pub down_block_types: Vec<String>,
@@ -126,7 +141,8 @@ pub struct UNetConfig {
     pub mid_block_type: Option<String>,
     #[serde(default = "default_up")]
     pub up_block_types: Vec<String>,
-    #[serde(default)]
+    /// `null` (or absent) reads as false; it is not written back (diffusers needs a bool or list).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub only_cross_attention: serde_json::Value,
     #[serde(default = "default_block_out")]
     pub block_out_channels: Vec<usize>,
@@ -146,24 +162,24 @@ pub struct UNetConfig {
     pub cross_attention_dim: IntOrList,
     #[serde(default = "default_layers")]
     pub transformer_layers_per_block: IntOrList,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reverse_transformer_layers_per_block: Option<Vec<usize>>,
     /// Legacy diffusers naming: for SD1.5/2.x/SDXL this is the number of HEADS per block.
     #[serde(default = "default_head")]
     pub attention_head_dim: IntOrList,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_attention_heads: Option<IntOrList>,
     #[serde(default, deserialize_with = "null_default")]
     pub dual_cross_attention: bool,
     #[serde(default, deserialize_with = "null_default")]
     pub use_linear_projection: bool,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub class_embed_type: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub addition_embed_type: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub addition_time_embed_dim: Option<usize>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_class_embeds: Option<usize>,
     #[serde(default, deserialize_with = "null_default")]
     pub upcast_attention: bool,
@@ -175,29 +191,29 @@ pub struct UNetConfig {
     pub resnet_out_scale_factor: f64,
     #[serde(default = "default_positional")]
     pub time_embedding_type: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_embedding_dim: Option<usize>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_embedding_act_fn: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timestep_post_act: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_cond_proj_dim: Option<usize>,
     #[serde(default = "default_three")]
     pub conv_in_kernel: usize,
     #[serde(default = "default_three")]
     pub conv_out_kernel: usize,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub projection_class_embeddings_input_dim: Option<usize>,
     #[serde(default = "default_attention_type")]
     pub attention_type: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoder_hid_dim: Option<usize>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoder_hid_dim_type: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cross_attention_norm: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sample_size: Option<serde_json::Value>,
 }
 
@@ -221,6 +237,15 @@ impl UNetConfig {
         cfg.validate()
             .map_err(|e| e.context(format!("unsupported UNet config {}", path.display())))?;
         Ok(cfg)
+    }
+
+    /// The `config.json` of a diffusers folder for this config (`_class_name` included).
+    pub fn to_diffusers_json(&self) -> Result<serde_json::Value> {
+        let mut config = serde_json::to_value(self)?;
+        if let Some(obj) = config.as_object_mut() {
+            obj.insert("_class_name".into(), "UNet2DConditionModel".into());
+        }
+        Ok(config)
     }
 
     /// Parse a config from JSON text (`what` names the source in errors).

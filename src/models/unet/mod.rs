@@ -713,10 +713,7 @@ impl UNet2DConditionModel {
             .map(|(n, t)| Ok((n, t.to_dtype(dtype)?)))
             .collect::<candle_core::Result<HashMap<_, _>>>()?;
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let mut config = serde_json::to_value(&self.config)?;
-        if let Some(obj) = config.as_object_mut() {
-            obj.insert("_class_name".into(), "UNet2DConditionModel".into());
-        }
+        let config = self.config.to_diffusers_json()?;
         crate::fsutil::atomic_write(
             &dir.join("config.json"),
             serde_json::to_string_pretty(&config)?.as_bytes(),

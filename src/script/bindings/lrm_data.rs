@@ -91,7 +91,8 @@ pub mod lrm_data_api {
     use crate::script::Host;
 
     /// Preference pairs from a JSONL manifest `{prompt, image_0, image_1, label_0, label_1}`
-    /// (paths relative to the manifest), a Pick-a-Pic parquet shard, or a folder of them.
+    /// (paths relative to the manifest), a Pick-a-Pic parquet shard (any codec; images as bytes
+    /// or `datasets` Image structs `{bytes, path}`), or a folder of them.
     /// Bad rows are counted (`data.skipped`, `data.skip_summary()`), bad files are errors.
     #[rhai_fn(return_raw, volatile)]
     pub fn read_preferences(ctx: NativeCallContext, path: &str) -> ScriptResult<ScriptPreferences> {

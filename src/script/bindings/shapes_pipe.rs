@@ -45,12 +45,13 @@ pub mod shapes_pipe_api {
     use rhai::{Array, Dynamic, Map};
 
     use super::helpers;
+    use crate::models::model_folder::copy_model_folder;
     use crate::reward::data::read_manifest;
     use crate::script::bindings::unet::ScriptUNet;
     use crate::script::error::{OrScriptError, ScriptResult};
     use crate::script::options::Options;
     use crate::script::Host;
-    use crate::shapes::model_maker::{copy_model_dir, make_shapes_model, ShapesModelSpec};
+    use crate::shapes::model_maker::{make_shapes_model, ShapesModelSpec};
     use crate::train::Params;
 
     /// Write a tiny random shapes model in the diffusers layout to `dir` (`unet/` 3->3 channels
@@ -112,13 +113,16 @@ pub mod shapes_pipe_api {
         new_shapes_model(ctx, dir, Map::new())
     }
 
-    /// Copy a folder's files and subfolders from `src` to `dst` (each file written atomically).
+    /// Copy a model folder's components (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`,
+    /// `scheduler/`, ...: subfolders with a config) from `src` to `dst`, each file atomically,
+    /// and write `dst/model_index.json` when they make a diffusers pipeline (a folder without
+    /// `vae/` gets none). Other files (evaluation caches, metrics) are not copied.
     #[rhai_fn(return_raw)]
     pub fn copy_model(ctx: NativeCallContext, src: &str, dst: &str) -> ScriptResult<()> {
         let host = Host::of(&ctx);
         let src = host.readable(src).or_script(&ctx)?;
         let dst = host.writable(dst).or_script(&ctx)?;
-        copy_model_dir(&src, &dst).or_script(&ctx)
+        copy_model_folder(&src, &dst).map(|_| ()).or_script(&ctx)
     }
 
     /// Whether `path` is an existing folder (an error for a path the script may not read).
