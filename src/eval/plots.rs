@@ -251,14 +251,15 @@ struct LegendEntry {
 /// most `width` pixels, each line centred.
 fn legend_layout(names: &[&str], width: u32) -> Vec<LegendEntry> {
     let entry_w = |n: &str| LEGEND_SWATCH + 6 + 8 * n.chars().count() as u32 + 20;
-    let mut lines: Vec<Vec<(usize, u32)>> = Vec::new();
+    // Entry widths, line by line.
+    let mut lines: Vec<Vec<u32>> = Vec::new();
     let mut used = 0;
-    for (i, n) in names.iter().enumerate() {
+    for n in names {
         let ew = entry_w(n);
         match lines.last_mut() {
-            Some(line) if used + ew <= width => line.push((i, ew)),
+            Some(line) if used + ew <= width => line.push(ew),
             _ => {
-                lines.push(vec![(i, ew)]);
+                lines.push(vec![ew]);
                 used = 0;
             }
         }
@@ -266,9 +267,8 @@ fn legend_layout(names: &[&str], width: u32) -> Vec<LegendEntry> {
     }
     let mut out: Vec<LegendEntry> = Vec::with_capacity(names.len());
     for (l, line) in lines.iter().enumerate() {
-        let total: u32 = line.iter().map(|(_, ew)| ew).sum();
-        let mut x = width.saturating_sub(total) / 2;
-        for &(_, ew) in line {
+        let mut x = width.saturating_sub(line.iter().sum()) / 2;
+        for ew in line {
             out.push(LegendEntry {
                 x,
                 y: 4 + l as u32 * LEGEND_LINE,
