@@ -7,6 +7,12 @@ const SIGNIFICANT: i32 = 4;
 
 /// `v` for a report: `0`, `500`, `0.2443`, `123.5`, `1e-5`, `2.5e-7`, `1.235e9`, `NaN`, `inf`.
 pub fn format_number(v: f64) -> String {
+    format_significant(v, SIGNIFICANT)
+}
+
+/// `v` with at most `digits` significant digits (trailing zeros dropped): whole numbers below
+/// 1e9 in full, magnitudes below 1e-3 or from 1e6 in scientific notation.
+pub fn format_significant(v: f64, digits: i32) -> String {
     if !v.is_finite() {
         return if v.is_nan() {
             "NaN".into()
@@ -19,19 +25,36 @@ pub fn format_number(v: f64) -> String {
     if v == 0.0 {
         return "0".into();
     }
+    let digits = digits.clamp(1, 17);
     let magnitude = v.abs();
     if v.fract() == 0.0 && magnitude < 1e9 {
         return format!("{v:.0}");
     }
     if (1e-3..1e6).contains(&magnitude) {
-        // Decimals so that SIGNIFICANT digits show, then trailing zeros dropped.
+        // Decimals so that `digits` digits show, then trailing zeros dropped.
         let exponent = magnitude.log10().floor() as i32;
-        let decimals = (SIGNIFICANT - 1 - exponent).max(0) as usize;
+        let decimals = (digits - 1 - exponent).max(0) as usize;
         return trim_zeros(&format!("{v:.decimals$}"));
     }
-    let text = format!("{v:.prec$e}", prec = (SIGNIFICANT - 1) as usize);
+    let text = format!("{v:.prec$e}", prec = (digits - 1) as usize);
     let (mantissa, exponent) = text.split_once('e').expect("`{:e}` has an exponent");
     format!("{}e{exponent}", trim_zeros(mantissa))
+}
+
+/// An axis tick label of `v` on an axis spanning `lo..hi`: by magnitude like
+/// [`format_number`], with just enough digits to tell ticks about a sixth of the span apart
+/// (0.6925 next to 0.693, 1.2e-5 next to 1.4e-5).
+pub fn format_tick(v: f64, lo: f64, hi: f64) -> String {
+    let step = (hi - lo).abs() / 6.0;
+    let largest = lo.abs().max(hi.abs());
+    if !(step > 0.0 && step.is_finite() && largest.is_finite()) {
+        return format_number(v);
+    }
+    if v.abs() < step * 1e-6 {
+        return "0".into();
+    }
+    let digits = largest.log10().floor() - step.log10().floor() + 2.0;
+    format_significant(v, digits as i32)
 }
 
 /// [`format_number`] with an explicit `+` on positive values (changes and interval ends).
@@ -53,7 +76,7 @@ fn trim_zeros(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{format_number, format_signed};
+    use super::{format_number, format_signed, format_tick};
 
     #[test]
     fn small_and_large_magnitudes_are_scientific() {
@@ -85,6 +108,22 @@ mod tests {
         assert_eq!(format_number(f64::NAN), "NaN");
         assert_eq!(format_number(f64::INFINITY), "inf");
         assert_eq!(format_number(f64::NEG_INFINITY), "-inf");
+    }
+
+    #[test]
+    fn ticks_get_the_digits_their_spacing_needs() {
+        // plotters' own labels read 0.00001 / 0.00002 for every tick of this axis
+        let ticks: Vec<String> = [1e-5, 1.2e-5, 1.4e-5, 2e-5]
+            .iter()
+            .map(|&v| format_tick(v, 0.95e-5, 2.05e-5))
+            .collect();
+        assert_eq!(ticks, ["1e-5", "1.2e-5", "1.4e-5", "2e-5"]);
+        assert_eq!(format_tick(0.6925, 0.6919, 0.6932), "0.6925");
+        assert_eq!(format_tick(0.30000000000000004, 0.0, 1.0), "0.3");
+        assert_eq!(format_tick(1.0, 0.0, 2.0), "1");
+        assert_eq!(format_tick(1e-17, -1.0, 1.0), "0");
+        assert_eq!(format_tick(5e-6, -1e-5, 1e-5), "5e-6");
+        assert_eq!(format_tick(2.0, 2.0, 2.0), "2");
     }
 
     #[test]

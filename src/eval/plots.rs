@@ -13,6 +13,7 @@ use plotters_backend::{
     BackendColor, BackendCoord, BackendStyle, BackendTextStyle, DrawingErrorKind,
 };
 
+use super::number::format_tick;
 use crate::fsutil::atomic_write;
 use crate::image_text::glyph;
 
@@ -346,6 +347,8 @@ pub fn render_line_plot(opts: &LinePlot, series: &[(String, Vec<(f64, f64)>)]) -
             .y_desc(opts.y_label.as_str())
             .x_labels(6)
             .y_labels(6)
+            .x_label_formatter(&|v| format_tick(*v, x0, x1))
+            .y_label_formatter(&|v| format_tick(*v, y0, y1))
             .label_style(("sans-serif", 18))
             .light_line_style(RGBColor(235, 235, 235))
             .draw()
