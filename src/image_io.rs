@@ -1,5 +1,5 @@
-//! Images <-> tensors: PNG writing of [3, H, W] / [B, 3, H, W] tensors in [-1, 1], image grids,
-//! and PNG/JPEG loading with bilinear resize + centre crop (also for real preference datasets).
+//! Images <-> tensors: PNG writing of [3, H, W] / [B, 3, H, W] tensors in [-1, 1] (grids of
+//! them: [`crate::image_grid`]), and PNG/JPEG loading with bilinear resize + centre crop (also for real preference datasets).
 
 use std::path::{Path, PathBuf};
 
@@ -20,7 +20,7 @@ fn to_u8(x: f32) -> u8 {
 
 /// Check that `t` is an image batch [B, 3, H, W] (a [3, H, W] image counts as B = 1) and return
 /// it as f32 values with its dims.
-fn batch_values(t: &Tensor, what: &str) -> Result<(Vec<f32>, usize, usize, usize)> {
+pub(crate) fn batch_values(t: &Tensor, what: &str) -> Result<(Vec<f32>, usize, usize, usize)> {
     let t4 = match t.rank() {
         3 => t.unsqueeze(0)?,
         4 => t.clone(),
@@ -41,7 +41,7 @@ fn batch_values(t: &Tensor, what: &str) -> Result<(Vec<f32>, usize, usize, usize
 }
 
 /// Image `i` of channel-major values as interleaved RGB8.
-fn rgb8(v: &[f32], i: usize, h: usize, w: usize) -> Vec<u8> {
+pub(crate) fn rgb8(v: &[f32], i: usize, h: usize, w: usize) -> Vec<u8> {
     let n = h * w;
     let base = i * 3 * n;
     let mut out = Vec::with_capacity(3 * n);
@@ -53,29 +53,12 @@ fn rgb8(v: &[f32], i: usize, h: usize, w: usize) -> Vec<u8> {
     out
 }
 
-fn encode_png(rgb: &[u8], w: usize, h: usize) -> Result<Vec<u8>> {
+pub(crate) fn encode_png(rgb: &[u8], w: usize, h: usize) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     image::codecs::png::PngEncoder::new(&mut out)
         .write_image(rgb, w as u32, h as u32, image::ExtendedColorType::Rgb8)
         .map_err(|e| anyhow!("PNG encoding failed: {e}"))?;
     Ok(out)
-}
-
-/// Nearest-neighbour upscale of interleaved RGB8 by an integer factor.
-fn upscale(rgb: &[u8], w: usize, h: usize, k: usize) -> Vec<u8> {
-    if k <= 1 {
-        return rgb.to_vec();
-    }
-    let (ow, oh) = (w * k, h * k);
-    let mut out = vec![0u8; ow * oh * 3];
-    for y in 0..oh {
-        for x in 0..ow {
-            let s = ((y / k) * w + x / k) * 3;
-            let d = (y * ow + x) * 3;
-            out[d..d + 3].copy_from_slice(&rgb[s..s + 3]);
-        }
-    }
-    out
 }
 
 /// The file name of image `i` of a batch saved at `path`: `{}` in the name is replaced by the
@@ -110,67 +93,6 @@ pub fn save_png(t: &Tensor, path: &Path) -> Result<Vec<PathBuf>> {
         atomic_write(p, &png).with_context(|| format!("save_png: cannot write {}", p.display()))?;
     }
     Ok(paths)
-}
-
-/// Options of [`make_grid`].
-#[derive(Debug, Clone, Copy)]
-pub struct GridOptions {
-    /// Images per row.
-    pub nrow: usize,
-    /// Pixels between images (before upscaling).
-    pub padding: usize,
-    /// Integer nearest-neighbour magnification of the whole grid.
-    pub upscale: usize,
-    /// Grey level of the padding.
-    pub pad_value: u8,
-}
-
-impl Default for GridOptions {
-    fn default() -> Self {
-        Self {
-            nrow: 8,
-            padding: 1,
-            upscale: 4,
-            pad_value: 128,
-        }
-    }
-}
-
-/// A grid of a [B, 3, H, W] batch (or one [3, H, W] image) as interleaved RGB8 with its width
-/// and height.
-pub fn make_grid(t: &Tensor, opts: GridOptions) -> Result<(Vec<u8>, usize, usize)> {
-    if opts.nrow == 0 {
-        bail!("grid: nrow must be >= 1");
-    }
-    if opts.upscale == 0 || opts.upscale > 64 {
-        bail!("grid: upscale must be in 1..=64, got {}", opts.upscale);
-    }
-    let (v, b, h, w) = batch_values(t, "grid")?;
-    let cols = opts.nrow.min(b).max(1);
-    let rows = b.div_ceil(cols);
-    let p = opts.padding;
-    let (gw, gh) = (cols * (w + p) + p, rows * (h + p) + p);
-    let mut out = vec![opts.pad_value; gw * gh * 3];
-    for i in 0..b {
-        let img = rgb8(&v, i, h, w);
-        let (ox, oy) = (p + (i % cols) * (w + p), p + (i / cols) * (h + p));
-        for y in 0..h {
-            let d = ((oy + y) * gw + ox) * 3;
-            out[d..d + w * 3].copy_from_slice(&img[y * w * 3..(y + 1) * w * 3]);
-        }
-    }
-    Ok((
-        upscale(&out, gw, gh, opts.upscale),
-        gw * opts.upscale,
-        gh * opts.upscale,
-    ))
-}
-
-/// Save [`make_grid`] as a PNG.
-pub fn save_grid(t: &Tensor, path: &Path, opts: GridOptions) -> Result<()> {
-    let (rgb, w, h) = make_grid(t, opts)?;
-    let png = encode_png(&rgb, w, h)?;
-    atomic_write(path, &png).with_context(|| format!("save_grid: cannot write {}", path.display()))
 }
 
 /// Decode an image file (PNG or JPEG; the format is read from the content) as RGB8.

@@ -12,7 +12,8 @@ use lpo::script::{build_engine, EngineOptions, Host, Limits};
 #[command(
     name = "lpo",
     version,
-    about = "Step-level preference optimization of diffusion models, scripted in Rhai"
+    about = "Step-level preference optimization of diffusion models, scripted in Rhai",
+    after_help = LOG_HELP
 )]
 struct Cli {
     /// Log output format.
@@ -212,9 +213,29 @@ enum Command {
     },
 }
 
+/// The part of `lpo --help` on the log filter variables.
+const LOG_HELP: &str = "Logging:
+  LPO_LOG    log filter, e.g. `debug`, `warn`, `warn,script=debug` (wins over RUST_LOG)
+  RUST_LOG   used when LPO_LOG is not set (same syntax, tracing's EnvFilter)
+  The default is `info`; script print() logs at info and debug() at debug (target `script`).";
+
+/// What is logged: `LPO_LOG` if set, else `RUST_LOG` (tracing's usual variable), else `info`.
+/// A value that is not a valid filter is reported and skipped, not silently replaced.
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    for var in ["LPO_LOG", "RUST_LOG"] {
+        let Ok(directives) = std::env::var(var) else {
+            continue;
+        };
+        match tracing_subscriber::EnvFilter::try_new(&directives) {
+            Ok(filter) => return filter,
+            Err(e) => eprintln!("warning: ignoring {var}={directives:?}: {e}"),
+        }
+    }
+    tracing_subscriber::EnvFilter::new("info")
+}
+
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LPO_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = log_filter();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(lpo::run::log::TeeWriter::make);

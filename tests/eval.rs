@@ -5,7 +5,8 @@ use lpo::control::RunControl;
 use lpo::eval::plots::{line_plot_with, LinePlot};
 use lpo::eval::report::Figure;
 use lpo::eval::{line_plot, paired_bootstrap, write_report, Report, Summary};
-use lpo::image_io::{self, GridOptions};
+use lpo::image_grid::{self, GridLabels, GridOptions};
+use lpo::image_io;
 use lpo::script::{build_engine, EngineOptions, Host};
 use lpo::shapes::{Prompt, ShapesWorld};
 use lpo::tensor::SeededRng;
@@ -119,10 +120,10 @@ fn png_round_trip_batches_and_grids() {
         upscale: 4,
         ..Default::default()
     };
-    let (_, gw, gh) = image_io::make_grid(&batch, opts).unwrap();
+    let (_, gw, gh) = image_grid::make_grid(&batch, opts).unwrap();
     assert_eq!((gw, gh), ((3 * 17 + 1) * 4, (2 * 17 + 1) * 4));
     let gpath = dir.path().join("grid.png");
-    image_io::save_grid(&batch, &gpath, opts).unwrap();
+    image_grid::save_grid(&batch, &gpath, opts).unwrap();
     let decoded = image_io::read_rgb(&gpath).unwrap();
     assert_eq!(decoded.dimensions(), (gw as u32, gh as u32));
     assert!(image_io::save_png(
@@ -232,6 +233,174 @@ fn line_plot_draws_lines_and_text_without_system_fonts() {
 }
 
 #[test]
+fn line_plot_legend_sits_under_the_chart_not_over_the_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rising.png");
+    // Both series end in the upper right, where a legend inside the chart used to be drawn.
+    let rising: Vec<(f64, f64)> = (0..20).map(|i| (i as f64, i as f64)).collect();
+    let series = vec![
+        ("first_series".to_string(), rising.clone()),
+        ("second_series".to_string(), rising),
+    ];
+    line_plot(&path, "rising", &series).unwrap();
+    let img = image_io::read_rgb(&path).unwrap();
+    let (w, h) = img.dimensions();
+    let is_dark = |x: u32, y: u32| img.get_pixel(x, y).0.iter().all(|&c| c < 60);
+    // Upper-right quarter of the chart: lines and grid only, no legend box or text.
+    let dark_in_chart = (40..h / 2)
+        .flat_map(|y| (w / 2..w - 40).map(move |x| (x, y)))
+        .filter(|&(x, y)| is_dark(x, y))
+        .count();
+    assert_eq!(dark_in_chart, 0, "legend drawn over the lines");
+    // The legend band at the bottom holds both swatch colours and the names.
+    let band = |colour: [u8; 3]| {
+        (h - 20..h)
+            .flat_map(|y| (0..w).map(move |x| (x, y)))
+            .filter(|&(x, y)| img.get_pixel(x, y).0 == colour)
+            .count()
+    };
+    assert!(band([31, 119, 180]) > 20, "first swatch missing");
+    assert!(band([255, 127, 14]) > 20, "second swatch missing");
+    let text = (h - 20..h)
+        .flat_map(|y| (0..w).map(move |x| (x, y)))
+        .filter(|&(x, y)| is_dark(x, y))
+        .count();
+    assert!(text > 100, "legend names missing ({text} dark pixels)");
+    // The first series is drawn wider: where the two coincide, its colour still shows.
+    let blue = img.pixels().filter(|p| p.0 == [31, 119, 180]).count();
+    assert!(
+        blue > 200,
+        "a series hidden under an identical one ({blue})"
+    );
+}
+
+#[test]
+fn grid_labels_draw_a_row_band_and_captions() {
+    let w = ShapesWorld::default();
+    let p = Prompt::parse("a magenta triangle").unwrap();
+    let batch = w
+        .render_batch(&[p; 4], &mut SeededRng::new(2), &Device::Cpu)
+        .unwrap();
+    let opts = GridOptions {
+        nrow: 2,
+        padding: 1,
+        upscale: 4,
+        ..Default::default()
+    };
+    let (plain, pw, ph) = image_grid::make_grid(&batch, opts).unwrap();
+    let labels = GridLabels {
+        captions: vec![
+            "".into(),
+            "".into(),
+            "a magenta triangle".into(),
+            "#3".into(),
+        ],
+        rows: vec!["before".into(), "after".into()],
+    };
+    let (rgb, gw, gh) = image_grid::make_labelled_grid(&batch, opts, &labels).unwrap();
+    assert_eq!(
+        image_grid::grid_size(4, 16, 16, &opts, &labels).unwrap(),
+        (gw, gh)
+    );
+    assert!(gw > pw && gh > ph, "no room made for labels");
+    let px = |x: usize, y: usize| &rgb[(y * gw + x) * 3..(y * gw + x) * 3 + 3];
+    let dark = |x0: usize, x1: usize, y0: usize, y1: usize| {
+        (y0..y1)
+            .flat_map(|y| (x0..x1).map(move |x| (x, y)))
+            .filter(|&(x, y)| px(x, y).iter().all(|&c| c < 60))
+            .count()
+    };
+    let band_w = gw - pw;
+    // The row-label band: white, with text beside each row's images (64 px high, from y 4).
+    assert_eq!(px(0, 0), [255, 255, 255]);
+    assert!(dark(0, band_w, 4, 68) > 40, "row label `before` not drawn");
+    // Row 0 has no captions: row 1's images start right under it.
+    assert_eq!(
+        &rgb[(72 * gw + band_w + 4) * 3..(72 * gw + band_w + 4) * 3 + 3],
+        &plain[(72 * pw + 4) * 3..(72 * pw + 4) * 3 + 3],
+        "an image moved"
+    );
+    assert!(dark(0, band_w, 72, 136) > 40, "row label `after` not drawn");
+    // Row 1's caption band: under its images, white with text (two lines for the long one).
+    let caption_top = 136;
+    assert_eq!(px(band_w + 4, caption_top + 1), [255, 255, 255]);
+    assert!(
+        dark(band_w + 4, band_w + 68, caption_top, gh - 4) > 60,
+        "caption not drawn"
+    );
+    assert!(
+        gh - 4 - caption_top >= 20,
+        "long caption not wrapped onto two lines"
+    );
+    // Miscounted labels are refused, naming what is wrong.
+    let bad = GridLabels {
+        captions: vec!["one".into()],
+        rows: vec![],
+    };
+    let e = image_grid::make_labelled_grid(&batch, opts, &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("1 captions for 4 images"), "{e}");
+    let bad = GridLabels {
+        captions: vec![],
+        rows: vec!["only".into()],
+    };
+    let e = image_grid::make_labelled_grid(&batch, opts, &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("1 row labels for 2 rows"), "{e}");
+}
+
+#[test]
+fn report_settings_wrap_nested_values_and_format_numbers_by_magnitude() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = paired_bootstrap(&[0.0, 0.0, 1.0, 0.0], &[1.0, 1.0, 1.0, 0.0], 500, 0).unwrap();
+    let mut summary = Summary::from_bootstrap(&b);
+    summary.extra.insert("lr".into(), serde_json::json!(1e-5));
+    summary.extra.insert(
+        "per_prompt".into(),
+        serde_json::json!({
+            "a red circle with a very long prompt that goes on": {"mean": 0.30000000000000004, "n": 2},
+            "a blue square": {"mean": 2.5e-7, "n": 2},
+            "a green triangle": {"mean": 1.0, "n": 2}
+        }),
+    );
+    let report = Report {
+        title: "settings".into(),
+        summary: Some(summary),
+        table: vec![
+            ("beta".into(), serde_json::json!(500)),
+            (
+                "threshold".into(),
+                serde_json::json!({"min": 0.1, "max": 0.2}),
+            ),
+        ],
+        ..Default::default()
+    };
+    let html = std::fs::read_to_string(write_report(dir.path(), &report).unwrap()).unwrap();
+    assert!(
+        html.contains("table-layout:fixed"),
+        "table layout not fixed"
+    );
+    assert!(
+        html.contains("white-space:pre-wrap") && html.contains("overflow-wrap:anywhere"),
+        "nested values do not wrap"
+    );
+    assert!(html.contains("<th>lr</th><td>1e-5</td>"), "lr: {html}");
+    assert!(!html.contains("0.0000"), "fixed decimals left: {html}");
+    assert!(html.contains("<th>beta</th><td>500</td>"));
+    // Nested maps: an indented <pre>, numbers by magnitude, short maps on one line.
+    assert!(html.contains("<pre class=\"json\">{\n  &quot;a blue square&quot;: {&quot;mean&quot;: 2.5e-7, &quot;n&quot;: 2},"), "{html}");
+    assert!(html.contains("&quot;mean&quot;: 0.3,"), "{html}");
+    assert!(
+        html.contains("<pre class=\"json\">{&quot;max&quot;: 0.2, &quot;min&quot;: 0.1}</pre>"),
+        "{html}"
+    );
+    // The headline: signed changes, no fixed four decimals.
+    assert!(html.contains("<b>Change +0.5</b>"), "{html}");
+}
+
+#[test]
 fn report_writes_summary_and_html() {
     let dir = tempfile::tempdir().unwrap();
     line_plot(
@@ -249,7 +418,7 @@ fn report_writes_summary_and_html() {
         title: "Shapes <LPO>".into(),
         notes: vec!["alignment & more".into()],
         summary: Some(summary),
-        table: vec![("lr".into(), "5e-5".into())],
+        table: vec![("lr".into(), serde_json::json!(5e-5))],
         figures: vec![Figure {
             path: "plot.png".into(),
             caption: "loss".into(),
@@ -308,6 +477,7 @@ fn script_api_bootstrap_plots_images_and_report() {
         let x = w.render_batch(w.prompts, rng(1));
         save_grid(x, dir + "/grid.png", 6);
         save_grid(x, dir + "/grid_big.png", 6, #{{padding: 2, upscale: 8}});
+        save_grid(x.narrow(0, 0, 4), dir + "/grid_labelled.png", 2, #{{labels: ["a", "b", 3, 4], row_labels: ["before", "after"]}});
         let files = save_png(x.narrow(0, 0, 2), dir + "/img.png");
         let back = load_image(files[0], 16);
         if max_abs_diff(back, x.narrow(0, 0, 1).reshape([3, 16, 16])) > 0.01 {{ throw "round trip"; }}
@@ -337,10 +507,22 @@ fn script_api_bootstrap_plots_images_and_report() {
             .dimensions(),
         ((6 * 17 + 1) * 4, (3 * 17 + 1) * 4)
     );
+    let labelled = image_io::read_rgb(&dir.path().join("grid_labelled.png")).unwrap();
+    assert!(labelled.width() > (2 * 17 + 1) * 4, "row labels not drawn");
+    let html = std::fs::read_to_string(dir.path().join("report.html")).unwrap();
+    assert!(html.contains("<th>lr</th><td>5e-5</td>"), "{html}");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("summary.json")).unwrap())
             .unwrap();
     assert_eq!(json["n"], 8);
+    let err = e
+        .engine
+        .eval::<rhai::Dynamic>(&format!(
+            "save_grid(zeros([3, 3, 4, 4]), \"{d}/g.png\", 3, #{{row_labels: [\"a\", \"b\"]}})"
+        ))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("2 row labels for 1 rows"), "{err}");
     let err = e
         .engine
         .eval::<rhai::Dynamic>(&format!("\nload_image(\"{d}/missing.png\", 16)"))

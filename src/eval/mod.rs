@@ -1,6 +1,7 @@
 //! Evaluation: paired bootstrap intervals, PNG line plots and a one-page HTML report.
 
 pub mod bootstrap;
+pub mod number;
 pub mod plots;
 pub mod report;
 

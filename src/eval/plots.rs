@@ -1,8 +1,7 @@
 //! Line plots as PNG with plotters' bitmap backend.
 //!
-//! Text needs no system fonts: a thin backend wrapper draws every label with the public-domain
-//! 8x8 bitmap font of the `font8x8` crate (ASCII; other characters show as `?`), so plots render
-//! identically on any machine.
+//! Text needs no system fonts: a thin backend wrapper draws every label with the embedded 8x8
+//! bitmap font of [`crate::image_text`], so plots render identically on any machine.
 
 use std::path::Path;
 
@@ -14,7 +13,9 @@ use plotters_backend::{
     BackendColor, BackendCoord, BackendStyle, BackendTextStyle, DrawingErrorKind,
 };
 
+use super::number::format_tick;
 use crate::fsutil::atomic_write;
+use crate::image_text::glyph;
 
 /// A bitmap backend whose text is drawn with an embedded 8x8 font.
 struct GlyphBackend<'a> {
@@ -27,15 +28,6 @@ type BitmapError<'a> = <BitMapBackend<'a> as DrawingBackend>::ErrorType;
 /// 0.45 * size pixels per character, which an 8 px glyph matches at size 18.
 fn glyph_scale(size: f64) -> i32 {
     ((size / 18.0).round() as i32).max(1)
-}
-
-fn glyph(ch: char) -> [u8; 8] {
-    let code = if ch.is_ascii() && !ch.is_ascii_control() {
-        ch as usize
-    } else {
-        b'?' as usize
-    };
-    font8x8::legacy::BASIC_LEGACY[code]
 }
 
 impl<'a> DrawingBackend for GlyphBackend<'a> {
@@ -240,6 +232,54 @@ pub fn line_plot_with(
     atomic_write(path, &png)
 }
 
+/// Stroke width of series `i` of `n`: earlier series (drawn first, underneath) are wider, so
+/// a series that coincides with a later one still shows as a border around it.
+fn line_width(i: usize, n: usize) -> u32 {
+    2 + 2 * (n - 1 - i).min(3) as u32
+}
+
+/// Height of one legend line and length of its colour swatch (pixels).
+const LEGEND_LINE: u32 = 16;
+const LEGEND_SWATCH: u32 = 18;
+
+/// Where a legend entry goes in the band under the chart (its top-left corner).
+struct LegendEntry {
+    x: u32,
+    y: u32,
+}
+
+/// Legend entries (swatch, gap, name in 8 px glyphs) flowed left to right into lines of at
+/// most `width` pixels, each line centred.
+fn legend_layout(names: &[&str], width: u32) -> Vec<LegendEntry> {
+    let entry_w = |n: &str| LEGEND_SWATCH + 6 + 8 * n.chars().count() as u32 + 20;
+    // Entry widths, line by line.
+    let mut lines: Vec<Vec<u32>> = Vec::new();
+    let mut used = 0;
+    for n in names {
+        let ew = entry_w(n);
+        match lines.last_mut() {
+            Some(line) if used + ew <= width => line.push(ew),
+            _ => {
+                lines.push(vec![ew]);
+                used = 0;
+            }
+        }
+        used += ew;
+    }
+    let mut out: Vec<LegendEntry> = Vec::with_capacity(names.len());
+    for (l, line) in lines.iter().enumerate() {
+        let mut x = width.saturating_sub(line.iter().sum()) / 2;
+        for ew in line {
+            out.push(LegendEntry {
+                x,
+                y: 4 + l as u32 * LEGEND_LINE,
+            });
+            x += ew;
+        }
+    }
+    out
+}
+
 /// The plot as PNG bytes.
 pub fn render_line_plot(opts: &LinePlot, series: &[(String, Vec<(f64, f64)>)]) -> Result<Vec<u8>> {
     let (w, h) = (opts.width, opts.height);
@@ -288,7 +328,12 @@ pub fn render_line_plot(opts: &LinePlot, series: &[(String, Vec<(f64, f64)>)]) -
         };
         let err = |e: &dyn std::fmt::Display| anyhow!("line_plot `{}`: {e}", opts.title);
         root.fill(&WHITE).map_err(|e| err(&e))?;
-        let mut chart = ChartBuilder::on(&root)
+        // The legend goes in a band under the chart, where it cannot cover a line.
+        let names: Vec<&str> = clean.iter().map(|(n, _)| n.as_str()).collect();
+        let legend = legend_layout(&names, w.saturating_sub(24));
+        let legend_h = legend.iter().map(|e| e.y + LEGEND_LINE).max().unwrap_or(0);
+        let (plot_area, legend_area) = root.split_vertically(h.saturating_sub(legend_h));
+        let mut chart = ChartBuilder::on(&plot_area)
             .caption(&opts.title, ("sans-serif", caption_size))
             .margin(12)
             .margin_right(36)
@@ -302,36 +347,42 @@ pub fn render_line_plot(opts: &LinePlot, series: &[(String, Vec<(f64, f64)>)]) -
             .y_desc(opts.y_label.as_str())
             .x_labels(6)
             .y_labels(6)
+            .x_label_formatter(&|v| format_tick(*v, x0, x1))
+            .y_label_formatter(&|v| format_tick(*v, y0, y1))
             .label_style(("sans-serif", 18))
             .light_line_style(RGBColor(235, 235, 235))
             .draw()
             .map_err(|e| err(&e))?;
-        for (i, (name, pts)) in clean.iter().enumerate() {
+        for (i, (_, pts)) in clean.iter().enumerate() {
             let colour = SERIES_COLOURS[i % SERIES_COLOURS.len()];
             chart
                 .draw_series(LineSeries::new(
                     pts.iter().copied(),
-                    Color::stroke_width(&colour, 2),
+                    Color::stroke_width(&colour, line_width(i, clean.len())),
                 ))
-                .map_err(|e| err(&e))?
-                .label(name.as_str())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], Color::stroke_width(&colour, 2))
-                });
+                .map_err(|e| err(&e))?;
             if pts.len() == 1 {
                 chart
                     .draw_series(std::iter::once(Circle::new(pts[0], 3, colour.filled())))
                     .map_err(|e| err(&e))?;
             }
         }
-        if !clean.is_empty() {
-            chart
-                .configure_series_labels()
-                .label_font(("sans-serif", 18))
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .position(SeriesLabelPosition::UpperRight)
-                .draw()
+        for (i, e) in legend.iter().enumerate() {
+            let colour = SERIES_COLOURS[i % SERIES_COLOURS.len()];
+            let (x, y) = (e.x as i32 + 12, e.y as i32);
+            let mid = y + LEGEND_LINE as i32 / 2 - 2;
+            legend_area
+                .draw(&PathElement::new(
+                    vec![(x, mid), (x + LEGEND_SWATCH as i32, mid)],
+                    Color::stroke_width(&colour, 3),
+                ))
+                .map_err(|e| err(&e))?;
+            legend_area
+                .draw(&Text::new(
+                    names[i],
+                    (x + LEGEND_SWATCH as i32 + 6, y + 2),
+                    ("sans-serif", 18).into_font().color(&BLACK),
+                ))
                 .map_err(|e| err(&e))?;
         }
         root.present().map_err(|e| err(&e))?;

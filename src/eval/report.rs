@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use serde::Serialize;
+use serde_json::Value;
 
+use super::number::{format_number, format_signed};
 use crate::fsutil::atomic_write;
 
 /// The headline numbers of an evaluation (alignment as fractions), plus any extra fields.
@@ -18,7 +20,7 @@ pub struct Summary {
     pub ci95_low: f64,
     pub ci95_high: f64,
     #[serde(flatten)]
-    pub extra: serde_json::Map<String, serde_json::Value>,
+    pub extra: serde_json::Map<String, Value>,
 }
 
 impl Summary {
@@ -80,8 +82,8 @@ pub struct Report {
     pub notes: Vec<String>,
     /// Written to `summary.json` and shown as the headline table.
     pub summary: Option<Summary>,
-    /// Further name / value rows (shown in order).
-    pub table: Vec<(String, String)>,
+    /// Further name / value rows (shown in order; maps and lists as indented JSON).
+    pub table: Vec<(String, Value)>,
     pub figures: Vec<Figure>,
 }
 
@@ -100,20 +102,91 @@ pub fn escape_html(s: &str) -> String {
     out
 }
 
-fn fmt_num(v: f64) -> String {
-    if v.fract() == 0.0 && v.abs() < 1e15 {
-        format!("{v:.0}")
-    } else {
-        format!("{v:.4}")
+/// A value cell: numbers by magnitude, strings as text, nested maps and lists as indented
+/// JSON in a wrapping `<pre>` (a compact one-line JSON cell would overflow the page).
+fn value_cell(v: &Value) -> String {
+    match v {
+        Value::Number(_) | Value::Bool(_) | Value::Null => escape_html(&pretty_json(v)),
+        Value::String(s) => escape_html(s),
+        Value::Array(_) | Value::Object(_) => {
+            format!("<pre class=\"json\">{}</pre>", escape_html(&pretty_json(v)))
+        }
     }
 }
 
-fn json_cell(v: &serde_json::Value) -> String {
+/// Indented JSON whose numbers are written by [`format_number`] (still valid JSON: finite
+/// numbers only reach a `Value`); maps and lists short enough stay on one line.
+pub fn pretty_json(v: &Value) -> String {
+    let mut out = String::new();
+    write_json(v, 0, &mut out);
+    out
+}
+
+/// Longest map or list written on one line.
+const INLINE_WIDTH: usize = 100;
+
+fn write_json(v: &Value, depth: usize, out: &mut String) {
+    let one_line = inline_json(v);
+    if one_line.len() <= INLINE_WIDTH || !(v.is_array() || v.is_object()) {
+        out.push_str(&one_line);
+        return;
+    }
+    let indent = |d: usize| "  ".repeat(d);
+    let (open, close, items): (&str, &str, Vec<(Option<&String>, &Value)>) = match v {
+        Value::Array(items) => ("[", "]", items.iter().map(|x| (None, x)).collect()),
+        Value::Object(map) => ("{", "}", map.iter().map(|(k, x)| (Some(k), x)).collect()),
+        _ => unreachable!("scalars are written inline"),
+    };
+    out.push_str(open);
+    out.push('\n');
+    for (i, (key, x)) in items.iter().enumerate() {
+        out.push_str(&indent(depth + 1));
+        if let Some(k) = key {
+            out.push_str(&format!("{}: ", Value::from(k.as_str())));
+        }
+        write_json(x, depth + 1, out);
+        out.push_str(if i + 1 < items.len() { ",\n" } else { "\n" });
+    }
+    out.push_str(&indent(depth));
+    out.push_str(close);
+}
+
+/// `v` as one line of JSON, numbers by [`format_number`].
+fn inline_json(v: &Value) -> String {
     match v {
-        serde_json::Value::Number(n) => n.as_f64().map(fmt_num).unwrap_or_else(|| n.to_string()),
-        serde_json::Value::String(s) => s.clone(),
+        Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => i.to_string(),
+            (None, Some(f)) => format_number(f),
+            _ => n.to_string(),
+        },
+        Value::Array(items) => {
+            let parts: Vec<String> = items.iter().map(inline_json).collect();
+            format!("[{}]", parts.join(", "))
+        }
+        Value::Object(map) => {
+            let parts: Vec<String> = map
+                .iter()
+                .map(|(k, x)| format!("{}: {}", Value::from(k.as_str()), inline_json(x)))
+                .collect();
+            format!("{{{}}}", parts.join(", "))
+        }
         other => other.to_string(),
     }
+}
+
+/// Name / value rows in a fixed-layout table that wraps long values within the page.
+fn settings_table<'a>(rows: impl Iterator<Item = (&'a String, &'a Value)>) -> String {
+    let mut h =
+        String::from("<table class=\"settings\"><colgroup><col class=\"key\"><col></colgroup>\n");
+    for (k, v) in rows {
+        h.push_str(&format!(
+            "<tr><th>{}</th><td>{}</td></tr>\n",
+            escape_html(k),
+            value_cell(v)
+        ));
+    }
+    h.push_str("</table>\n");
+    h
 }
 
 /// The report as HTML text.
@@ -122,20 +195,23 @@ pub fn render_html(report: &Report) -> String {
     let title = escape_html(&report.title);
     h.push_str(&format!(
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title>\n<style>\
-body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}\
-table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left}}\
-figure{{display:inline-block;margin:0.5em;vertical-align:top}}img{{max-width:520px;image-rendering:pixelated;border:1px solid #ddd}}\
+body{{font-family:sans-serif;max-width:1360px;margin:2em auto;padding:0 1em;color:#222}}\
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left;vertical-align:top}}\
+table.settings{{table-layout:fixed;width:100%}}table.settings col.key{{width:14em}}\
+table.settings th,table.settings td{{overflow-wrap:anywhere}}\
+pre.json{{margin:0;white-space:pre-wrap;overflow-wrap:anywhere}}\
+figure{{display:inline-block;margin:0.5em;vertical-align:top}}img{{max-width:100%;image-rendering:pixelated;border:1px solid #ddd}}\
 figcaption{{font-size:0.9em;color:#555}}.sig{{color:#070}}.nosig{{color:#a60}}\
 </style></head><body>\n<h1>{title}</h1>\n"
     ));
     if let Some(s) = &report.summary {
         let sig = s.ci95_low > 0.0 || s.ci95_high < 0.0;
         h.push_str(&format!(
-            "<p class=\"{}\"><b>Change {:+.4}</b> (95% CI [{:.4}, {:.4}], n = {}): {}.</p>\n",
+            "<p class=\"{}\"><b>Change {}</b> (95% CI [{}, {}], n = {}): {}.</p>\n",
             if sig { "sig" } else { "nosig" },
-            s.delta,
-            s.ci95_low,
-            s.ci95_high,
+            format_signed(s.delta),
+            format_signed(s.ci95_low),
+            format_signed(s.ci95_high),
             s.n,
             if sig {
                 "the interval excludes 0"
@@ -145,41 +221,30 @@ figcaption{{font-size:0.9em;color:#555}}.sig{{color:#070}}.nosig{{color:#a60}}\
         ));
         h.push_str("<table><tr><th>n</th><th>before</th><th>after</th><th>delta</th><th>ci95_low</th><th>ci95_high</th></tr>\n");
         h.push_str(&format!(
-            "<tr><td>{}</td><td>{:.4}</td><td>{:.4}</td><td>{:+.4}</td><td>{:+.4}</td><td>{:+.4}</td></tr></table>\n",
-            s.n, s.before, s.after, s.delta, s.ci95_low, s.ci95_high
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr></table>\n",
+            s.n,
+            format_number(s.before),
+            format_number(s.after),
+            format_signed(s.delta),
+            format_signed(s.ci95_low),
+            format_signed(s.ci95_high)
         ));
         if !s.extra.is_empty() {
-            h.push_str("<table>\n");
-            for (k, v) in &s.extra {
-                h.push_str(&format!(
-                    "<tr><th>{}</th><td>{}</td></tr>\n",
-                    escape_html(k),
-                    escape_html(&json_cell(v))
-                ));
-            }
-            h.push_str("</table>\n");
+            h.push_str(&settings_table(s.extra.iter()));
         }
     }
     if !report.table.is_empty() {
-        h.push_str("<table>\n");
-        for (k, v) in &report.table {
-            h.push_str(&format!(
-                "<tr><th>{}</th><td>{}</td></tr>\n",
-                escape_html(k),
-                escape_html(v)
-            ));
-        }
-        h.push_str("</table>\n");
+        h.push_str(&settings_table(report.table.iter().map(|(k, v)| (k, v))));
     }
     for note in &report.notes {
         h.push_str(&format!("<p>{}</p>\n", escape_html(note)));
     }
     for fig in &report.figures {
         h.push_str(&format!(
-            "<figure><img src=\"{}\" alt=\"{}\"><figcaption>{}</figcaption></figure>\n",
-            escape_html(&fig.path),
-            escape_html(&fig.caption),
-            escape_html(&fig.caption)
+            "<figure><a href=\"{path}\"><img src=\"{path}\" alt=\"{caption}\"></a>\
+<figcaption>{caption}</figcaption></figure>\n",
+            path = escape_html(&fig.path),
+            caption = escape_html(&fig.caption),
         ));
     }
     h.push_str("</body></html>\n");

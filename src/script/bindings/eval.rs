@@ -7,8 +7,9 @@ mod helpers {
     use candle_core::Tensor;
     use rhai::{Array, Dynamic, Map};
 
+    use crate::eval::number::format_number;
     use crate::eval::report::{Figure, Report, Summary};
-    use crate::script::options::dynamic_f64;
+    use crate::script::options::{dynamic_f64, Options};
     use crate::tensor::ops::to_f64_vec;
 
     /// Numbers from a tensor (flattened) or an array of numbers / bools.
@@ -101,27 +102,33 @@ mod helpers {
         ))
     }
 
-    /// Four decimals, or scientific notation for small magnitudes (a learning rate of 1e-5
-    /// would otherwise read 0.0000).
-    fn number(f: f64) -> String {
-        if f != 0.0 && f.abs() < 1e-3 {
-            format!("{f:.3e}")
-        } else {
-            format!("{f:.4}")
+    /// A script value as a report value: numbers (and one-element tensors) stay numbers, maps
+    /// and arrays become JSON (shown indented), anything else its text.
+    pub(super) fn report_value(v: &Dynamic) -> serde_json::Value {
+        let number = |f: f64| {
+            serde_json::Number::from_f64(f)
+                .map(serde_json::Value::Number)
+                .unwrap_or_else(|| serde_json::Value::String(format_number(f)))
+        };
+        if let Ok(f) = v.as_float() {
+            return number(f);
         }
+        if let Some(t) = v.clone().try_cast::<Tensor>() {
+            return match to_f64_vec(&t) {
+                Ok(vals) if vals.len() == 1 => number(vals[0]),
+                _ => serde_json::Value::String(format!("tensor {:?}", t.dims())),
+            };
+        }
+        rhai::serde::from_dynamic(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()))
     }
 
-    fn cell(v: &Dynamic) -> String {
-        if let Ok(f) = v.as_float() {
-            number(f)
-        } else if let Some(t) = v.clone().try_cast::<Tensor>() {
-            match to_f64_vec(&t) {
-                Ok(vals) if vals.len() == 1 => number(vals[0]),
-                _ => format!("tensor {:?}", t.dims()),
-            }
-        } else {
-            v.to_string()
-        }
+    /// The array option `key` as texts (strings, or numbers such as indices, as written).
+    pub(super) fn texts(o: &Options, key: &str) -> Result<Vec<String>, String> {
+        Ok(o.opt_typed::<Array>(key, "an array of strings")?
+            .unwrap_or_default()
+            .iter()
+            .map(|v| v.clone().into_string().unwrap_or_else(|_| v.to_string()))
+            .collect())
     }
 
     pub(super) fn summary_from_map(m: &Map) -> Result<Summary, String> {
@@ -145,9 +152,7 @@ mod helpers {
             if ["n", "before", "after", "delta", "ci95_low", "ci95_high"].contains(&k.as_str()) {
                 continue;
             }
-            let json: serde_json::Value = rhai::serde::from_dynamic(v)
-                .unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
-            extra.insert(k.to_string(), json);
+            extra.insert(k.to_string(), report_value(v));
         }
         Ok(Summary {
             n: n as usize,
@@ -185,7 +190,10 @@ mod helpers {
             let tm = t
                 .read_lock::<Map>()
                 .ok_or("write_report: `table` must be a map")?;
-            r.table = tm.iter().map(|(k, v)| (k.to_string(), cell(v))).collect();
+            r.table = tm
+                .iter()
+                .map(|(k, v)| (k.to_string(), report_value(v)))
+                .collect();
         }
         if let Some(n) = m.get("notes") {
             if n.is_array() {
@@ -237,7 +245,8 @@ pub mod eval_api {
 
     use crate::eval::bootstrap::{paired_bootstrap as bootstrap, DEFAULT_SAMPLES};
     use crate::eval::plots::{line_plot_with, LinePlot};
-    use crate::image_io::{self, GridOptions};
+    use crate::image_grid::{grid_size, save_labelled_grid, GridLabels, GridOptions};
+    use crate::image_io;
     use crate::script::error::{OrScriptError, ScriptResult};
     use crate::script::Host;
     use crate::script::Options;
@@ -403,7 +412,9 @@ pub mod eval_api {
         save_grid_opts(ctx, images, path, nrow, Map::new())
     }
 
-    /// `save_grid` with options `#{padding: 1, upscale: 4}`.
+    /// `save_grid` with options `#{padding: 1, upscale: 4, labels: [..], row_labels: [..]}`:
+    /// `labels` captions each image (e.g. its prompt; "" for none), `row_labels` names each row
+    /// (e.g. "before" / "after").
     #[rhai_fn(name = "save_grid", return_raw)]
     pub fn save_grid_opts(
         ctx: NativeCallContext,
@@ -412,7 +423,12 @@ pub mod eval_api {
         nrow: i64,
         opts: Map,
     ) -> ScriptResult<()> {
-        let o = Options::new(&opts, "save_grid", &["padding", "upscale"]).or_script(&ctx)?;
+        let o = Options::new(
+            &opts,
+            "save_grid",
+            &["padding", "upscale", "labels", "row_labels"],
+        )
+        .or_script(&ctx)?;
         if nrow < 1 {
             return Err(format!("save_grid: nrow must be >= 1, got {nrow}")).or_script(&ctx);
         }
@@ -422,21 +438,22 @@ pub mod eval_api {
             upscale: o.usize("upscale", 4).or_script(&ctx)?,
             ..Default::default()
         };
+        let labels = GridLabels {
+            captions: texts(&o, "labels").or_script(&ctx)?,
+            rows: texts(&o, "row_labels").or_script(&ctx)?,
+        };
         let host = Host::of(&ctx);
         if let [b, _, h, w] = images.dims() {
-            let rows = b.div_ceil(g.nrow.max(1));
-            let side = |n: usize, px: usize| {
-                n.saturating_mul(px.saturating_mul(g.upscale).saturating_add(g.padding))
-            };
-            host.check_tensor_size(
-                "save_grid",
-                &[side(rows, *h), side(g.nrow, *w), 3],
-                candle_core::DType::U8,
-            )
-            .or_script(&ctx)?;
+            let (gw, gh) = grid_size(*b, *h, *w, &g, &labels)
+                .map_err(|e| format!("save_grid {path}: {e}"))
+                .or_script(&ctx)?;
+            host.check_tensor_size("save_grid", &[gh, gw, 3], candle_core::DType::U8)
+                .or_script(&ctx)?;
         }
         let path = host.writable(path).or_script(&ctx)?;
-        image_io::save_grid(&images, &path, g).or_script(&ctx)
+        save_labelled_grid(&images, &path, g, &labels)
+            .map_err(|e| format!("save_grid {}: {e}", path.display()))
+            .or_script(&ctx)
     }
 
     /// Load a PNG/JPEG as [3, size, size] in [-1, 1] (bilinear resize of the shorter side,
