@@ -328,3 +328,17 @@ fn fns_lists_every_api_tensor_function() {
     // Doc comments are shown under the signatures.
     assert!(out.contains("seeded"), "docs missing");
 }
+
+/// docs/API.md is what `lpo fns --markdown` prints: a binding whose docs or signature change
+/// without regenerating it fails here (it had drifted from the code before this check).
+#[test]
+fn api_reference_is_regenerated() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let o = lpo(root, &["fns", "--markdown"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let committed = std::fs::read_to_string(root.join("docs/API.md")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&o.stdout) == committed,
+        "docs/API.md is stale: run `lpo fns --markdown > docs/API.md`"
+    );
+}
