@@ -231,10 +231,12 @@ impl Module for LoraLayer {
     }
 }
 
-/// The LoRA-capable layers of one model and their common on/off switch.
+/// The LoRA-capable layers of one model and the switches all its blocks share: adapters on/off
+/// and gradient checkpointing.
 #[derive(Debug, Clone, Default)]
 pub struct LoraHub {
     enabled: Arc<AtomicBool>,
+    checkpointing: Arc<AtomicBool>,
     layers: Arc<Mutex<Vec<Arc<LoraLayer>>>>,
 }
 
@@ -242,6 +244,7 @@ impl LoraHub {
     pub fn new() -> Self {
         Self {
             enabled: Arc::new(AtomicBool::new(true)),
+            checkpointing: Arc::default(),
             layers: Arc::default(),
         }
     }
@@ -312,6 +315,25 @@ impl LoraHub {
     /// Turn every adapter on or off (off = the base model, bit for bit).
     pub fn set_enabled(&self, on: bool) {
         self.enabled.store(on, Ordering::Relaxed)
+    }
+
+    /// Whether blocks keep only their inputs for backward and recompute the rest (diffusers'
+    /// `enable_gradient_checkpointing`).
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.checkpointing.load(Ordering::Relaxed)
+    }
+
+    pub fn set_gradient_checkpointing(&self, on: bool) {
+        self.checkpointing.store(on, Ordering::Relaxed)
+    }
+
+    /// Run `f` with the adapters switched `on`, then restore the switch (a recomputed block's
+    /// backward must see the adapters as its forward did).
+    pub fn with_enabled<T>(&self, on: bool, f: impl FnOnce() -> T) -> T {
+        let before = self.enabled.swap(on, Ordering::Relaxed);
+        let out = f();
+        self.enabled.store(before, Ordering::Relaxed);
+        out
     }
 
     /// All registered layers, sorted by path.

@@ -641,6 +641,17 @@ impl UNet2DConditionModel {
         self.lora.set_enabled(on)
     }
 
+    /// Gradient checkpointing (diffusers' `enable_gradient_checkpointing`): each ResnetBlock2D
+    /// and transformer block keeps only its inputs for backward and recomputes its activations
+    /// there. Same gradients, less memory, one more forward of each block.
+    pub fn set_gradient_checkpointing(&self, on: bool) {
+        self.lora.set_gradient_checkpointing(on)
+    }
+
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.lora.gradient_checkpointing()
+    }
+
     /// Write the adapters for diffusers' `load_lora_weights` and [`Self::load_lora`]
     /// (PEFT keys, alpha in `lora_adapter_metadata`; see [`lora_file`]).
     pub fn save_lora(&self, path: &Path) -> anyhow::Result<()> {
