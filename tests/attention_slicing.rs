@@ -79,7 +79,7 @@ fn recomputed_attention_gradients_equal_the_unsliced_ones() {
             )
             .unwrap();
         let loss = (out * &w).unwrap().sum_all().unwrap();
-        let store = loss.backward().unwrap();
+        let store = lpo::tensor::recompute::backward(&loss).unwrap();
         vars.iter()
             .map(|(name, v)| {
                 let gr = store
@@ -91,16 +91,17 @@ fn recomputed_attention_gradients_equal_the_unsliced_ones() {
             .collect::<Vec<_>>()
     };
     set_attention_slice(lpo::models::unet::attention::ATTENTION_SLICE_ELEMENTS);
+    let before = recomputed_backwards();
     let whole = grads();
-    assert_eq!(
-        recomputed_backwards(),
-        0,
-        "unsliced attention took the recompute path"
+    let after_whole = recomputed_backwards();
+    assert!(
+        after_whole > before,
+        "attention with a graph kept its scores instead of recomputing them"
     );
     set_attention_slice(700);
     let recomputed = grads();
     assert!(
-        recomputed_backwards() > 0,
+        recomputed_backwards() > after_whole,
         "sliced attention with a graph did not recompute"
     );
     let mut attention_grads = 0;

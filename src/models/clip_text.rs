@@ -8,6 +8,8 @@
 //! sits at the top level; buffers such as `position_ids` are ignored.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, Var, D};
@@ -18,6 +20,7 @@ use super::checked_vb::{ParamSource, Params};
 use super::config::read_config;
 use super::loading::{WeightMode, Weights};
 use super::nn::LayerNorm;
+use crate::tensor::recompute::recompute;
 
 /// The MLP activation named by `hidden_act`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,6 +234,8 @@ pub struct ClipTextModel {
     params: Params,
     dtype: DType,
     device: Device,
+    /// Gradient checkpointing: each encoder layer recomputed in backward.
+    checkpointing: AtomicBool,
 }
 
 impl ClipTextModel {
@@ -280,7 +285,14 @@ impl ClipTextModel {
             params,
             dtype,
             device,
+            checkpointing: AtomicBool::new(false),
         })
+    }
+
+    /// Gradient checkpointing (for a trainable encoder): each layer keeps only its input for
+    /// backward and recomputes its activations there.
+    pub fn set_gradient_checkpointing(&self, on: bool) {
+        self.checkpointing.store(on, Ordering::Relaxed)
     }
 
     pub fn config(&self) -> &ClipTextConfig {
@@ -389,7 +401,16 @@ impl ClipTextModel {
             if i + 1 == n {
                 penultimate = x.clone();
             }
-            x = layer.forward(&x, &mask)?;
+            x = if self.checkpointing.load(Ordering::Relaxed) {
+                let layer = layer.clone();
+                recompute(
+                    "clip-layer-checkpoint",
+                    &[&x, &mask],
+                    Arc::new(move |t| layer.forward(&t[0], &t[1])),
+                )?
+            } else {
+                layer.forward(&x, &mask)?
+            };
         }
         let hidden = self.final_ln.forward(&x)?;
 

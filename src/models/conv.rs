@@ -11,7 +11,7 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::tensor::im2col::{im2col, Window};
+use crate::tensor::im2col::{col2im, im2col, Window};
 
 /// Column elements (f32) per batch chunk: 16 MiB.
 const COLUMN_BUDGET: usize = 4 << 20;
@@ -130,6 +130,55 @@ impl Conv2d {
             .reshape((cout, b, l))?
             .transpose(0, 1)?;
         self.add_bias(y)?.reshape((b, cout, ho, wo))
+    }
+
+    /// The gradient of the input from the output's gradient `grad` [B, O, Ho, Wo] for an input
+    /// of `x_dims` [B, C, H, W], without the kernel's gradient (for a frozen kernel).
+    pub fn input_grad(&self, grad: &Tensor, x_dims: &[usize]) -> Result<Tensor> {
+        let &[b, c, h, w] = x_dims else {
+            candle_core::bail!("conv2d input_grad: input dims {x_dims:?} are not [B, C, H, W]");
+        };
+        let (cout, cin, kh, kw) = self.weight.dims4()?;
+        let (s, p) = (self.stride, self.padding);
+        if !(grad.device().is_cpu() && grad.dtype() == DType::F32) {
+            // conv_transpose2d's output is (Ho - 1)·s + k - 2p; the padding makes up the rest.
+            let out_size = (grad.dim(2)? - 1) * s + kh - 2 * p;
+            return grad.conv_transpose2d(&self.weight, p, h - out_size, s, 1);
+        }
+        let (ho, wo) = (grad.dim(2)?, grad.dim(3)?);
+        let (k, l) = (cin * kh * kw, ho * wo);
+        // [B, O, L] -> [O, B·L], the columns' layout.
+        let g = grad
+            .reshape((b, cout, l))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((cout, b * l))?;
+        let kernel_t = self.weight.reshape((cout, k))?.t()?.contiguous()?;
+        let per_chunk = (COLUMN_BUDGET / (k * l)).clamp(1, b);
+        let mut parts = Vec::with_capacity(b.div_ceil(per_chunk));
+        for start in (0..b).step_by(per_chunk) {
+            let n = per_chunk.min(b - start);
+            // [K, O] @ [O, n·L] -> [K, n·L]
+            let cols = kernel_t.matmul(&g.narrow(1, start * l, n * l)?)?;
+            parts.push(if kh == 1 && kw == 1 && s == 1 && p == 0 {
+                cols.reshape((c, n, l))?
+                    .transpose(0, 1)?
+                    .reshape((n, c, h, w))?
+            } else {
+                col2im(
+                    &cols,
+                    Window {
+                        kh,
+                        kw,
+                        stride: s,
+                        padding: p,
+                        h,
+                        w,
+                    },
+                )?
+            });
+        }
+        Tensor::cat(&parts, 0)
     }
 }
 

@@ -25,6 +25,7 @@ use candle_core::{Module, Tensor, Var};
 use candle_nn::VarBuilder;
 
 use crate::models::conv::Conv2d;
+use crate::models::frozen_layer::{self, LowRank};
 use crate::tensor::SeededRng;
 
 /// `targets` entry that selects every linear layer (PEFT's `target_modules="all-linear"`).
@@ -188,45 +189,27 @@ impl LoraLayer {
         self.set_adapter(None)?;
         Ok(true)
     }
-
-    /// The layer's own op with `weight` (no bias for the adapter's halves).
-    fn apply(
-        &self,
-        weight: Tensor,
-        bias: Option<Tensor>,
-        x: &Tensor,
-    ) -> candle_core::Result<Tensor> {
-        match self.kind {
-            LayerKind::Linear => candle_nn::Linear::new(weight, bias).forward(x),
-            LayerKind::Conv { stride, padding } => {
-                Conv2d::new(weight, bias, stride, padding).forward(x)
-            }
-        }
-    }
 }
 
 impl Module for LoraLayer {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let w = self.weight.read().map_err(candle_lock_err)?.clone();
-        let y = self.apply(w, self.bias.clone(), x)?;
-        if !self.enabled.load(Ordering::Relaxed) {
-            return Ok(y);
-        }
-        let adapter = self.adapter.read().ok().and_then(|a| a.clone());
-        match adapter {
-            None => Ok(y),
-            Some(ad) => {
-                let down = self.apply(ad.a.as_tensor().clone(), None, x)?;
-                let up = match self.kind {
-                    LayerKind::Linear => {
-                        candle_nn::Linear::new(ad.b.as_tensor().clone(), None).forward(&down)?
-                    }
-                    LayerKind::Conv { .. } => {
-                        Conv2d::new(ad.b.as_tensor().clone(), None, 1, 0).forward(&down)?
-                    }
-                };
-                y + (up * ad.scale())?
-            }
+        let adapter = if self.enabled.load(Ordering::Relaxed) {
+            self.adapter.read().ok().and_then(|a| a.clone())
+        } else {
+            None
+        };
+        let low_rank = adapter.as_ref().map(|ad| LowRank {
+            a: ad.a.as_tensor(),
+            b: ad.b.as_tensor(),
+            scale: ad.scale(),
+        });
+        let trainable_base = w.track_op() || self.bias.as_ref().is_some_and(|b| b.track_op());
+        if trainable_base {
+            // Full fine-tuning: the weight's gradient is wanted, plain ops give it.
+            frozen_layer::eval(self.kind, &w, self.bias.as_ref(), low_rank.as_ref(), x)
+        } else {
+            frozen_layer::forward(self.kind, &w, self.bias.as_ref(), low_rank.as_ref(), x)
         }
     }
 }

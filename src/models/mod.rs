@@ -5,6 +5,7 @@ pub mod checked_vb;
 pub mod clip_text;
 pub mod config;
 pub mod conv;
+pub mod frozen_layer;
 pub mod loading;
 pub mod lora;
 pub mod lora_export;

@@ -35,6 +35,9 @@ pub struct LrmOptions {
     pub trainable: bool,
     /// Also train the text encoder(s) (frozen by default, as LPO's LRM training does).
     pub train_text: bool,
+    /// Recompute each UNet block and text encoder layer in backward instead of keeping its
+    /// activations (diffusers' `enable_gradient_checkpointing`).
+    pub gradient_checkpointing: bool,
 }
 
 impl LrmOptions {
@@ -60,6 +63,7 @@ impl Default for LrmOptions {
             dtype: DType::F32,
             trainable: false,
             train_text: false,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -392,7 +396,8 @@ impl LatentRewardModel {
                 dir.display()
             );
         }
-        Ok(Self {
+        let checkpointing = options.gradient_checkpointing;
+        let lrm = Self {
             unet,
             text,
             visual_projection,
@@ -402,7 +407,21 @@ impl LatentRewardModel {
             stage_indices,
             options,
             dir: dir.to_path_buf(),
-        })
+        };
+        lrm.set_gradient_checkpointing(checkpointing);
+        Ok(lrm)
+    }
+
+    /// Gradient checkpointing for the UNet's blocks and the text encoders' layers.
+    pub fn set_gradient_checkpointing(&self, on: bool) {
+        self.unet.set_gradient_checkpointing(on);
+        match &self.text {
+            TextSide::Sd { encoder, .. } => encoder.set_gradient_checkpointing(on),
+            TextSide::Sdxl(x) => {
+                x.encoder.set_gradient_checkpointing(on);
+                x.encoder_2.set_gradient_checkpointing(on);
+            }
+        }
     }
 
     pub fn device(&self) -> &Device {

@@ -91,7 +91,7 @@ where
             loss.dims()
         );
     }
-    let grads = loss.backward()?;
+    let grads = super::recompute::backward(&loss)?;
     let analytic: Vec<f64> = match grads.get(var.as_tensor()) {
         Some(g) => g.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?,
         None => vec![0.0; n],

@@ -235,7 +235,7 @@ impl AdamW {
                 loss.dims()
             );
         }
-        let grads = loss.backward().context("backward")?;
+        let grads = crate::tensor::recompute::backward(loss).context("backward")?;
         self.accumulate(&grads, scale)
     }
 

@@ -4,11 +4,12 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
-use super::checkpointed_attention::{attend, attend_checkpointed};
+use super::checkpointed_attention::attend_checkpointed;
 use crate::models::lora::{LoraHub, LoraLayer};
-use crate::models::nn::LayerNorm;
+use crate::models::nn::{GroupNorm, LayerNorm};
+use crate::tensor::recompute::recompute;
 
 /// Multi-head attention (`attn1` self, `attn2` cross); projections can carry LoRA adapters.
 #[derive(Debug, Clone)]
@@ -70,14 +71,10 @@ impl Attention {
         let m = kt.dim(D::Minus1)?;
         // Sliced attention: the [B, heads, N, M] score matrix is built a block of queries at a
         // time, so its size stays bounded (64x64 latents: N = M = 4096); with a graph, the
-        // slices are recomputed in backward instead of kept (see checkpointed_attention.rs).
+        // scores are recomputed in backward instead of kept (see checkpointed_attention.rs).
         let rows = (attention_slice() / (b * self.heads * m).max(1)).max(1);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = if rows >= n {
-            attend(&q, &kt, &v, scale)?
-        } else {
-            attend_checkpointed(&q, &kt, &v, scale, rows)?
-        };
+        let out = attend_checkpointed(&q, &kt, &v, scale, rows)?;
         let out = out.to_dtype(dtype)?;
         let out = out
             .transpose(1, 2)?
@@ -125,9 +122,18 @@ impl FeedForward {
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(x)?;
-        let a = h.narrow(D::Minus1, 0, self.inner)?;
-        let gate = h.narrow(D::Minus1, self.inner, self.inner)?;
-        self.out.forward(&(a * gate.gelu_erf()?)?)
+        let inner = self.inner;
+        // GEGLU as one node: backward recomputes gelu(gate) instead of keeping it.
+        let gated = recompute(
+            "geglu",
+            &[&h],
+            Arc::new(move |t| {
+                let a = t[0].narrow(D::Minus1, 0, inner)?;
+                let gate = t[0].narrow(D::Minus1, inner, inner)?;
+                a * gate.gelu_erf()?
+            }),
+        )?;
+        self.out.forward(&gated)
     }
 }
 
@@ -140,6 +146,7 @@ pub struct BasicTransformerBlock {
     attn2: Attention,
     norm3: LayerNorm,
     ff: FeedForward,
+    hub: LoraHub,
 }
 
 impl BasicTransformerBlock {
@@ -167,10 +174,29 @@ impl BasicTransformerBlock {
             )?,
             norm3: LayerNorm::new(dim, 1e-5, vb.pp("norm3"))?,
             ff: FeedForward::new(vb.pp("ff"), hub, dim)?,
+            hub: hub.clone(),
         })
     }
 
+    /// The block; with gradient checkpointing on, one node that recomputes it in backward.
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        if !self.hub.gradient_checkpointing() {
+            return self.eval(x, context);
+        }
+        let block = self.clone();
+        let adapters_on = self.hub.enabled();
+        recompute(
+            "transformer-block-checkpoint",
+            &[x, context],
+            Arc::new(move |t| {
+                block
+                    .hub
+                    .with_enabled(adapters_on, || block.eval(&t[0], &t[1]))
+            }),
+        )
+    }
+
+    fn eval(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
         let x = (self
             .attn2
@@ -236,7 +262,7 @@ impl Transformer2DModel {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            norm: candle_nn::group_norm(cfg.groups, channels, 1e-6, vb.pp("norm"))?,
+            norm: GroupNorm::new(cfg.groups, channels, 1e-6, vb.pp("norm"))?,
             proj_in,
             blocks,
             proj_out,

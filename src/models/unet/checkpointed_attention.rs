@@ -8,11 +8,10 @@
 //! at a time and returns dq, dk and dv. Memory: the inputs and the output, plus one slice.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, Var, D,
-};
+use candle_core::{DType, Tensor, Var, D};
+
+use crate::tensor::custom_backward::{with_backward, Backward};
 
 static RECOMPUTED_BACKWARDS: AtomicUsize = AtomicUsize::new(0);
 
@@ -69,104 +68,40 @@ pub fn attend_checkpointed(
     if !(q.track_op() || kt.track_op() || v.track_op()) {
         return Ok(out);
     }
-    let op = RecomputedAttention {
-        out: Mutex::new(Some(out.contiguous()?)),
-        scale,
-        rows,
-    };
-    q.apply_op3_arc(kt, v, Arc::new(Box::new(op)))
+    with_backward(out, &[q, kt, v], RecomputedAttention { scale, rows })
 }
 
-/// The custom op: its forward hands over the precomputed output, its backward recomputes.
+/// The backward: recompute one query slice at a time and return dq, dk and dv.
 struct RecomputedAttention {
-    /// Taken by the forward (so the op does not keep a second reference to the output).
-    out: Mutex<Option<Tensor>>,
     scale: f64,
     rows: usize,
 }
 
-impl RecomputedAttention {
-    fn take_out(&self) -> candle_core::Result<Tensor> {
-        self.out
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("attention checkpoint: poisoned lock".into()))?
-            .take()
-            .ok_or_else(|| {
-                candle_core::Error::Msg("attention checkpoint: forward ran twice".into())
-            })
-    }
-}
-
-impl RecomputedAttention {
-    /// The precomputed output's storage (copied out) with its shape, as the backend's storage
-    /// type (`pick` selects the variant of the device the op runs on).
-    fn output<S>(&self, pick: fn(Storage) -> Option<S>) -> candle_core::Result<(S, Shape)> {
-        let out = self.take_out()?;
-        let (storage, layout) = out.storage_and_layout();
-        if !layout.is_contiguous() || layout.start_offset() != 0 {
-            candle_core::bail!("attention checkpoint: the output is not a fresh contiguous tensor");
-        }
-        match pick(storage.try_clone(layout)?) {
-            Some(s) => Ok((s, out.shape().clone())),
-            None => candle_core::bail!("attention checkpoint: output on another device"),
-        }
-    }
-}
-
-impl CustomOp3 for RecomputedAttention {
+impl Backward for RecomputedAttention {
     fn name(&self) -> &'static str {
         "recomputed-attention"
     }
 
-    fn cpu_fwd(
+    fn grads(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.output(|s| match s {
-            Storage::Cpu(s) => Some(s),
-            _ => None,
-        })
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        self.output(|s| match s {
-            Storage::Cuda(s) => Some(s),
-            _ => None,
-        })
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        kt: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
+        args: &[&Tensor],
         grad_out: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let [q, kt, v] = args else {
+            candle_core::bail!("recomputed-attention: expected q, kᵀ and v");
+        };
         RECOMPUTED_BACKWARDS.fetch_add(1, Ordering::Relaxed);
         let n = q.dim(2)?;
+        let rows = self.rows.min(n);
         let kt_var = Var::from_tensor(&kt.detach())?;
         let v_var = Var::from_tensor(&v.detach())?;
         let q = q.detach();
-        let mut dq = Vec::with_capacity(n.div_ceil(self.rows));
+        let mut dq = Vec::with_capacity(n.div_ceil(rows));
         let mut dk: Option<Tensor> = None;
         let mut dv: Option<Tensor> = None;
         let mut start = 0;
         while start < n {
-            let len = self.rows.min(n - start);
+            let len = rows.min(n - start);
             let q_var = Var::from_tensor(&q.narrow(2, start, len)?)?;
             let o = attend(
                 q_var.as_tensor(),
@@ -194,6 +129,6 @@ impl CustomOp3 for RecomputedAttention {
             });
             start += len;
         }
-        Ok((Some(Tensor::cat(&dq, 2)?), dk, dv))
+        Ok(vec![Some(Tensor::cat(&dq, 2)?), dk, dv])
     }
 }

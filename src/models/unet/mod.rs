@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Module, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 use self::attention::TransformerCfg;
 use self::blocks::{BlockCfg, DownBlock, MidBlock, UpBlock};
@@ -34,6 +34,7 @@ use self::embeddings::{TimestepEmbedding, Timesteps};
 use crate::models::loading::{WeightMode, Weights};
 use crate::models::lora::{LoraConfig, LoraHub, LoraLayer};
 use crate::models::lora_file;
+use crate::models::nn::GroupNorm;
 use crate::tensor::SeededRng;
 
 /// SDXL's added conditioning (`addition_embed_type: "text_time"`).
@@ -397,7 +398,7 @@ impl UNet2DConditionModel {
                 i + 1 < n,
             )?);
         }
-        let conv_norm_out = candle_nn::group_norm(groups, boc[0], eps, vb.pp("conv_norm_out"))?;
+        let conv_norm_out = GroupNorm::new(groups, boc[0], eps, vb.pp("conv_norm_out"))?;
         let k = cfg.conv_out_kernel;
         let conv_out = hub.conv(
             boc[0],
@@ -579,7 +580,7 @@ impl UNet2DConditionModel {
             };
             h = block.forward(&h, &skips, &emb, &ehs, up_size)?;
         }
-        let h = self.conv_norm_out.forward(&h)?.silu()?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         Ok(self.conv_out.forward(&h)?)
     }
 

@@ -3,9 +3,11 @@
 use std::sync::Arc;
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::models::lora::{LoraHub, LoraLayer};
+use crate::models::nn::GroupNorm;
+use crate::tensor::recompute::recompute;
 
 /// norm1 -> silu -> conv1 -> + time_emb_proj(silu(temb)) -> norm2 -> silu -> conv2, plus the
 /// (1x1-projected when channels change) input, divided by `output_scale_factor`.
@@ -18,6 +20,7 @@ pub struct ResnetBlock2D {
     conv2: Arc<LoraLayer>,
     conv_shortcut: Option<Arc<LoraLayer>>,
     output_scale_factor: f64,
+    hub: LoraHub,
 }
 
 impl ResnetBlock2D {
@@ -33,10 +36,10 @@ impl ResnetBlock2D {
         output_scale_factor: f64,
     ) -> Result<Self> {
         Ok(Self {
-            norm1: candle_nn::group_norm(groups, cin, eps, vb.pp("norm1"))?,
+            norm1: GroupNorm::new(groups, cin, eps, vb.pp("norm1"))?,
             conv1: hub.conv(cin, cout, 3, 1, 1, vb.pp("conv1"))?,
             time_emb_proj: hub.linear(temb, cout, true, vb.pp("time_emb_proj"))?,
-            norm2: candle_nn::group_norm(groups, cout, eps, vb.pp("norm2"))?,
+            norm2: GroupNorm::new(groups, cout, eps, vb.pp("norm2"))?,
             conv2: hub.conv(cout, cout, 3, 1, 1, vb.pp("conv2"))?,
             conv_shortcut: if cin != cout {
                 Some(hub.conv(cin, cout, 1, 1, 0, vb.pp("conv_shortcut"))?)
@@ -44,18 +47,37 @@ impl ResnetBlock2D {
                 None
             },
             output_scale_factor,
+            hub: hub.clone(),
         })
     }
 
+    /// The block; with gradient checkpointing on, one node that recomputes it in backward.
     pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        if !self.hub.gradient_checkpointing() {
+            return self.eval(x, temb);
+        }
+        let block = self.clone();
+        let adapters_on = self.hub.enabled();
+        recompute(
+            "resnet-block-checkpoint",
+            &[x, temb],
+            Arc::new(move |t| {
+                block
+                    .hub
+                    .with_enabled(adapters_on, || block.eval(&t[0], &t[1]))
+            }),
+        )
+    }
+
+    fn eval(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let t = self
             .time_emb_proj
             .forward(&temb.silu()?)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),

@@ -363,14 +363,23 @@ pub mod lpo_api {
     /// as in `add_lora`: module-name suffixes of any linear or conv, `"all-linear"`, `"all-conv"`); the
     /// reference is the same UNet with adapters off. `#{full: true, reference: dir | unet}`:
     /// full fine-tuning of a UNet loaded `trainable: true` against a frozen reference UNet.
+    /// `gradient_checkpointing: true` recomputes the UNet's blocks in backward (less memory).
     #[rhai_fn(return_raw, volatile)]
     pub fn lpo_policy(
         ctx: NativeCallContext,
         unet: ScriptUNet,
         opts: Map,
     ) -> ScriptResult<ScriptPolicy> {
-        let o =
-            Options::new(&opts, "lpo_policy", &["lora", "full", "reference"]).or_script(&ctx)?;
+        let o = Options::new(
+            &opts,
+            "lpo_policy",
+            &["lora", "full", "reference", "gradient_checkpointing"],
+        )
+        .or_script(&ctx)?;
+        let checkpointing = o
+            .bool("gradient_checkpointing", unet.gradient_checkpointing())
+            .or_script(&ctx)?;
+        unet.set_gradient_checkpointing(checkpointing);
         let host = Host::of(&ctx);
         if o.bool("full", false).or_script(&ctx)? {
             let reference = match o.opt_dynamic("reference") {

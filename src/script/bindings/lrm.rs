@@ -20,13 +20,14 @@ mod helpers {
     use crate::script::options::Options;
     use crate::tensor::parse_dtype;
 
-    pub(super) const MODEL_KEYS: [&str; 6] = [
+    pub(super) const MODEL_KEYS: [&str; 7] = [
         "multi_scale",
         "guidance_scale",
         "multi_scale_cfg",
         "dtype",
         "trainable",
         "train_text",
+        "gradient_checkpointing",
     ];
 
     pub(super) fn model_options(ctx: &NativeCallContext, o: &Options) -> ScriptResult<LrmOptions> {
@@ -40,6 +41,7 @@ mod helpers {
             dtype: parse_dtype(&o.string("dtype", "f32").or_script(ctx)?).or_script(ctx)?,
             trainable: o.bool("trainable", false).or_script(ctx)?,
             train_text: o.bool("train_text", false).or_script(ctx)?,
+            gradient_checkpointing: o.bool("gradient_checkpointing", false).or_script(ctx)?,
         })
     }
 

@@ -65,8 +65,8 @@ mod helpers {
         opts: &Map,
         func: &str,
         extra: &[&str],
-    ) -> ScriptResult<(DType, WeightMode)> {
-        let mut accepted = vec!["dtype", "trainable"];
+    ) -> ScriptResult<(DType, WeightMode, bool)> {
+        let mut accepted = vec!["dtype", "trainable", "gradient_checkpointing"];
         accepted.extend_from_slice(extra);
         let o = Options::new(opts, func, &accepted).or_script(ctx)?;
         let dtype = parse_dtype(&o.string("dtype", "f32").or_script(ctx)?).or_script(ctx)?;
@@ -75,7 +75,8 @@ mod helpers {
         } else {
             WeightMode::Frozen
         };
-        Ok((dtype, mode))
+        let checkpointing = o.bool("gradient_checkpointing", false).or_script(ctx)?;
+        Ok((dtype, mode, checkpointing))
     }
 
     /// `load_lora(path[, #{format}])`: the file (and a PEFT `adapter_config.json` beside an
@@ -102,7 +103,7 @@ mod helpers {
     }
 
     pub(super) fn load(ctx: &NativeCallContext, dir: &str, opts: &Map) -> ScriptResult<ScriptUNet> {
-        let (dtype, mode) = dtype_mode(ctx, opts, "load_unet", &[])?;
+        let (dtype, mode, checkpointing) = dtype_mode(ctx, opts, "load_unet", &[])?;
         let host = Host::of(ctx);
         host.check().or_script(ctx)?;
         let path = host.readable(dir).or_script(ctx)?;
@@ -111,9 +112,9 @@ mod helpers {
         } else {
             path
         };
-        UNet2DConditionModel::load(&path, dtype, &host.device, mode)
-            .map(Arc::new)
-            .or_script(ctx)
+        let unet = UNet2DConditionModel::load(&path, dtype, &host.device, mode).or_script(ctx)?;
+        unet.set_gradient_checkpointing(checkpointing);
+        Ok(Arc::new(unet))
     }
 
     pub(super) fn random(
@@ -121,9 +122,13 @@ mod helpers {
         config: &str,
         opts: &Map,
     ) -> ScriptResult<ScriptUNet> {
-        let (dtype, mode) = dtype_mode(ctx, opts, "random_unet", &["seed"])?;
-        let o =
-            Options::new(opts, "random_unet", &["dtype", "trainable", "seed"]).or_script(ctx)?;
+        let (dtype, mode, checkpointing) = dtype_mode(ctx, opts, "random_unet", &["seed"])?;
+        let o = Options::new(
+            opts,
+            "random_unet",
+            &["dtype", "trainable", "seed", "gradient_checkpointing"],
+        )
+        .or_script(ctx)?;
         let host = Host::of(ctx);
         let seed = o.i64("seed", host.seed as i64).or_script(ctx)? as u64;
         let file = if host.readable(config).or_script(ctx)?.is_dir() {
@@ -136,9 +141,10 @@ mod helpers {
             .map_err(|e| format!("random_unet: {e}"))
             .or_script(ctx)?;
         let cfg = UNetConfig::from_json(&text, &file).or_script(ctx)?;
-        UNet2DConditionModel::random(cfg, seed, dtype, &host.device, mode)
-            .map(Arc::new)
-            .or_script(ctx)
+        let unet =
+            UNet2DConditionModel::random(cfg, seed, dtype, &host.device, mode).or_script(ctx)?;
+        unet.set_gradient_checkpointing(checkpointing);
+        Ok(Arc::new(unet))
     }
 
     pub(super) fn added(ctx: &NativeCallContext, map: &Map) -> ScriptResult<AddedCond> {
@@ -213,8 +219,9 @@ pub mod unet_api {
         helpers::load(&ctx, dir, &Map::new())
     }
 
-    /// Load a UNet with options `#{dtype: "f32"|"f64"|"f16"|"bf16", trainable: false}`
-    /// (trainable: every base weight becomes a trainable variable).
+    /// Load a UNet with options `#{dtype: "f32"|"f64"|"f16"|"bf16", trainable: false,
+    /// gradient_checkpointing: false}` (trainable: every base weight becomes a trainable
+    /// variable; gradient_checkpointing: blocks recompute their activations in backward).
     #[rhai_fn(name = "load_unet", return_raw, volatile)]
     pub fn load_unet_opts(
         ctx: NativeCallContext,
@@ -225,7 +232,7 @@ pub mod unet_api {
     }
 
     /// A UNet with seeded random weights from a config.json (file or folder):
-    /// `random_unet(path, #{seed, dtype, trainable})`.
+    /// `random_unet(path, #{seed, dtype, trainable, gradient_checkpointing})`.
     #[rhai_fn(return_raw, volatile)]
     pub fn random_unet(
         ctx: NativeCallContext,
@@ -299,6 +306,18 @@ pub mod unet_api {
         let cfg = super::lora_config_from_map(&ctx, &opts, "add_lora")?;
         let n = unet.add_lora(&cfg).or_script(&ctx)?;
         Ok(n as i64)
+    }
+
+    /// Whether blocks recompute their activations in backward instead of keeping them.
+    #[rhai_fn(get = "gradient_checkpointing", pure)]
+    pub fn get_gradient_checkpointing(unet: &mut ScriptUNet) -> bool {
+        unet.gradient_checkpointing()
+    }
+
+    /// Gradient checkpointing on/off (same gradients, less memory, one more forward per block).
+    #[rhai_fn(set = "gradient_checkpointing")]
+    pub fn set_gradient_checkpointing(unet: &mut ScriptUNet, on: bool) {
+        unet.set_gradient_checkpointing(on)
     }
 
     /// Whether the LoRA adapters are applied.
