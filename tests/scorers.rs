@@ -362,3 +362,170 @@ fn bad_input_gives_clear_errors() {
         "{msg}"
     );
 }
+
+// ---- the evaluation recipe (stdlib/eval.rhai via scripts/eval_scorers.rhai) ----
+
+fn engine_in_run(run: &Path) -> rhai::Engine {
+    use lpo::control::RunControl;
+    use lpo::run::dir::RunDir;
+    use lpo::script::{build_engine, EngineOptions, Host};
+    let host = Host::new(RunControl::new(), Device::Cpu, 0)
+        .with_run_dir(std::sync::Arc::new(RunDir::open(run).unwrap()));
+    build_engine(host, &EngineOptions::default()).engine
+}
+
+/// A kohya LoRA for tiny-sd with nonzero weights (so it changes the images).
+fn make_lora(path: &Path) {
+    let script = format!(
+        r#"
+        let u = load_unet("tests/fixtures/tiny-sd");
+        let policy = lpo_policy(u, #{{lora: #{{rank: 2, seed: 1}}}});
+        let m = policy.params.to_map();
+        let r = rng(3);
+        for k in m.keys() {{ m[k] = r.randn(m[k].shape) * 0.5; }}
+        policy.params.load_map(m);
+        u.export_lora("{}", #{{format: "kohya"}});
+    "#,
+        path.display()
+    );
+    engine().run(&script).unwrap();
+}
+
+fn run_eval(run: &Path, params: rhai::Map) -> Result<rhai::Map, String> {
+    let src = std::fs::read_to_string("scripts/eval_scorers.rhai").unwrap();
+    let mut scope = rhai::Scope::new();
+    scope.push_constant("params", params);
+    engine_in_run(run)
+        .eval_with_scope::<rhai::Map>(&mut scope, &src)
+        .map_err(|e| e.to_string())
+}
+
+fn eval_params(lora: &Path, metrics: serde_json::Value) -> rhai::Map {
+    let v = serde_json::json!({
+        "lora": lora.display().to_string(),
+        "steps": 2,
+        "seeds": [0, 1],
+        "prompts": ["a red circle", "a blue square", "a green triangle"],
+        "batch": 2,
+        "primary": "pickscore",
+        "metrics": metrics,
+    });
+    rhai::serde::to_dynamic(v).unwrap().cast::<rhai::Map>()
+}
+
+#[test]
+fn eval_recipe_writes_report_summary_and_consistent_scores() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lpo"))
+        .args(["check", "scripts/eval_scorers.rhai"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let lora = tmp.path().join("k.safetensors");
+    make_lora(&lora);
+    let d = dir();
+    let metrics = serde_json::json!({
+        "pickscore": d.join("pickscore").display().to_string(),
+        "hpsv2": d.join("hpsv2").display().to_string(),
+        "aesthetic": d.join("aesthetic").display().to_string(),
+        "clip": {"kind": "clip_score", "dir": d.join("clip_score").display().to_string()},
+    });
+    let run = tmp.path().join("run");
+    let res = run_eval(&run, eval_params(&lora, metrics.clone())).unwrap();
+    assert_eq!(res["n"].as_int().unwrap(), 6);
+
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["n"], 6);
+    assert_eq!(summary["metric"], "pickscore");
+    let rows = summary["metrics"].as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    let html = std::fs::read_to_string(run.join("report.html")).unwrap();
+    for needle in [
+        "<th>win_rate</th>",
+        "<td>clip_score</td>",
+        "<td>hpsv2</td>",
+        "eval_grid.png",
+    ] {
+        assert!(html.contains(needle), "report lacks {needle}");
+    }
+    assert!(run.join("eval_grid.png").is_file());
+
+    // scores.json agrees with scoring the saved PNGs directly, and the row numbers follow.
+    let scores: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("scores.json")).unwrap()).unwrap();
+    let prompts: Vec<String> = serde_json::from_value(scores["prompts"].clone()).unwrap();
+    let base_paths: Vec<String> = serde_json::from_value(scores["base_images"].clone()).unwrap();
+    assert_eq!((prompts.len(), base_paths.len()), (6, 6));
+    let imgs: Vec<_> = base_paths
+        .iter()
+        .map(|p| read_image(Path::new(p)).unwrap())
+        .collect();
+    let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let direct = load("pickscore").score(&imgs, &refs, 4).unwrap();
+    let recorded: Vec<f64> = serde_json::from_value(scores["pickscore"]["base"].clone()).unwrap();
+    assert!(
+        max_err(&direct, &recorded) < 1e-9,
+        "{direct:?} vs {recorded:?}"
+    );
+    let mut changed = 0;
+    for row in rows {
+        let name = row["metric"].as_str().unwrap();
+        let b: Vec<f64> = serde_json::from_value(scores[name]["base"].clone()).unwrap();
+        let a: Vec<f64> = serde_json::from_value(scores[name]["lora"].clone()).unwrap();
+        let delta = a.iter().zip(&b).map(|(x, y)| x - y).sum::<f64>() / 6.0;
+        assert!(
+            (row["delta"].as_f64().unwrap() - delta).abs() < 1e-9,
+            "{name}"
+        );
+        let wins = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| {
+                if x > y {
+                    1.0
+                } else if x == y {
+                    0.5
+                } else {
+                    0.0
+                }
+            })
+            .sum::<f64>()
+            / 6.0;
+        assert!(
+            (row["win_rate"].as_f64().unwrap() - wins).abs() < 1e-12,
+            "{name}"
+        );
+        let (lo, hi) = (
+            row["ci95_low"].as_f64().unwrap(),
+            row["ci95_high"].as_f64().unwrap(),
+        );
+        assert!(lo <= delta && delta <= hi, "{name}: {lo} {delta} {hi}");
+        if max_err(&a, &b) > 1e-6 {
+            changed += 1;
+        }
+    }
+    assert!(changed >= 3, "the LoRA should change the scores");
+
+    // Bad settings fail with clear messages.
+    let e = run_eval(
+        &tmp.path().join("r2"),
+        eval_params(&lora, serde_json::json!({})),
+    )
+    .unwrap_err();
+    assert!(e.contains("set `metrics`"), "{e}");
+    let e = run_eval(
+        &tmp.path().join("r3"),
+        eval_params(
+            &lora,
+            serde_json::json!({"nope": d.join("pickscore").display().to_string()}),
+        ),
+    )
+    .unwrap_err();
+    assert!(e.contains("unknown scorer kind `nope`"), "{e}");
+}
