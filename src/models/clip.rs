@@ -190,6 +190,102 @@ impl ClipModel {
         })
     }
 
+    /// Random weights (N(0, 0.02), unit norm scales, zero biases) of the shape `cfg` describes,
+    /// for benchmarks of the real architectures without their files.
+    pub fn random(cfg: ClipConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        let mut rng = crate::tensor::SeededRng::new(seed);
+        let mut t: HashMap<String, Tensor> = HashMap::new();
+        let mut normal = |shape: &[usize]| -> Result<Tensor> {
+            Ok((rng.randn(shape.to_vec(), device)? * 0.02)?.to_dtype(dtype)?)
+        };
+        let ones = |n: usize| Tensor::ones(n, dtype, device);
+        let zeros = |n: usize| Tensor::zeros(n, dtype, device);
+        let blocks = |t: &mut HashMap<String, Tensor>,
+                      normal: &mut dyn FnMut(&[usize]) -> Result<Tensor>,
+                      prefix: &str,
+                      layers: usize,
+                      h: usize,
+                      inter: usize|
+         -> Result<()> {
+            for i in 0..layers {
+                let b = format!("{prefix}.encoder.layers.{i}");
+                for ln in ["layer_norm1", "layer_norm2"] {
+                    t.insert(format!("{b}.{ln}.weight"), ones(h)?);
+                    t.insert(format!("{b}.{ln}.bias"), zeros(h)?);
+                }
+                for p in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+                    t.insert(format!("{b}.self_attn.{p}.weight"), normal(&[h, h])?);
+                    t.insert(format!("{b}.self_attn.{p}.bias"), zeros(h)?);
+                }
+                t.insert(format!("{b}.mlp.fc1.weight"), normal(&[inter, h])?);
+                t.insert(format!("{b}.mlp.fc1.bias"), zeros(inter)?);
+                t.insert(format!("{b}.mlp.fc2.weight"), normal(&[h, inter])?);
+                t.insert(format!("{b}.mlp.fc2.bias"), zeros(h)?);
+            }
+            Ok(())
+        };
+        let (v, x, p) = (&cfg.vision, &cfg.text, cfg.projection_dim);
+        let vh = v.hidden_size;
+        t.insert(
+            "vision_model.embeddings.patch_embedding.weight".into(),
+            normal(&[vh, 3, v.patch_size, v.patch_size])?,
+        );
+        t.insert(
+            "vision_model.embeddings.class_embedding".into(),
+            normal(&[vh])?,
+        );
+        t.insert(
+            "vision_model.embeddings.position_embedding.weight".into(),
+            normal(&[v.grid() * v.grid() + 1, vh])?,
+        );
+        for ln in ["pre_layrnorm", "post_layernorm"] {
+            t.insert(format!("vision_model.{ln}.weight"), ones(vh)?);
+            t.insert(format!("vision_model.{ln}.bias"), zeros(vh)?);
+        }
+        blocks(
+            &mut t,
+            &mut normal,
+            "vision_model",
+            v.num_hidden_layers,
+            vh,
+            v.intermediate_size,
+        )?;
+        t.insert("visual_projection.weight".into(), normal(&[p, vh])?);
+        let th = x.hidden_size;
+        t.insert(
+            "text_model.embeddings.token_embedding.weight".into(),
+            normal(&[x.vocab_size, th])?,
+        );
+        t.insert(
+            "text_model.embeddings.position_embedding.weight".into(),
+            normal(&[x.max_position_embeddings, th])?,
+        );
+        t.insert("text_model.final_layer_norm.weight".into(), ones(th)?);
+        t.insert("text_model.final_layer_norm.bias".into(), zeros(th)?);
+        blocks(
+            &mut t,
+            &mut normal,
+            "text_model",
+            x.num_hidden_layers,
+            th,
+            x.intermediate_size,
+        )?;
+        t.insert("text_projection.weight".into(), normal(&[p, th])?);
+        t.insert(
+            "logit_scale".into(),
+            Tensor::new(4.6052f32, device)?.to_dtype(dtype)?,
+        );
+        Self::from_weights(
+            cfg,
+            Weights {
+                files: vec![PathBuf::from(format!("<random seed {seed}>"))],
+                tensors: t,
+                dtype,
+                device: device.clone(),
+            },
+        )
+    }
+
     pub fn config(&self) -> &ClipConfig {
         &self.cfg
     }
