@@ -529,3 +529,32 @@ fn eval_recipe_writes_report_summary_and_consistent_scores() {
     .unwrap_err();
     assert!(e.contains("unknown scorer kind `nope`"), "{e}");
 }
+
+/// Why Pillow's resampling is reimplemented: the `image` crate's CatmullRom (the same cubic,
+/// float weights, no rounding between passes) misses the reference pixels. Measured, printed.
+#[test]
+fn image_crate_catmull_rom_differs_from_pillow() {
+    let exp = expected();
+    let img = read_image(&dir().join("images/photo.png")).unwrap();
+    // HF geometry at 58: 150x97 -> 89x58, crop left (89 - 58) / 2 = 15.
+    let resized = image::imageops::resize(&img, 89, 58, image::imageops::FilterType::CatmullRom);
+    let sq = image::imageops::crop_imm(&resized, 15, 0, 58, 58).to_image();
+    let ours = channel_major(&sq);
+    let theirs: Vec<u8> = exp["pre_hf_photo58"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let worst = ours
+        .iter()
+        .zip(&theirs)
+        .map(|(a, b)| (*a as i32 - *b as i32).abs())
+        .max()
+        .unwrap();
+    let differing = ours.iter().zip(&theirs).filter(|(a, b)| a != b).count();
+    eprintln!(
+        "image CatmullRom vs Pillow bicubic (photo -> 58): max |u8 diff| = {worst}, {differing} of {} differ",
+        ours.len()
+    );
+    assert!(worst > 0);
+}
