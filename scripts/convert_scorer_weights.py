@@ -66,8 +66,12 @@ def write_open_clip_tokenizer(model_name, context_length, out_dir):
         sys.exit(f"{model_name}: tokenizer {type(tok).__name__} is not open_clip's SimpleTokenizer; "
                  "copy the HF tokenizer folder of the model to <out>/tokenizer instead")
     os.makedirs(out_dir, exist_ok=True)
+    # open_clip 3.x names the special tokens <start_of_text> / <end_of_text>; the ids are
+    # OpenAI's (49406, 49407), so write them under the names CLIP tokenizer files use.
+    rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {rename.get(k, k): v for k, v in tok.encoder.items()}
     with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(tok.encoder, f, ensure_ascii=False)
+        json.dump(vocab, f, ensure_ascii=False)
     merges = sorted(tok.bpe_ranks.items(), key=lambda kv: kv[1])
     with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n")
