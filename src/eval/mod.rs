@@ -1,9 +1,11 @@
-//! Evaluation: paired bootstrap intervals, PNG line plots and a one-page HTML report.
+//! Evaluation: paired bootstrap intervals, PNG line plots, a one-page HTML report, and the
+//! built-in image scorers (PickScore, HPSv2, aesthetic, CLIP score).
 
 pub mod bootstrap;
 pub mod number;
 pub mod plots;
 pub mod report;
+pub mod scorers;
 
 pub use bootstrap::{paired_bootstrap, PairedBootstrap};
 pub use plots::line_plot;

@@ -105,6 +105,9 @@ pub fn escape_html(s: &str) -> String {
 /// A value cell: numbers by magnitude, strings as text, nested maps and lists as indented
 /// JSON in a wrapping `<pre>` (a compact one-line JSON cell would overflow the page).
 fn value_cell(v: &Value) -> String {
+    if let Some(table) = records_table(v) {
+        return table;
+    }
     match v {
         Value::Number(_) | Value::Bool(_) | Value::Null => escape_html(&pretty_json(v)),
         Value::String(s) => escape_html(s),
@@ -112,6 +115,51 @@ fn value_cell(v: &Value) -> String {
             format!("<pre class=\"json\">{}</pre>", escape_html(&pretty_json(v)))
         }
     }
+}
+
+/// A list of flat records (maps of scalars, e.g. one row of numbers per metric) as an HTML table:
+/// one column per key, text columns (labels) first, then the others in key order.
+fn records_table(v: &Value) -> Option<String> {
+    let rows = v.as_array()?;
+    if rows.is_empty() {
+        return None;
+    }
+    let mut text_cols: Vec<&String> = Vec::new();
+    let mut other_cols: Vec<&String> = Vec::new();
+    for r in rows {
+        for (k, x) in r.as_object()? {
+            if x.is_array() || x.is_object() {
+                return None;
+            }
+            if !text_cols.contains(&k) && !other_cols.contains(&k) {
+                if x.is_string() {
+                    text_cols.push(k);
+                } else {
+                    other_cols.push(k);
+                }
+            }
+        }
+    }
+    let cols: Vec<&String> = text_cols.into_iter().chain(other_cols).collect();
+    let mut h = String::from("<table><tr>");
+    for c in &cols {
+        h.push_str(&format!("<th>{}</th>", escape_html(c)));
+    }
+    h.push_str("</tr>\n");
+    for r in rows {
+        let m = r.as_object()?;
+        h.push_str("<tr>");
+        for c in &cols {
+            let cell = m.get(*c).map(|x| match x {
+                Value::String(t) => escape_html(t),
+                other => escape_html(&pretty_json(other)),
+            });
+            h.push_str(&format!("<td>{}</td>", cell.unwrap_or_default()));
+        }
+        h.push_str("</tr>\n");
+    }
+    h.push_str("</table>");
+    Some(h)
 }
 
 /// Indented JSON whose numbers are written by [`format_number`] (still valid JSON: finite

@@ -45,7 +45,7 @@ impl ClipActivation {
         })
     }
 
-    fn forward(self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
             Self::Gelu => x.gelu_erf(),

@@ -1,8 +1,10 @@
 //! Stable Diffusion's networks, owned here so they train with correct gradients: UNet,
-//! CLIP text encoders, VAE, tokenizers, LoRA. Models know nothing of scripts.
+//! CLIP text encoders, VAE, tokenizers, LoRA; CLIP image towers for the built-in scorers. Models know nothing of scripts.
 
 pub mod checked_vb;
+pub mod clip;
 pub mod clip_text;
+pub mod clip_vision;
 pub mod config;
 pub mod conv;
 pub mod frozen_layer;
@@ -12,6 +14,7 @@ pub mod lora_export;
 pub mod lora_file;
 pub mod model_folder;
 pub mod nn;
+pub mod open_clip;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

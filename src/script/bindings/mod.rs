@@ -13,6 +13,7 @@ pub mod params;
 pub mod prompts;
 pub mod rng;
 pub mod run;
+pub mod scorers;
 pub mod shapes;
 pub mod shapes_pipe;
 pub mod system;
@@ -49,6 +50,8 @@ pub fn register_all(engine: &mut Engine) {
     engine.register_global_module(exported_module!(run::run_api).into());
     engine.register_global_module(exported_module!(shapes::shapes_api).into());
     engine.register_global_module(exported_module!(eval::eval_api).into());
+    engine.register_type_with_name::<scorers::ScriptScorer>("Scorer");
+    engine.register_global_module(exported_module!(scorers::scorers_api).into());
     engine.register_type_with_name::<lrm::ScriptLrm>("Lrm");
     engine.register_global_module(exported_module!(lrm::lrm_api).into());
     engine.register_type_with_name::<lpo::ScriptPolicy>("LpoPolicy");
