@@ -9,7 +9,9 @@
 #
 # Environment: LPO, PYTHON, THREADS (both sides; default nproc), CONFIGS (default
 # "tiny-16-b2 sd15-32-b1 sd15-32-b2"; a tag is MODEL-LATENT-bBATCH), TINY_REPEATS (default 5),
-# SD15_REPEATS (default 2). Each side of each configuration runs in its own process, one after
+# SD15_REPEATS (default 2), MIN_AVAIL_MB (default 1024: a side is stopped when the machine's
+# MemAvailable falls below it, rather than waking the OOM killer on shared work; its rc is then
+# 143 and its result null). Each side of each configuration runs in its own process, one after
 # the other, so RSS numbers are that process's own and the two never compete for cores.
 # Writes one JSON line per configuration and checkpointing setting to OUT (default
 # benches/results/cpu-side-by-side-<date>.jsonl) and prints the Markdown table.
@@ -37,6 +39,21 @@ mkdir -p "$(dirname "$out")"
 log=$(mktemp -d)
 trap 'rm -rf "$log"' EXIT
 
+# Run "$@" in the background; stop it (its pid only) if MemAvailable drops under MIN_AVAIL_MB.
+run_guarded() {
+    "$@" &
+    local pid=$! avail
+    while kill -0 "$pid" 2>/dev/null; do
+        avail=$(awk '/^MemAvailable:/ {print int($2 / 1024)}' /proc/meminfo 2>/dev/null || echo "")
+        if [[ -n $avail && $avail -lt ${MIN_AVAIL_MB:-1024} ]]; then
+            echo "stopping $1 (pid $pid): only $avail MB of memory left" >&2
+            kill "$pid" 2>/dev/null || true
+        fi
+        sleep 0.5
+    done
+    wait "$pid"
+}
+
 # Compact one JSON document from a file to one line ("null" if it has none).
 compact() {
     "$PYTHON" -c 'import json,sys
@@ -63,11 +80,11 @@ for tag in $CONFIGS; do
         [[ $ckpt == 1 ]] && flag=(--gradient-checkpointing)
         echo "== $name${flag[*]:+ ${flag[*]}}" >&2
         set +e
-        RAYON_NUM_THREADS=$THREADS "$LPO" bench --model "$model" --device cpu --dtype f32 \
+        RAYON_NUM_THREADS=$THREADS run_guarded "$LPO" bench --model "$model" --device cpu --dtype f32 \
             --phase train --latent-size "$latent" --train-batch "$batch" --repeats "$repeats" \
             "${flag[@]}" >"$log/ours.json" 2>"$log/ours.err"
         ours_rc=$?
-        "$PYTHON" "$root/benches/train_step_torch.py" --config "$config" --latent-size "$latent" \
+        run_guarded "$PYTHON" "$root/benches/train_step_torch.py" --config "$config" --latent-size "$latent" \
             --train-batch "$batch" --repeats "$repeats" --threads "$THREADS" "${flag[@]}" \
             >"$log/torch.json" 2>"$log/torch.err"
         torch_rc=$?
