@@ -193,6 +193,12 @@ enum Command {
         /// Accumulate the training batch's gradients over micro-batches of this many rows.
         #[arg(long)]
         micro_batch: Option<usize>,
+        /// Latent height = width instead of the model's (e.g. 32 to run SD1.5 on a CPU).
+        #[arg(long)]
+        latent_size: Option<usize>,
+        /// Recompute block activations in backward (diffusers' enable_gradient_checkpointing).
+        #[arg(long)]
+        gradient_checkpointing: bool,
     },
     /// Write a new random model in the diffusers layout (`shapes`: the tiny pixel-space model of
     /// the shapes world: unet/, text_encoder/, tokenizer/, scheduler/).
@@ -374,6 +380,8 @@ fn lpo_main() -> ExitCode {
             sample_batch,
             train_batch,
             micro_batch,
+            latent_size,
+            gradient_checkpointing,
         } => {
             let device = match lpo::tensor::parse_device(&device) {
                 Ok(d) => d,
@@ -392,6 +400,8 @@ fn lpo_main() -> ExitCode {
                 sample_batch,
                 train_batch,
                 micro_batch,
+                latent_size,
+                gradient_checkpointing,
             };
             match lpo::bench::run(opts, &device) {
                 Ok(report) => {

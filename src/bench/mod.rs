@@ -10,11 +10,15 @@
 //!   LPO loss, backward and an AdamW step on the LoRA parameters (f32 master weights).
 //!
 //! Peak device memory is measured from outside (nvidia-smi) by `scripts/gpu_check.sh`, one
-//! process per configuration, so the numbers are the process's own.
+//! process per configuration, so the numbers are the process's own. On a CPU (Linux) the report
+//! carries the RSS once the weights are in and the RSS peak over the timed steps ([`rss`]);
+//! `benches/side_by_side.sh` sets them against the same step in diffusers + peft.
+
+pub mod rss;
 
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use serde::Serialize;
 
@@ -69,6 +73,10 @@ pub struct BenchOptions {
     /// Rows per backward pass in the training step; the batch's gradients are accumulated
     /// over micro-batches of this size (default: the whole batch at once).
     pub micro_batch: Option<usize>,
+    /// Latent height = width (default: the model's, e.g. 64 for SD1.5).
+    pub latent_size: Option<usize>,
+    /// Recompute block activations in backward instead of keeping them.
+    pub gradient_checkpointing: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -84,6 +92,16 @@ pub struct BenchReport {
     pub ms_per_sampling_step: Option<f64>,
     pub ms_per_training_step: Option<f64>,
     pub load_seconds: f64,
+    /// Threads candle's CPU kernels use.
+    pub threads: usize,
+    pub gradient_checkpointing: bool,
+    /// RSS (MiB) after the weights are loaded and LoRA attached, before the timed phase
+    /// (the training step; the sampling step with `--phase sample`). None off Linux.
+    pub rss_after_load_mb: Option<f64>,
+    /// RSS high-water mark (MiB) over the warm-up and timed steps of that phase.
+    pub peak_rss_mb: Option<f64>,
+    /// peak_rss_mb - rss_after_load_mb: the step's activations, gradients and optimizer state.
+    pub activation_mb: Option<f64>,
 }
 
 struct Shapes {
@@ -163,15 +181,34 @@ pub fn timed<T>(device: &Device, repeats: usize, mut f: impl FnMut() -> Result<T
     Ok(start.elapsed().as_secs_f64() * 1000.0 / repeats as f64)
 }
 
+/// The latent [C, H, W]: the model's, or `--latent-size` squared, which the UNet's
+/// downsamplings must divide (each halves H and W, and the up path must meet the skips).
+fn latent_shape(
+    default: [usize; 3],
+    size: Option<usize>,
+    config: &UNetConfig,
+) -> Result<[usize; 3]> {
+    let Some(n) = size else {
+        return Ok(default);
+    };
+    let factor = 1usize << config.block_out_channels.len().saturating_sub(1);
+    if n == 0 || n % factor != 0 {
+        bail!("--latent-size {n}: must be a positive multiple of {factor} for this UNet");
+    }
+    Ok([default[0], n, n])
+}
+
 pub fn run(opts: BenchOptions, device: &Device) -> Result<BenchReport> {
     let dtype = crate::tensor::parse_dtype(&opts.dtype)?;
     let s = shapes(opts.model);
     let config = UNetConfig::from_json(s.config, "bench config")?;
+    let latent = latent_shape(s.latent, opts.latent_size, &config)?;
     let t_load = Instant::now();
     let policy = UNet2DConditionModel::random(config.clone(), 1, dtype, device, WeightMode::Frozen)
         .context("policy UNet")?;
+    policy.set_gradient_checkpointing(opts.gradient_checkpointing);
     let unet_params = policy.param_count();
-    let [c, h, w] = s.latent;
+    let [c, h, w] = latent;
     let scheduler = DdimScheduler::new(DdimConfig::default(), device)?;
     scheduler.set_timesteps(20)?;
     let mut rng = SeededRng::new(0);
@@ -180,7 +217,7 @@ pub fn run(opts: BenchOptions, device: &Device) -> Result<BenchReport> {
         device: crate::tensor::device::device_name(device),
         options: opts.clone(),
         unet_params,
-        latent: s.latent,
+        latent,
         sample_batch: opts.sample_batch.unwrap_or(s.sample_batch),
         train_batch: opts.train_batch.unwrap_or(s.train_batch),
         micro_batch: 0,
@@ -188,7 +225,13 @@ pub fn run(opts: BenchOptions, device: &Device) -> Result<BenchReport> {
         ms_per_sampling_step: None,
         ms_per_training_step: None,
         load_seconds: 0.0,
+        threads: candle_core::utils::get_num_threads(),
+        gradient_checkpointing: policy.gradient_checkpointing(),
+        rss_after_load_mb: None,
+        peak_rss_mb: None,
+        activation_mb: None,
     };
+    let mut rss_usage = rss::RssUsage::default();
 
     if matches!(opts.phase, Phase::Sample | Phase::All) {
         let lrm_unet =
@@ -213,6 +256,7 @@ pub fn run(opts: BenchOptions, device: &Device) -> Result<BenchReport> {
             + config.block_out_channels.last().unwrap();
         let visual = (rng.randn((s.text_dim, feat), device)? * 0.02)?.to_dtype(dtype)?;
         let mut step_rng = SeededRng::new(3);
+        let window = rss::RssWindow::open();
         report.ms_per_sampling_step = Some(timed(device, opts.repeats, || {
             let x2 = Tensor::cat(&[&x, &x], 0)?;
             let t2 = Tensor::cat(&[&t, &t], 0)?;
@@ -231,6 +275,7 @@ pub fn run(opts: BenchOptions, device: &Device) -> Result<BenchReport> {
             let scores = Tensor::cat(&parts, 1)?.matmul(&visual.t()?)?.sum(1)?;
             Ok(scores.to_dtype(DType::F32)?.to_vec1::<f32>()?)
         })?);
+        rss_usage = window.close();
         drop(lrm_unet);
     }
 
@@ -309,6 +354,7 @@ pub fn run(opts: BenchOptions, device: &Device) -> Result<BenchReport> {
             )?;
             opt.backward(&out.loss, n as f64 / b as f64)
         };
+        let window = rss::RssWindow::open();
         report.ms_per_training_step = Some(timed(device, opts.repeats, || {
             let mut start = 0;
             while start < b {
@@ -318,6 +364,10 @@ pub fn run(opts: BenchOptions, device: &Device) -> Result<BenchReport> {
             }
             opt.step()
         })?);
+        rss_usage = window.close();
     }
+    report.rss_after_load_mb = rss_usage.rss_after_load_mb;
+    report.peak_rss_mb = rss_usage.peak_rss_mb;
+    report.activation_mb = rss_usage.activation_mb;
     Ok(report)
 }
