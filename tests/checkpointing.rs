@@ -385,25 +385,53 @@ fn scripts_switch_gradient_checkpointing() {
 }
 
 /// Attention whose backward recomputes the scores (in one block of queries or several) gives
-/// the gradients of plain autograd through softmax.
+/// the gradients of plain autograd through the head split, softmax and head merge.
 #[test]
 fn recomputed_attention_matches_autograd() {
-    use lpo::models::unet::checkpointed_attention::{attend, attend_checkpointed};
+    use lpo::models::unet::checkpointed_attention::{attend, multi_head_attention, HeadsConfig};
     let mut rng = SeededRng::new(8);
-    let q = Var::from_tensor(&randn(&mut rng, &[2, 3, 10, 4])).unwrap();
-    let kt = Var::from_tensor(&randn(&mut rng, &[2, 3, 4, 7])).unwrap();
-    let v = Var::from_tensor(&randn(&mut rng, &[2, 3, 7, 4])).unwrap();
-    let probe = randn(&mut rng, &[2, 3, 10, 4]);
-    let plain = attend(q.as_tensor(), kt.as_tensor(), v.as_tensor(), 0.5).unwrap();
-    let expected = grads_of(&plain, &probe, &[&q, &kt, &v]);
+    let (heads, d) = (3, 4);
+    let q = Var::from_tensor(&randn(&mut rng, &[2, 10, heads * d])).unwrap();
+    let k = Var::from_tensor(&randn(&mut rng, &[2, 7, heads * d])).unwrap();
+    let v = Var::from_tensor(&randn(&mut rng, &[2, 7, heads * d])).unwrap();
+    let probe = randn(&mut rng, &[2, 10, heads * d]);
+    let split = |x: &Tensor| {
+        let (b, n, _) = x.dims3().unwrap();
+        x.reshape((b, n, heads, d))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    };
+    let plain = attend(
+        &split(q.as_tensor()),
+        &split(k.as_tensor()).t().unwrap().contiguous().unwrap(),
+        &split(v.as_tensor()),
+        0.5,
+    )
+    .unwrap()
+    .transpose(1, 2)
+    .unwrap()
+    .reshape((2, 10, heads * d))
+    .unwrap();
+    let expected = grads_of(&plain, &probe, &[&q, &k, &v]);
     for rows in [10, 3] {
-        let out =
-            attend_checkpointed(q.as_tensor(), kt.as_tensor(), v.as_tensor(), 0.5, rows).unwrap();
+        let cfg = HeadsConfig {
+            heads,
+            scale: 0.5,
+            rows,
+            upcast: false,
+        };
+        let out = multi_head_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), cfg).unwrap();
         assert!(max_rel_diff(&out, &plain) < 1e-6, "rows {rows}: forward");
-        let got = grads_of(&out, &probe, &[&q, &kt, &v]);
-        for (name, (g, e)) in ["q", "kᵀ", "v"].iter().zip(got.iter().zip(&expected)) {
-            let d = max_rel_diff(g, e);
-            assert!(d < 1e-5, "rows {rows} {name}: relative difference {d}");
+        let got = grads_of(&out, &probe, &[&q, &k, &v]);
+        for (name, (g, e)) in ["q", "k", "v"].iter().zip(got.iter().zip(&expected)) {
+            let diff = max_rel_diff(g, e);
+            assert!(
+                diff < 1e-5,
+                "rows {rows} {name}: relative difference {diff}"
+            );
         }
     }
 }

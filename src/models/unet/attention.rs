@@ -6,7 +6,7 @@ use std::sync::Arc;
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-use super::checkpointed_attention::attend_checkpointed;
+use super::checkpointed_attention::{multi_head_attention, HeadsConfig};
 use crate::models::lora::{LoraHub, LoraLayer};
 use crate::models::nn::{GroupNorm, LayerNorm};
 use crate::tensor::recompute::recompute;
@@ -46,39 +46,26 @@ impl Attention {
         })
     }
 
-    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, _) = x.dims3()?;
-        x.reshape((b, n, self.heads, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()
-    }
-
     /// `x: [B, N, C]`, `context: [B, M, Cc]` (None = self-attention) -> `[B, N, C]`.
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let ctx = context.unwrap_or(x);
-        let (b, n, _) = x.dims3()?;
-        let dtype = x.dtype();
-        let mut q = self.split_heads(&self.to_q.forward(x)?)?;
-        let mut k = self.split_heads(&self.to_k.forward(ctx)?)?;
-        let mut v = self.split_heads(&self.to_v.forward(ctx)?)?;
-        let half = matches!(dtype, DType::F16 | DType::BF16);
-        if half && self.upcast {
-            q = q.to_dtype(DType::F32)?;
-            k = k.to_dtype(DType::F32)?;
-            v = v.to_dtype(DType::F32)?;
-        }
-        let kt = k.t()?.contiguous()?;
-        let m = kt.dim(D::Minus1)?;
+        let b = x.dim(0)?;
+        let m = ctx.dim(1)?;
         // Sliced attention: the [B, heads, N, M] score matrix is built a block of queries at a
         // time, so its size stays bounded (64x64 latents: N = M = 4096); with a graph, the
         // scores are recomputed in backward instead of kept (see checkpointed_attention.rs).
-        let rows = (attention_slice() / (b * self.heads * m).max(1)).max(1);
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = attend_checkpointed(&q, &kt, &v, scale, rows)?;
-        let out = out.to_dtype(dtype)?;
-        let out = out
-            .transpose(1, 2)?
-            .reshape((b, n, self.heads * self.head_dim))?;
+        let cfg = HeadsConfig {
+            heads: self.heads,
+            scale: 1.0 / (self.head_dim as f64).sqrt(),
+            rows: (attention_slice() / (b * self.heads * m).max(1)).max(1),
+            upcast: self.upcast,
+        };
+        let out = multi_head_attention(
+            &self.to_q.forward(x)?,
+            &self.to_k.forward(ctx)?,
+            &self.to_v.forward(ctx)?,
+            cfg,
+        )?;
         self.to_out.forward(&out)
     }
 }

@@ -1,15 +1,17 @@
-//! Attention with recomputation in the backward pass (gradient checkpointing for one op).
+//! Multi-head attention as one graph node that recomputes its scores in backward.
 //!
 //! Sliced attention bounds the score matrices a forward builds at once, but a forward that keeps
 //! its graph still holds every slice's scores and softmax for backward: at 64x64 latents that is
-//! [rows, heads, 4096, 4096] per attention layer, which is what runs SD1.5 training at batch 10
+//! [rows, heads, 4096, 4096] per attention layer, which is what ran SD1.5 training at batch 10
 //! and SDXL training out of memory. Here the forward runs on detached inputs (no graph, slices
 //! freed as they go) and a custom op carries the result; its backward recomputes one query slice
-//! at a time and returns dq, dk and dv. Memory: the inputs and the output, plus one slice.
+//! at a time and returns dq, dk and dv by the softmax-attention formulas. The node takes the
+//! projections' token-major outputs and splits the heads itself, so the graph keeps q, k, v and
+//! the output once each (not also their head-major copies and the transposed keys).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use candle_core::{DType, Tensor, Var, D};
+use candle_core::{DType, Result, Tensor, D};
 
 use crate::tensor::custom_backward::{with_backward, Backward};
 
@@ -20,16 +22,40 @@ pub fn recomputed_backwards() -> usize {
     RECOMPUTED_BACKWARDS.load(Ordering::Relaxed)
 }
 
+/// How one attention call splits and computes its heads.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadsConfig {
+    pub heads: usize,
+    /// Multiplies q kᵀ (1/√head_dim).
+    pub scale: f64,
+    /// Query rows per score block.
+    pub rows: usize,
+    /// Compute q kᵀ and P v in f32 for half-precision inputs (the softmax always is).
+    pub upcast: bool,
+}
+
+/// softmax(q kᵀ · scale) for one block of queries, in f32 (for half-precision inputs too).
+/// Without a graph it is candle's fused softmax kernel (one pass, no temporaries, but no
+/// backward); with one, the composed differentiable ops.
+fn probabilities(q: &Tensor, kt: &Tensor, scale: f64) -> Result<Tensor> {
+    let scores = q.contiguous()?.matmul(kt)?;
+    let scores = if matches!(scores.dtype(), DType::F16 | DType::BF16) {
+        scores.to_dtype(DType::F32)?
+    } else {
+        scores
+    };
+    let scores = (scores * scale)?;
+    if scores.track_op() {
+        candle_nn::ops::softmax(&scores, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)
+    }
+}
+
 /// softmax(q kᵀ · scale) v for one block of queries; the softmax runs in f32 for half
 /// precision inputs. `q: [B, H, n, d]`, `kt: [B, H, d, M]`, `v: [B, H, M, d]`.
-pub fn attend(q: &Tensor, kt: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
-    let scores = (q.contiguous()?.matmul(kt)? * scale)?;
-    let probs = if matches!(v.dtype(), DType::F16 | DType::BF16) {
-        candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(v.dtype())?
-    } else {
-        candle_nn::ops::softmax(&scores, D::Minus1)?
-    };
-    probs.matmul(v)
+pub fn attend(q: &Tensor, kt: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    probabilities(q, kt, scale)?.to_dtype(v.dtype())?.matmul(v)
 }
 
 /// [`attend`] over blocks of `rows` queries (the exact result: each query row's softmax only
@@ -40,7 +66,7 @@ pub fn attend_sliced(
     v: &Tensor,
     scale: f64,
     rows: usize,
-) -> candle_core::Result<Tensor> {
+) -> Result<Tensor> {
     let n = q.dim(2)?;
     if rows >= n {
         return attend(q, kt, v, scale);
@@ -55,80 +81,106 @@ pub fn attend_sliced(
     Tensor::cat(&parts, 2)
 }
 
-/// Sliced attention whose backward recomputes the slices instead of storing them. Inputs that
-/// carry no graph give the same result as [`attend_sliced`] without the custom op.
-pub fn attend_checkpointed(
-    q: &Tensor,
-    kt: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    rows: usize,
-) -> candle_core::Result<Tensor> {
-    let out = attend_sliced(&q.detach(), &kt.detach(), &v.detach(), scale, rows)?;
-    if !(q.track_op() || kt.track_op() || v.track_op()) {
-        return Ok(out);
-    }
-    with_backward(out, &[q, kt, v], RecomputedAttention { scale, rows })
+/// `[B, N, H·d]` -> `[B, H, N, d]`, contiguous (in f32 when `to_f32`).
+fn split_heads(x: &Tensor, heads: usize, to_f32: bool) -> Result<Tensor> {
+    let (b, n, c) = x.dims3()?;
+    let x = if to_f32 {
+        x.to_dtype(DType::F32)?
+    } else {
+        x.clone()
+    };
+    x.reshape((b, n, heads, c / heads))?
+        .transpose(1, 2)?
+        .contiguous()
 }
 
-/// The backward: recompute one query slice at a time and return dq, dk and dv.
-struct RecomputedAttention {
-    scale: f64,
-    rows: usize,
+/// `[B, H, N, d]` -> `[B, N, H·d]`, contiguous.
+fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, n, d) = x.dims4()?;
+    x.transpose(1, 2)?.contiguous()?.reshape((b, n, h * d))
 }
+
+/// Multi-head attention of token-major projections: `q: [B, N, H·d]`, `k, v: [B, M, H·d]`
+/// -> `[B, N, H·d]`, sliced by `cfg.rows` query rows. With a graph on any input it is one node
+/// that keeps only q, k, v and the output and recomputes the scores in backward.
+pub fn multi_head_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cfg: HeadsConfig,
+) -> Result<Tensor> {
+    let out = heads_forward(&q.detach(), &k.detach(), &v.detach(), cfg)?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(out);
+    }
+    with_backward(out, &[q, k, v], RecomputedAttention(cfg))
+}
+
+fn heads_forward(q: &Tensor, k: &Tensor, v: &Tensor, cfg: HeadsConfig) -> Result<Tensor> {
+    let up = cfg.upcast && matches!(q.dtype(), DType::F16 | DType::BF16);
+    let qh = split_heads(q, cfg.heads, up)?;
+    let kt = split_heads(k, cfg.heads, up)?.t()?.contiguous()?;
+    let vh = split_heads(v, cfg.heads, up)?;
+    merge_heads(&attend_sliced(&qh, &kt, &vh, cfg.scale, cfg.rows)?.to_dtype(q.dtype())?)
+}
+
+/// The backward of [`multi_head_attention`].
+struct RecomputedAttention(HeadsConfig);
 
 impl Backward for RecomputedAttention {
     fn name(&self) -> &'static str {
         "recomputed-attention"
     }
 
-    fn grads(
-        &self,
-        args: &[&Tensor],
-        grad_out: &Tensor,
-    ) -> candle_core::Result<Vec<Option<Tensor>>> {
-        let [q, kt, v] = args else {
-            candle_core::bail!("recomputed-attention: expected q, kᵀ and v");
+    /// Per block of queries, with P = softmax(S), S = q kᵀ · scale and g the output's
+    /// gradient: dv += Pᵀ g, dS = P ⊙ (g vᵀ − rowsum(g vᵀ ⊙ P)), dq = dS k · scale,
+    /// dkᵀ += qᵀ dS · scale. In f32; the gradients come back in the inputs' dtypes.
+    fn grads(&self, args: &[&Tensor], grad_out: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let [q, k, v] = args else {
+            candle_core::bail!("recomputed-attention: expected q, k and v");
         };
         RECOMPUTED_BACKWARDS.fetch_add(1, Ordering::Relaxed);
-        let n = q.dim(2)?;
-        let rows = self.rows.min(n);
-        let kt_var = Var::from_tensor(&kt.detach())?;
-        let v_var = Var::from_tensor(&v.detach())?;
-        let q = q.detach();
+        let HeadsConfig {
+            heads, scale, rows, ..
+        } = self.0;
+        let q32 = split_heads(&q.detach(), heads, true)?;
+        let k32 = split_heads(&k.detach(), heads, true)?;
+        let v32 = split_heads(&v.detach(), heads, true)?;
+        let g32 = split_heads(grad_out, heads, true)?;
+        let kt32 = k32.t()?.contiguous()?;
+        let vt32 = v32.t()?;
+        let n = q32.dim(2)?;
+        let rows = rows.clamp(1, n);
         let mut dq = Vec::with_capacity(n.div_ceil(rows));
-        let mut dk: Option<Tensor> = None;
+        let mut dkt: Option<Tensor> = None;
         let mut dv: Option<Tensor> = None;
+        let accumulate = |acc: Option<Tensor>, part: Tensor| match acc {
+            Some(acc) => acc + part,
+            None => Ok(part),
+        };
         let mut start = 0;
         while start < n {
             let len = rows.min(n - start);
-            let q_var = Var::from_tensor(&q.narrow(2, start, len)?)?;
-            let o = attend(
-                q_var.as_tensor(),
-                kt_var.as_tensor(),
-                v_var.as_tensor(),
-                self.scale,
-            )?;
-            // d/dx of sum(o * g) is the vector-Jacobian product with the incoming gradient g.
-            let g = grad_out.narrow(2, start, len)?.to_dtype(DType::F32)?;
-            let grads = (o.to_dtype(DType::F32)? * g)?.sum_all()?.backward()?;
-            let pick = |var: &Var| {
-                grads.get(var.as_tensor()).cloned().ok_or_else(|| {
-                    candle_core::Error::Msg("attention checkpoint: no gradient".into())
-                })
-            };
-            dq.push(pick(&q_var)?);
-            let (gk, gv) = (pick(&kt_var)?, pick(&v_var)?);
-            dk = Some(match dk {
-                Some(acc) => (acc + gk)?,
-                None => gk,
-            });
-            dv = Some(match dv {
-                Some(acc) => (acc + gv)?,
-                None => gv,
-            });
+            let qs = q32.narrow(2, start, len)?;
+            let g = g32.narrow(2, start, len)?;
+            let p = probabilities(&qs, &kt32, scale)?;
+            dv = Some(accumulate(dv, p.t()?.matmul(&g)?)?);
+            let dp = g.matmul(&vt32)?;
+            let row_sums = (&dp * &p)?.sum_keepdim(D::Minus1)?;
+            let ds = (dp.broadcast_sub(&row_sums)? * p)?;
+            dq.push((ds.matmul(&k32)? * scale)?);
+            dkt = Some(accumulate(dkt, (qs.t()?.matmul(&ds)? * scale)?)?);
             start += len;
         }
-        Ok(vec![Some(Tensor::cat(&dq, 2)?), dk, dv])
+        let token_major = |t: &Tensor, like: &Tensor| merge_heads(t)?.to_dtype(like.dtype());
+        let dk = match dkt {
+            Some(dkt) => Some(token_major(&dkt.t()?, k)?),
+            None => None,
+        };
+        let dv = match dv {
+            Some(dv) => Some(token_major(&dv, v)?),
+            None => None,
+        };
+        Ok(vec![Some(token_major(&Tensor::cat(&dq, 2)?, q)?), dk, dv])
     }
 }
