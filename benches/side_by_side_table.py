@@ -12,8 +12,15 @@ import json
 import sys
 
 
-def fmt(x, digits=0):
-    return "n/a" if x is None else f"{x:.{digits}f}"
+def fmt(x, digits=0, missing="n/a"):
+    return missing if x is None else f"{x:.{digits}f}"
+
+
+def missing_because(rc):
+    """What a side without a result shows: 143 is side_by_side.sh's low-memory stop."""
+    if rc in (None, 0):
+        return "n/a"
+    return "stopped: out of memory" if rc == 143 else f"failed (rc {rc})"
 
 
 def ratio(a, b):
@@ -34,9 +41,11 @@ def table(rows):
         name = row["config"] + (" +ckpt" if row.get("gradient_checkpointing") else "")
         o_ms, t_ms = field(ours, "ms_per_training_step"), field(torch, "ms_per_training_step")
         o_mb, t_mb = field(ours, "activation_mb"), field(torch, "activation_mb")
+        o_na, t_na = missing_because(row.get("ours_rc")), missing_because(row.get("torch_rc"))
         lines.append(
-            f"| {name} | {fmt(o_ms)} | {fmt(t_ms)} | {fmt(ratio(o_ms, t_ms), 2)} "
-            f"| {fmt(o_mb)} | {fmt(t_mb)} | {fmt(ratio(o_mb, t_mb), 2)} |"
+            f"| {name} | {fmt(o_ms, missing=o_na)} | {fmt(t_ms, missing=t_na)} "
+            f"| {fmt(ratio(o_ms, t_ms), 2)} "
+            f"| {fmt(o_mb, missing=o_na)} | {fmt(t_mb, missing=t_na)} | {fmt(ratio(o_mb, t_mb), 2)} |"
         )
     return "\n".join(lines)
 
