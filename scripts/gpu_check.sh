@@ -52,7 +52,14 @@ for dt in bf16 f32; do
   [ $dt = bf16 ] && peak_of "sd15-$dt-train-copy" bench --model sd15 --device cuda:0 --dtype $dt --phase train --reference copy --micro-batch 2 --repeats $reps
 done
 
-# 3. SDXL at 1024 px in bf16: sampling 4 prompts x K 4, training 4 records one at a time.
+# 2b. The issue #16 targets: the paper batch (10 records) in one pass in bf16 (<= 30 GB), and
+#     with gradient checkpointing.
+peak_of "sd15-bf16-train-onepass" bench --model sd15 --device cuda:0 --dtype bf16 --phase train --reference lora-off --repeats 3
+peak_of "sd15-bf16-train-onepass-ckpt" bench --model sd15 --device cuda:0 --dtype bf16 --phase train --reference lora-off --gradient-checkpointing --repeats 3
+
+# 3. SDXL at 1024 px in bf16: sampling 4 prompts x K 4, training 4 records one at a time, and
+#    the #16 target: LoRA r64, batch 4 in one pass with gradient checkpointing (<= 70 GB).
+peak_of "sdxl-bf16-train-b4-ckpt" bench --model sdxl --device cuda:0 --dtype bf16 --phase train --reference lora-off --gradient-checkpointing --repeats 1
 peak_of "sdxl-bf16-sample" bench --model sdxl --device cuda:0 --dtype bf16 --phase sample --repeats 2
 peak_of "sdxl-bf16-train-loraoff" bench --model sdxl --device cuda:0 --dtype bf16 --phase train --reference lora-off --micro-batch 1 --repeats 1
 peak_of "sdxl-bf16-train-copy" bench --model sdxl --device cuda:0 --dtype bf16 --phase train --reference copy --micro-batch 1 --repeats 1
