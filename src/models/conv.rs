@@ -147,35 +147,27 @@ impl Conv2d {
         }
         let (ho, wo) = (grad.dim(2)?, grad.dim(3)?);
         let (k, l) = (cin * kh * kw, ho * wo);
-        // [B, O, L] -> [O, B·L], the columns' layout.
-        let g = grad
-            .reshape((b, cout, l))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((cout, b * l))?;
-        let kernel_t = self.weight.reshape((cout, k))?.t()?.contiguous()?;
-        let per_chunk = (COLUMN_BUDGET / (k * l)).clamp(1, b);
-        let mut parts = Vec::with_capacity(b.div_ceil(per_chunk));
-        for start in (0..b).step_by(per_chunk) {
-            let n = per_chunk.min(b - start);
-            // [K, O] @ [O, n·L] -> [K, n·L]
-            let cols = kernel_t.matmul(&g.narrow(1, start * l, n * l)?)?;
+        // Kᵀ as a transposed view (gemm reads either layout; a contiguous copy of an SD kernel
+        // is up to 59 MB per call), one image at a time so each image's [O, L] gradient is
+        // already in the columns' layout.
+        let kernel_t = self.weight.reshape((cout, k))?.t()?;
+        let grad = grad.contiguous()?;
+        let window = Window {
+            kh,
+            kw,
+            stride: s,
+            padding: p,
+            h,
+            w,
+        };
+        let mut parts = Vec::with_capacity(b);
+        for image in 0..b {
+            // [K, O] @ [O, L] -> [K, L]
+            let cols = kernel_t.matmul(&grad.get(image)?.reshape((cout, l))?)?;
             parts.push(if kh == 1 && kw == 1 && s == 1 && p == 0 {
-                cols.reshape((c, n, l))?
-                    .transpose(0, 1)?
-                    .reshape((n, c, h, w))?
+                cols.reshape((1, c, h, w))?
             } else {
-                col2im(
-                    &cols,
-                    Window {
-                        kh,
-                        kw,
-                        stride: s,
-                        padding: p,
-                        h,
-                        w,
-                    },
-                )?
+                col2im(&cols, window)?
             });
         }
         Tensor::cat(&parts, 0)

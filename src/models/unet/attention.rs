@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::checkpointed_attention::{multi_head_attention, HeadsConfig};
@@ -57,7 +57,7 @@ impl Attention {
         let cfg = HeadsConfig {
             heads: self.heads,
             scale: 1.0 / (self.head_dim as f64).sqrt(),
-            rows: (attention_slice() / (b * self.heads * m).max(1)).max(1),
+            rows: (slice_budget(x.device()) / (b * self.heads * m).max(1)).max(1),
             upcast: self.upcast,
         };
         let out = multi_head_attention(
@@ -85,6 +85,20 @@ pub fn set_attention_slice(elements: usize) {
 
 pub fn attention_slice() -> usize {
     SLICE_ELEMENTS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// At most this many score elements per slice on the CPU (16 MiB in f32): slices and their
+/// softmax temporaries then stay below glibc's mmap threshold (see malloc_tuning.rs) and are
+/// reused from the heap instead of page-faulted in afresh for every slice, and stay closer to
+/// the caches (an SD1.5 training step at 32x32 latents: 16.7 s -> 16.3 s on 2 cores).
+const CPU_SLICE_ELEMENTS: usize = 1 << 22;
+
+fn slice_budget(device: &candle_core::Device) -> usize {
+    if device.is_cpu() {
+        attention_slice().min(CPU_SLICE_ELEMENTS)
+    } else {
+        attention_slice()
+    }
 }
 
 /// GEGLU feed-forward: `net.2(h * gelu(gate))` with `[h, gate] = net.0.proj(x)`.

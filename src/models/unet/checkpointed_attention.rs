@@ -38,13 +38,13 @@ pub struct HeadsConfig {
 /// Without a graph it is candle's fused softmax kernel (one pass, no temporaries, but no
 /// backward); with one, the composed differentiable ops.
 fn probabilities(q: &Tensor, kt: &Tensor, scale: f64) -> Result<Tensor> {
-    let scores = q.contiguous()?.matmul(kt)?;
+    // Scaling q (n x d) costs a pass over far fewer elements than scaling the scores (n x M).
+    let scores = (q * scale)?.contiguous()?.matmul(kt)?;
     let scores = if matches!(scores.dtype(), DType::F16 | DType::BF16) {
         scores.to_dtype(DType::F32)?
     } else {
         scores
     };
-    let scores = (scores * scale)?;
     if scores.track_op() {
         candle_nn::ops::softmax(&scores, D::Minus1)
     } else {
