@@ -13,5 +13,10 @@ pub fn tune_malloc() {
         // 32 MiB: the largest threshold glibc accepts on 64-bit.
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 25);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        // One arena: tensors are allocated on the calling thread but some are freed on rayon's,
+        // and with an arena per thread the freed blocks could not serve the next allocation.
+        // An SD1.5 training step's peak (benches/README.md) varied 1470-2045 MB between runs
+        // with per-thread arenas and was 1351 MB every time with one, at the same speed.
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }

@@ -435,3 +435,47 @@ fn recomputed_attention_matches_autograd() {
         }
     }
 }
+
+/// A frozen layer with an added residual or per-channel bias as one node: the gradients of the
+/// input and of the added tensor equal plain autograd's.
+#[test]
+fn frozen_layer_with_added_tensor_matches_autograd() {
+    let mut rng = SeededRng::new(11);
+    let conv = LayerKind::Conv {
+        stride: 1,
+        padding: 1,
+    };
+    let cases: Vec<(LayerKind, Vec<usize>, Vec<usize>, Vec<usize>)> = vec![
+        (conv, vec![2, 4, 5, 5], vec![6, 4, 3, 3], vec![2, 6, 1, 1]),
+        (conv, vec![2, 4, 5, 5], vec![6, 4, 3, 3], vec![2, 6, 5, 5]),
+        (LayerKind::Linear, vec![2, 5, 6], vec![7, 6], vec![2, 5, 7]),
+    ];
+    for (kind, xd, wd, addd) in cases {
+        let x = Var::from_tensor(&randn(&mut rng, &xd)).unwrap();
+        let add = Var::from_tensor(&randn(&mut rng, &addd)).unwrap();
+        let weight = randn(&mut rng, &wd);
+        let bias = randn(&mut rng, &[wd[0]]);
+        let fused =
+            frozen_layer::forward_add(kind, &weight, Some(&bias), x.as_tensor(), add.as_tensor())
+                .unwrap();
+        let plain = frozen_layer::eval(kind, &weight, Some(&bias), None, x.as_tensor())
+            .unwrap()
+            .broadcast_add(add.as_tensor())
+            .unwrap();
+        assert_eq!(
+            max_rel_diff(&fused, &plain),
+            0.0,
+            "{kind:?} {addd:?}: forward"
+        );
+        let probe = randn(&mut rng, fused.dims());
+        let got = grads_of(&fused, &probe, &[&x, &add]);
+        let expected = grads_of(&plain, &probe, &[&x, &add]);
+        for (name, (g, e)) in ["x", "add"].iter().zip(got.iter().zip(&expected)) {
+            let d = max_rel_diff(g, e);
+            assert!(
+                d < 1e-5,
+                "{kind:?} {addd:?} {name}: relative difference {d}"
+            );
+        }
+    }
+}

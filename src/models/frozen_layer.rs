@@ -67,6 +67,39 @@ pub fn forward(
     }
 }
 
+/// `eval(x) + add` (`add` broadcast onto the output: a residual, or a per-channel bias such as
+/// a ResnetBlock2D's time embedding) as one node, for a frozen layer without adapter: the graph
+/// then keeps neither the layer's own output nor the sum's operands, only `x`, `add` and the sum.
+pub fn forward_add(
+    kind: LayerKind,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    x: &Tensor,
+    add: &Tensor,
+) -> Result<Tensor> {
+    if !x.track_op() && !add.track_op() {
+        return apply(kind, weight, bias, x)?.broadcast_add(add);
+    }
+    let out = apply(kind, weight, bias, &x.detach())?.broadcast_add(&add.detach())?;
+    let backward = FrozenLayerBackward {
+        kind,
+        weight: weight.detach(),
+        scale: 1.0,
+    };
+    with_backward(out, &[x, add], backward)
+}
+
+/// `grad` summed over the dims where `like` is broadcast (size 1), so it has `like`'s shape.
+fn sum_to(grad: &Tensor, like: &Tensor) -> Result<Tensor> {
+    let mut g = grad.clone();
+    for (d, (&want, &have)) in like.dims().iter().zip(grad.dims()).enumerate() {
+        if want == 1 && have != 1 {
+            g = g.sum_keepdim(d)?;
+        }
+    }
+    Ok(g)
+}
+
 /// The layer's own op with `weight`.
 fn apply(kind: LayerKind, weight: &Tensor, bias: Option<&Tensor>, x: &Tensor) -> Result<Tensor> {
     match kind {
@@ -122,8 +155,14 @@ impl Backward for FrozenLayerBackward {
         } else {
             None
         };
-        let [_, a, b] = args else {
-            return Ok(vec![base]);
+        let (a, b) = match args {
+            [_] => return Ok(vec![base]),
+            [_, add] => {
+                let dadd = add.track_op().then(|| sum_to(grad, add)).transpose()?;
+                return Ok(vec![base, dadd]);
+            }
+            [_, a, b] => (a, b),
+            _ => candle_core::bail!("frozen-layer: 1 to 3 arguments, got {}", args.len()),
         };
         // The low-rank branch is small: autograd over it gives dA, dB and its part of dx.
         let xv = x

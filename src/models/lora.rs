@@ -26,6 +26,7 @@ use candle_nn::VarBuilder;
 
 use crate::models::conv::Conv2d;
 use crate::models::frozen_layer::{self, LowRank};
+use crate::tensor::recompute::recompute;
 use crate::tensor::SeededRng;
 
 /// `targets` entry that selects every linear layer (PEFT's `target_modules="all-linear"`).
@@ -191,6 +192,21 @@ impl LoraLayer {
     }
 }
 
+impl LoraLayer {
+    /// `forward(x) + add` (broadcast), as one graph node when the layer is frozen and carries
+    /// no active adapter (see [`frozen_layer::forward_add`]).
+    pub fn forward_add(&self, x: &Tensor, add: &Tensor) -> candle_core::Result<Tensor> {
+        let w = self.weight.read().map_err(candle_lock_err)?.clone();
+        let adapter_on = self.enabled.load(Ordering::Relaxed)
+            && self.adapter.read().map(|a| a.is_some()).unwrap_or(true);
+        let trainable_base = w.track_op() || self.bias.as_ref().is_some_and(|b| b.track_op());
+        if adapter_on || trainable_base {
+            return self.forward(x)?.broadcast_add(add);
+        }
+        frozen_layer::forward_add(self.kind, &w, self.bias.as_ref(), x, add)
+    }
+}
+
 impl Module for LoraLayer {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let w = self.weight.read().map_err(candle_lock_err)?.clone();
@@ -317,6 +333,23 @@ impl LoraHub {
         let out = f();
         self.enabled.store(before, Ordering::Relaxed);
         out
+    }
+
+    /// A block of this model under gradient checkpointing: `block(inputs)` recomputed in
+    /// backward with the adapters as they are now.
+    pub fn checkpoint(
+        &self,
+        name: &'static str,
+        inputs: &[&Tensor],
+        block: impl Fn(&[Tensor]) -> candle_core::Result<Tensor> + Send + Sync + 'static,
+    ) -> candle_core::Result<Tensor> {
+        let hub = self.clone();
+        let adapters_on = self.enabled();
+        recompute(
+            name,
+            inputs,
+            Arc::new(move |t| hub.with_enabled(adapters_on, || block(t))),
+        )
     }
 
     /// All registered layers, sorted by path.

@@ -120,8 +120,13 @@ impl FeedForward {
     }
 }
 
-impl Module for FeedForward {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl FeedForward {
+    /// `forward(x) + residual`, the residual added in `net.2`'s node.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.out.forward_add(&self.gated(x)?, residual)
+    }
+
+    fn gated(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(x)?;
         let inner = self.inner;
         // GEGLU as one node: backward recomputes gelu(gate) instead of keeping it.
@@ -134,7 +139,13 @@ impl Module for FeedForward {
                 a * gate.gelu_erf()?
             }),
         )?;
-        self.out.forward(&gated)
+        Ok(gated)
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.out.forward(&self.gated(x)?)
     }
 }
 
@@ -185,16 +196,10 @@ impl BasicTransformerBlock {
             return self.eval(x, context);
         }
         let block = self.clone();
-        let adapters_on = self.hub.enabled();
-        recompute(
-            "transformer-block-checkpoint",
-            &[x, context],
-            Arc::new(move |t| {
-                block
-                    .hub
-                    .with_enabled(adapters_on, || block.eval(&t[0], &t[1]))
-            }),
-        )
+        self.hub
+            .checkpoint("transformer-block-checkpoint", &[x, context], move |t| {
+                block.eval(&t[0], &t[1])
+            })
     }
 
     fn eval(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
@@ -203,7 +208,7 @@ impl BasicTransformerBlock {
             .attn2
             .forward(&self.norm2.forward(&x)?, Some(context))?
             + &x)?;
-        self.ff.forward(&self.norm3.forward(&x)?)? + &x
+        self.ff.forward_add(&self.norm3.forward(&x)?, &x)
     }
 }
 
@@ -291,11 +296,10 @@ impl Transformer2DModel {
                 .permute((0, 3, 1, 2))?
                 .contiguous()
         };
-        let out = if self.linear_projection {
-            spatial(&self.proj_out.forward(&hs)?, c)?
+        if self.linear_projection {
+            spatial(&self.proj_out.forward(&hs)?, c)? + x
         } else {
-            self.proj_out.forward(&spatial(&hs, self.inner)?)?
-        };
-        out + x
+            self.proj_out.forward_add(&spatial(&hs, self.inner)?, x)
+        }
     }
 }

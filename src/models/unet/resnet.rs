@@ -7,7 +7,6 @@ use candle_nn::VarBuilder;
 
 use crate::models::lora::{LoraHub, LoraLayer};
 use crate::models::nn::GroupNorm;
-use crate::tensor::recompute::recompute;
 
 /// norm1 -> silu -> conv1 -> + time_emb_proj(silu(temb)) -> norm2 -> silu -> conv2, plus the
 /// (1x1-projected when channels change) input, divided by `output_scale_factor`.
@@ -57,32 +56,28 @@ impl ResnetBlock2D {
             return self.eval(x, temb);
         }
         let block = self.clone();
-        let adapters_on = self.hub.enabled();
-        recompute(
-            "resnet-block-checkpoint",
-            &[x, temb],
-            Arc::new(move |t| {
-                block
-                    .hub
-                    .with_enabled(adapters_on, || block.eval(&t[0], &t[1]))
-            }),
-        )
+        self.hub
+            .checkpoint("resnet-block-checkpoint", &[x, temb], move |t| {
+                block.eval(&t[0], &t[1])
+            })
     }
 
     fn eval(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let t = self
             .time_emb_proj
             .forward(&temb.silu()?)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
+        // The time embedding and the skip are added inside the convs' nodes, so the graph does
+        // not keep the convs' own outputs as well as the sums.
+        let h = self.conv1.forward_add(&self.norm1.forward_silu(x)?, &t)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
-        let out = (skip + h)?;
+        let out = self
+            .conv2
+            .forward_add(&self.norm2.forward_silu(&h)?, &skip)?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {
