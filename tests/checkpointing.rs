@@ -445,7 +445,9 @@ fn frozen_layer_with_added_tensor_matches_autograd() {
         stride: 1,
         padding: 1,
     };
-    let cases: Vec<(LayerKind, Vec<usize>, Vec<usize>, Vec<usize>)> = vec![
+    // (layer, input dims, weight dims, added tensor dims)
+    type Case = (LayerKind, Vec<usize>, Vec<usize>, Vec<usize>);
+    let cases: Vec<Case> = vec![
         (conv, vec![2, 4, 5, 5], vec![6, 4, 3, 3], vec![2, 6, 1, 1]),
         (conv, vec![2, 4, 5, 5], vec![6, 4, 3, 3], vec![2, 6, 5, 5]),
         (LayerKind::Linear, vec![2, 5, 6], vec![7, 6], vec![2, 5, 7]),
