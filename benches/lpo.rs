@@ -17,9 +17,9 @@ use lpo::models::loading::WeightMode;
 use lpo::models::lora::LoraConfig;
 use lpo::models::tokenizer::ClipTokenizer;
 use lpo::models::unet::UNet2DConditionModel;
+use lpo::optim::{AdamW, AdamWConfig};
 use lpo::reward::lrm::{LatentRewardModel, LrmOptions};
 use lpo::tensor::SeededRng;
-use lpo::train::{AdamW, AdamWConfig};
 
 fn vm_hwm_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")

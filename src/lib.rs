@@ -5,7 +5,6 @@
 //! of scripts; `script` registers thin bindings over it.
 
 pub mod bench;
-pub mod control;
 pub mod cpu_threads;
 pub mod diffusion;
 pub mod eval;
@@ -13,14 +12,15 @@ pub mod fsutil;
 pub mod image_grid;
 pub mod image_io;
 pub mod image_text;
+pub mod jobs;
 pub mod lpo;
 pub mod malloc_tuning;
 pub mod models;
+pub mod optim;
 pub mod repl;
 pub mod reward;
 pub mod run;
-pub mod schedule;
+pub mod runtime;
 pub mod script;
 pub mod shapes;
 pub mod tensor;
-pub mod train;

@@ -3,9 +3,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use lpo::control::RunControl;
 use lpo::run::headless::Headless;
 use lpo::run::{check_script, parse_set};
+use lpo::runtime::control::RunControl;
 use lpo::script::{build_engine, EngineOptions, Host, Limits};
 
 #[derive(Parser)]
@@ -84,8 +84,8 @@ impl SessionArgs {
     }
 
     /// The `--allow-read` / `--allow-write` folders.
-    fn grants(&self) -> lpo::run::confinement::Grants {
-        lpo::run::confinement::Grants {
+    fn grants(&self) -> lpo::runtime::confinement::Grants {
+        lpo::runtime::confinement::Grants {
             read: self.allow_read.clone(),
             write: self.allow_write.clone(),
         }
@@ -244,7 +244,7 @@ fn init_logging(format: LogFormat) {
     let filter = log_filter();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(lpo::run::log::TeeWriter::make);
+        .with_writer(lpo::runtime::log::TeeWriter::make);
     match format {
         LogFormat::Text => builder
             .with_target(false)
@@ -342,7 +342,7 @@ fn lpo_main() -> ExitCode {
             once,
             now,
             stop_after,
-        } => lpo::schedule::main(&file, once, now.as_deref(), stop_after),
+        } => lpo::jobs::main(&file, once, now.as_deref(), stop_after),
         Command::Check { script } => check_script(&script),
         Command::Fns {
             json,

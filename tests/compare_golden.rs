@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 
 use candle_core::Device;
-use lpo::control::RunControl;
 use lpo::diffusion::DdimConfig;
+use lpo::runtime::control::RunControl;
 use lpo::script::{build_engine, EngineOptions, Host};
 use rhai::{Dynamic, Map};
 

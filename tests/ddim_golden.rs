@@ -3,8 +3,8 @@
 //! finite-difference check of d log_prob / d model_output, and bad input.
 
 use candle_core::{DType, Device, Tensor, Var};
-use lpo::control::RunControl;
 use lpo::diffusion::{DdimConfig, DdimScheduler};
+use lpo::runtime::control::RunControl;
 use lpo::script::{build_engine, EngineOptions, Host, ScriptEngine};
 use rhai::{Dynamic, Map};
 

@@ -1,12 +1,12 @@
 //! Evaluation: paired bootstrap on constructed examples, PNG image I/O, plots and the report.
 
 use candle_core::{DType, Device, Tensor};
-use lpo::control::RunControl;
 use lpo::eval::plots::{line_plot_with, LinePlot};
 use lpo::eval::report::Figure;
 use lpo::eval::{line_plot, paired_bootstrap, write_report, Report, Summary};
 use lpo::image_grid::{self, GridLabels, GridOptions};
 use lpo::image_io;
+use lpo::runtime::control::RunControl;
 use lpo::script::{build_engine, EngineOptions, Host};
 use lpo::shapes::{Prompt, ShapesWorld};
 use lpo::tensor::SeededRng;

@@ -7,9 +7,9 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use lpo::control::RunControl;
 use lpo::models::model_folder::{copy_model_folder, model_index, MODEL_INDEX};
 use lpo::models::unet::UNetConfig;
+use lpo::runtime::control::RunControl;
 use lpo::script::{build_engine, EngineOptions, Host};
 use serde_json::{json, Value};
 

@@ -140,7 +140,7 @@ fn a_truncated_file_is_named() {
 #[test]
 fn script_batches_decode_every_fixture_pair() {
     use candle_core::Device;
-    use lpo::control::RunControl;
+    use lpo::runtime::control::RunControl;
     use lpo::script::{build_engine, EngineOptions, Host};
     let engine = build_engine(
         Host::new(RunControl::new(), Device::Cpu, 0),

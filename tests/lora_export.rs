@@ -8,7 +8,7 @@ use common::max_diff;
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
-use lpo::control::RunControl;
+use lpo::runtime::control::RunControl;
 use lpo::script::{build_engine, EngineOptions, Host};
 use rhai::Map;
 

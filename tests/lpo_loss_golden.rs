@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
-use lpo::control::RunControl;
 use lpo::lpo::{lpo_loss, LpoLossConfig};
+use lpo::runtime::control::RunControl;
 use lpo::script::{build_engine, EngineOptions, Host};
 use rhai::{Dynamic, Map};
 

@@ -7,8 +7,8 @@ use std::process::Command;
 use std::sync::Arc;
 
 use candle_core::Device;
-use lpo::control::RunControl;
-use lpo::run::dir::RunDir;
+use lpo::runtime::control::RunControl;
+use lpo::runtime::run_dir::RunDir;
 use lpo::script::{build_engine, EngineOptions, Host};
 use rhai::{Dynamic, Map, Scope};
 

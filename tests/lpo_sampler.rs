@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use lpo::control::RunControl;
 use lpo::diffusion::DdimScheduler;
+use lpo::runtime::control::RunControl;
 use lpo::script::{build_engine, EngineOptions, Host};
 use lpo::tensor::SeededRng;
 use rhai::{Array, Map};

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
-use lpo::control::RunControl;
-use lpo::run::dir::RunDir;
+use lpo::runtime::control::RunControl;
+use lpo::runtime::run_dir::RunDir;
 use lpo::script::{build_engine, EngineOptions, Host};
 use rhai::{Dynamic, Map, Scope};
 
@@ -40,7 +40,7 @@ fn one_step_raises_the_winners_log_ratio_margin() {
         let rec = out.records;
         let margin = |lp| ((lp.lp_win - lp.lp_win_ref) - (lp.lp_lose - lp.lp_lose_ref)).mean().item();
         let before = lpo_log_probs(policy, sched, rec, #{});
-        let m = lpo_train_step(policy, sched, rec, opt, #{beta: 500, eps: 0.1, accumulate: 2});
+        let m = lpo_train_step(policy, sched, rec, opt, #{beta: 500, eps: 0.1, micro_batch: 1});
         let after = lpo_log_probs(policy, sched, rec, #{});
         // the reference is untouched by the step (adapters off = base model)
         let ref_diff = max_abs_diff(before.lp_win_ref, after.lp_win_ref);
@@ -124,7 +124,7 @@ fn resume_after_an_interrupted_epoch_matches_an_uninterrupted_run() {
     let cut_dir = tmp.path().join("cut");
     let cut = run_recipe(&cut_dir, &[("halt_at_step", Dynamic::from(total - 1))]);
     assert!(cut["stopped"].as_bool().unwrap());
-    let ck = lpo::run::dir::latest_checkpoint(&cut_dir.join("checkpoints"), &Device::Cpu)
+    let ck = lpo::runtime::run_dir::latest_checkpoint(&cut_dir.join("checkpoints"), &Device::Cpu)
         .unwrap()
         .expect("a checkpoint before the interruption");
     assert!(ck.step >= 1);

@@ -1,7 +1,7 @@
 //! The LRM through the script API against the PyTorch reference (tests/fixtures/golden/lrm*.safetensors).
 
 use candle_core::Device;
-use lpo::control::RunControl;
+use lpo::runtime::control::RunControl;
 use lpo::script::{build_engine, EngineOptions, Host};
 
 fn eval_f64(script: &str) -> f64 {

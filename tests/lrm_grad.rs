@@ -6,9 +6,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use lpo::control::RunControl;
 use lpo::reward::lrm::{LatentRewardModel, LrmOptions, PromptIds};
 use lpo::reward::pair_loss::PairLossOptions;
+use lpo::runtime::control::RunControl;
 use lpo::script::{build_engine, EngineOptions, Host};
 use lpo::tensor::SeededRng;
 

@@ -7,7 +7,7 @@
 //! the noise swamps most of the signal.
 
 use candle_core::Device;
-use lpo::control::RunControl;
+use lpo::runtime::control::RunControl;
 use lpo::script::{build_engine, EngineOptions, Host};
 
 const SCRIPT: &str = include_str!("scripts/lrm_learns.rhai");

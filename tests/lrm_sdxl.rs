@@ -6,9 +6,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use lpo::control::RunControl;
 use lpo::models::loading::WeightMode;
 use lpo::models::unet::{UNet2DConditionModel, UNetConfig};
+use lpo::runtime::control::RunControl;
 use lpo::script::{build_engine, EngineOptions, Host};
 use lpo::tensor::SeededRng;
 

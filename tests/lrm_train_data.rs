@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use candle_core::Device;
-use lpo::control::RunControl;
+use lpo::runtime::control::RunControl;
 use lpo::script::{build_engine, EngineOptions, Host};
 
 fn engine() -> lpo::script::ScriptEngine {

@@ -366,8 +366,8 @@ fn bad_input_gives_clear_errors() {
 // ---- the evaluation recipe (stdlib/eval.rhai via scripts/eval_scorers.rhai) ----
 
 fn engine_in_run(run: &Path) -> rhai::Engine {
-    use lpo::control::RunControl;
-    use lpo::run::dir::RunDir;
+    use lpo::runtime::control::RunControl;
+    use lpo::runtime::run_dir::RunDir;
     use lpo::script::{build_engine, EngineOptions, Host};
     let host = Host::new(RunControl::new(), Device::Cpu, 0)
         .with_run_dir(std::sync::Arc::new(RunDir::open(run).unwrap()));

@@ -2,7 +2,7 @@
 //! judge's accuracy properties (ground truth, pixel noise, wrong prompts, blank/noise images).
 
 use candle_core::{Device, Tensor};
-use lpo::control::RunControl;
+use lpo::runtime::control::RunControl;
 use lpo::script::{build_engine, EngineOptions, Host};
 use lpo::shapes::world::{to_signed, BACKGROUND};
 use lpo::shapes::{

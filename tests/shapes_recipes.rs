@@ -10,7 +10,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use candle_core::Device;
-use lpo::control::RunControl;
+use lpo::runtime::control::RunControl;
 use lpo::script::{build_engine, EngineOptions, Host};
 
 fn lpo(dir: &Path, args: &[&str]) -> Output {

@@ -3,7 +3,7 @@
 //! sort/gather/index_select, seeded rng, safetensors, error positions, and bad input.
 
 use candle_core::{DType, Device, Tensor};
-use lpo::control::RunControl;
+use lpo::runtime::control::RunControl;
 use lpo::script::{build_engine, EngineOptions, Host};
 use rhai::{Dynamic, Engine, EvalAltResult};
 

@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use lpo::control::RunControl;
 use lpo::models::tokenizer::{ClipTokenizer, TokenizerSource};
+use lpo::runtime::control::RunControl;
 use lpo::script::{build_engine, EngineOptions, Host};
 
 fn fixtures() -> PathBuf {

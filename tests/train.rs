@@ -4,12 +4,12 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
-use lpo::control::RunControl;
+use lpo::optim::{AdamW, AdamWConfig, GradClip, Params, Schedule};
+use lpo::runtime::control::RunControl;
 use lpo::script::{build_engine, EngineOptions, Host};
 use lpo::tensor::grad::{
     clip_by_global_norm, finite_difference_check, global_norm, vars_without_grad,
 };
-use lpo::train::{AdamW, AdamWConfig, GradClip, Params, Schedule};
 
 fn cpu() -> Device {
     Device::Cpu
@@ -230,11 +230,11 @@ fn clipping_scales_to_the_max_norm() {
 }
 
 trait StepBoth {
-    fn backward_and_step(&mut self, loss: &Tensor) -> lpo::train::StepInfo;
+    fn backward_and_step(&mut self, loss: &Tensor) -> lpo::optim::StepInfo;
 }
 
 impl StepBoth for AdamW {
-    fn backward_and_step(&mut self, loss: &Tensor) -> lpo::train::StepInfo {
+    fn backward_and_step(&mut self, loss: &Tensor) -> lpo::optim::StepInfo {
         self.backward(loss, 1.0).unwrap();
         self.step().unwrap()
     }

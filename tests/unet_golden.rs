@@ -1,9 +1,9 @@
 //! The UNet reproduces the PyTorch/diffusers golden tensors (through the script API).
 
 use candle_core::{DType, Device, Tensor};
-use lpo::control::RunControl;
 use lpo::models::loading::WeightMode;
 use lpo::models::unet::UNet2DConditionModel;
+use lpo::runtime::control::RunControl;
 use lpo::script::{build_engine, EngineOptions, Host};
 use rhai::Map;
 

@@ -5,11 +5,11 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
-use lpo::control::RunControl;
 use lpo::models::loading::WeightMode;
 use lpo::models::lora::LoraConfig;
 use lpo::models::lora_file::Accept;
 use lpo::models::unet::UNet2DConditionModel;
+use lpo::runtime::control::RunControl;
 use lpo::script::{build_engine, EngineOptions, Host};
 use lpo::tensor::SeededRng;
 

@@ -28,9 +28,9 @@ use crate::lpo::loss::{lpo_loss, LpoLossConfig};
 use crate::models::loading::WeightMode;
 use crate::models::lora::LoraConfig;
 use crate::models::unet::{AddedCond, UNet2DConditionModel, UNetConfig};
+use crate::optim::{AdamW, AdamWConfig, Params};
 use crate::reward::lrm::stage_indices;
 use crate::tensor::SeededRng;
-use crate::train::{AdamW, AdamWConfig, Params};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]

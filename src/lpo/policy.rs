@@ -17,7 +17,7 @@ use crate::models::clip_text::ClipTextModel;
 use crate::models::lora::LoraConfig;
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::{AddedCond, UNet2DConditionModel};
-use crate::train::Params;
+use crate::optim::Params;
 
 /// Which model the policy trains.
 #[derive(Clone)]

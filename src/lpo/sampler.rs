@@ -12,9 +12,9 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
 use super::policy::{Policy, PromptCond};
-use crate::control::RunControl;
 use crate::diffusion::DdimScheduler;
 use crate::reward::lrm::{LatentRewardModel, TextConditioning};
+use crate::runtime::control::RunControl;
 use crate::tensor::SeededRng;
 
 /// Sampler settings (defaults: the paper's K 4, 20 steps, eta 1, guidance 5).

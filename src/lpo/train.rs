@@ -12,10 +12,10 @@ use candle_core::Tensor;
 use super::loss::{lpo_loss, LpoLossConfig};
 use super::policy::{Policy, PromptCond};
 use super::sampler::Record;
-use crate::control::RunControl;
 use crate::diffusion::DdimScheduler;
 use crate::models::unet::AddedCond;
-use crate::train::AdamW;
+use crate::optim::AdamW;
+use crate::runtime::control::RunControl;
 
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
@@ -25,8 +25,9 @@ pub struct TrainConfig {
     /// Guide the log-prob predictions like sampling (policy and reference alike).
     pub train_cfg: bool,
     pub guidance_scale: f64,
-    /// Split the batch into this many micro-batches (one optimizer step per call).
-    pub accumulate: usize,
+    /// At most this many records per backward pass (None: the whole batch); the batch is split
+    /// into equal micro-batches, gradients accumulate, and the call makes one optimizer step.
+    pub micro_batch: Option<usize>,
 }
 
 impl Default for TrainConfig {
@@ -36,7 +37,7 @@ impl Default for TrainConfig {
             eta: 1.0,
             train_cfg: true,
             guidance_scale: 5.0,
-            accumulate: 1,
+            micro_batch: None,
         }
     }
 }
@@ -175,13 +176,14 @@ pub fn train_step(
     if n == 0 {
         bail!("lpo_train_step: the batch holds no records");
     }
-    if cfg.accumulate == 0 {
-        bail!("lpo_train_step: accumulate must be >= 1");
+    if cfg.micro_batch == Some(0) {
+        bail!("lpo_train_step: micro_batch must be >= 1");
     }
     if policy.is_lora() && !policy.unet.lora_enabled() {
         bail!("lpo_train_step: the policy's LoRA adapters are switched off (set unet.lora_enabled = true)");
     }
-    let micro = n.div_ceil(cfg.accumulate.min(n));
+    let parts = cfg.micro_batch.map_or(1, |rows| n.div_ceil(rows));
+    let micro = n.div_ceil(parts);
     let mut s = Sums::default();
     opt.zero_grad();
     for chunk in records.chunks(micro) {

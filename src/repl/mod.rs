@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 
 use rhai::{Dynamic, ModuleResolver, Position, Scope, AST};
 
-use crate::control::RunControl;
 use crate::run::report;
+use crate::runtime::control::RunControl;
 use crate::script::{build_engine, classify, EngineOptions, Failure, Host, ScriptEngine};
 use completion::{Names, ReplHelper};
 
@@ -247,7 +247,7 @@ pub fn run_repl(host: Host, control: Arc<RunControl>) -> i32 {
     editor.set_helper(Some(ReplHelper::new(names.clone())));
     // After the editor: rustyline replaces the SIGINT handler when it opens the terminal, and
     // Ctrl-C during an evaluation must reach the run control.
-    if let Err(e) = crate::control::install_signal_handlers(control.clone()) {
+    if let Err(e) = crate::runtime::control::install_signal_handlers(control.clone()) {
         eprintln!("warning: cannot install signal handlers: {e}");
     }
     let history = history_path();

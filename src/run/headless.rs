@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use rhai::{Dynamic, Map};
 
-use super::confinement::Grants;
-use super::dir::{Locked, RunDir, EXIT_LOCKED};
-use super::{engine_for, log, run_script, RunOptions};
-use crate::control::RunControl;
+use super::{engine_for, run_script, RunOptions};
+use crate::runtime::confinement::Grants;
+use crate::runtime::control::RunControl;
+use crate::runtime::log;
+use crate::runtime::run_dir::{Locked, RunDir, EXIT_LOCKED};
 use crate::script::{Failure, Host, Limits};
 
 /// What `lpo run` was asked to do.
@@ -227,7 +228,7 @@ pub fn run(mut h: Headless) -> i32 {
         );
     }
     let control = RunControl::new();
-    if let Err(e) = super::signals::install(control.clone(), run.clone(), h.stop_grace) {
+    if let Err(e) = crate::runtime::signals::install(control.clone(), run.clone(), h.stop_grace) {
         tracing::warn!("cannot install signal handlers: {e}");
     }
     // Writes go to this run folder and --allow-write folders only: a scheduled job cannot

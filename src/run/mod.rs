@@ -1,19 +1,16 @@
 //! Headless runs: compile a script, run it with `params`, and turn the outcome into an exit
 //! code and a readable error report.
 
-pub mod confinement;
-pub mod dir;
 pub mod headless;
-pub mod log;
 pub mod params_json;
 pub mod report;
-pub mod signals;
 
 use std::path::{Path, PathBuf};
 
 use rhai::{Map, Scope};
 
-use crate::control::RunControl;
+use crate::runtime::control::RunControl;
+use crate::runtime::{confinement, log};
 pub use crate::script::params::typed_value;
 use crate::script::params::{Declaration, HOST_KEYS};
 use crate::script::{build_engine, classify, EngineOptions, Failure, Host, Limits, ScriptEngine};
@@ -27,7 +24,7 @@ pub struct RunOptions {
     pub limits: Limits,
     pub timeout: Option<std::time::Duration>,
     /// The run folder (checkpoints, metrics, `run_dir()`); None runs without one.
-    pub run: Option<std::sync::Arc<dir::RunDir>>,
+    pub run: Option<std::sync::Arc<crate::runtime::run_dir::RunDir>>,
     /// The name errors and relative imports use for the script (default: `script` itself;
     /// a resumed run reads the stored copy but keeps the original name).
     pub source_name: Option<PathBuf>,

@@ -5,7 +5,7 @@ use std::fmt::Display;
 
 use rhai::{EvalAltResult, NativeCallContext, Position};
 
-use crate::control::{RunControl, StopReason, Stopped};
+use crate::runtime::control::{RunControl, StopReason, Stopped};
 
 pub type ScriptResult<T> = Result<T, Box<EvalAltResult>>;
 

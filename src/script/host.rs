@@ -8,8 +8,8 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 use rhai::{Dynamic, NativeCallContext};
 
-use crate::control::{RunControl, Stopped};
-use crate::run::confinement::{AccessDenied, Confinement};
+use crate::runtime::confinement::{AccessDenied, Confinement};
+use crate::runtime::control::{RunControl, Stopped};
 
 #[derive(Clone)]
 pub struct Host {
@@ -17,7 +17,7 @@ pub struct Host {
     pub device: Device,
     pub seed: u64,
     /// The run folder of `lpo run` (None in the REPL and in bare engines).
-    pub run: Option<Arc<crate::run::dir::RunDir>>,
+    pub run: Option<Arc<crate::runtime::run_dir::RunDir>>,
     /// Which files scripts may read and write (unconfined unless set).
     pub files: Arc<Confinement>,
     /// The most bytes one tensor built from a script-given shape may take (`--max-tensor-memory`).
@@ -37,7 +37,7 @@ impl Host {
     }
 
     /// The same host writing into `run` (checkpoints, metrics, `run_dir()`).
-    pub fn with_run_dir(mut self, run: Arc<crate::run::dir::RunDir>) -> Self {
+    pub fn with_run_dir(mut self, run: Arc<crate::runtime::run_dir::RunDir>) -> Self {
         self.run = Some(run);
         self
     }

@@ -308,7 +308,7 @@ mod helpers {
                 "eta",
                 "train_cfg",
                 "guidance_scale",
-                "accumulate",
+                "micro_batch",
             ],
         )
         .or_script(ctx)?;
@@ -321,7 +321,10 @@ mod helpers {
             eta: o.f64("eta", d.eta).or_script(ctx)?,
             train_cfg: o.bool("train_cfg", d.train_cfg).or_script(ctx)?,
             guidance_scale: o.f64("guidance_scale", d.guidance_scale).or_script(ctx)?,
-            accumulate: o.usize("accumulate", d.accumulate).or_script(ctx)?,
+            micro_batch: o
+                .opt_i64("micro_batch")
+                .or_script(ctx)?
+                .map(|rows| usize::try_from(rows).unwrap_or(0)),
         })
     }
 
@@ -344,6 +347,7 @@ pub mod lpo_api {
     use crate::lpo::{Policy, PromptCond};
     use crate::models::loading::WeightMode;
     use crate::models::unet::UNet2DConditionModel;
+    use crate::optim::Params;
     use crate::script::bindings::diffusion::Scheduler;
     use crate::script::bindings::lrm::ScriptLrm;
     use crate::script::bindings::rng::ScriptRng;
@@ -354,7 +358,6 @@ pub mod lpo_api {
     use crate::script::options::Options;
     use crate::script::Host;
     use crate::tensor::SeededRng;
-    use crate::train::Params;
 
     // ---- policy ----
 

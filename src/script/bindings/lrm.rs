@@ -325,8 +325,8 @@ pub mod lrm_api {
     pub fn params(
         ctx: NativeCallContext,
         lrm: &mut ScriptLrm,
-    ) -> ScriptResult<crate::train::Params> {
-        crate::train::Params::from_vars(lrm.trainable_vars()).or_script(&ctx)
+    ) -> ScriptResult<crate::optim::Params> {
+        crate::optim::Params::from_vars(lrm.trainable_vars()).or_script(&ctx)
     }
 
     /// Number of trainable elements.

@@ -44,7 +44,7 @@ pub fn register_all(engine: &mut Engine) {
     engine.register_type_with_name::<diffusion::Scheduler>("Scheduler");
     engine.register_global_module(exported_module!(diffusion::diffusion_api).into());
     engine.register_global_module(exported_module!(loss::loss_api).into());
-    engine.register_type_with_name::<crate::train::Params>("Params");
+    engine.register_type_with_name::<crate::optim::Params>("Params");
     engine.register_type_with_name::<train::ScriptOptimizer>("AdamW");
     engine.register_global_module(exported_module!(train::train_api).into());
     engine.register_global_module(exported_module!(run::run_api).into());

@@ -1,6 +1,6 @@
 //! The run: its folder, checkpoints, metrics, progress and stop requests.
 //!
-//! Under `lpo run` every run has a folder (see `crate::run::dir`). Without one (the REPL, a
+//! Under `lpo run` every run has a folder (see `crate::runtime::run_dir`). Without one (the REPL, a
 //! bare engine): `run_dir()` and `checkpoint_save` fail with a clear error, `checkpoint_latest()`
 //! returns `()`, `log_metrics` only logs the line, `progress` and `should_stop` work as usual.
 
@@ -114,7 +114,7 @@ pub mod run_api {
             return Ok(());
         }
         let last = match &host.run {
-            Some(run) => match crate::run::dir::list_checkpoints(&run.checkpoints_dir())
+            Some(run) => match crate::runtime::run_dir::list_checkpoints(&run.checkpoints_dir())
                 .into_iter()
                 .max_by_key(|(s, _)| *s)
             {
@@ -200,7 +200,7 @@ pub mod helpers {
     use rhai::{Map, NativeCallContext};
 
     use super::Progress;
-    use crate::run::dir::RunDir;
+    use crate::runtime::run_dir::RunDir;
     use crate::script::error::{host_error, stopped_error, ScriptResult};
     use crate::script::Host;
 
@@ -290,7 +290,7 @@ pub mod helpers {
     pub fn new_progress(total: i64, label: &str) -> Progress {
         let total = total.max(0) as u64;
         let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = crate::run::log::bars().add(indicatif::ProgressBar::new(total));
+            let bar = crate::runtime::log::bars().add(indicatif::ProgressBar::new(total));
             let style = indicatif::ProgressStyle::with_template(
                 "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} ({eta}) {msg}",
             )
@@ -362,7 +362,7 @@ pub mod helpers {
         match &s.bar {
             Some(bar) => {
                 bar.finish();
-                crate::run::log::bars().remove(bar);
+                crate::runtime::log::bars().remove(bar);
             }
             None => log_line(&s),
         }

@@ -46,13 +46,13 @@ pub mod shapes_pipe_api {
 
     use super::helpers;
     use crate::models::model_folder::copy_model_folder;
+    use crate::optim::Params;
     use crate::reward::data::read_manifest;
     use crate::script::bindings::unet::ScriptUNet;
     use crate::script::error::{OrScriptError, ScriptResult};
     use crate::script::options::Options;
     use crate::script::Host;
     use crate::shapes::model_maker::{make_shapes_model, ShapesModelSpec};
-    use crate::train::Params;
 
     /// Write a tiny random shapes model in the diffusers layout to `dir` (`unet/` 3->3 channels
     /// at 16x16, `text_encoder/`, a word-level `tokenizer/`, SD1.5 DDIM `scheduler/`). Options

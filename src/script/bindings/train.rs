@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use rhai::plugin::*;
 
-use crate::train::AdamW;
+use crate::optim::AdamW;
 
 /// The optimizer as a script value (every clone drives the same optimizer).
 pub type ScriptOptimizer = Arc<Mutex<AdamW>>;
@@ -22,8 +22,8 @@ mod helpers {
     use rhai::{Array, Dynamic, Map};
 
     use super::ScriptOptimizer;
+    use crate::optim::{AdamW, AdamWConfig, GradClip, Schedule, StepInfo};
     use crate::script::options::{dynamic_f64, Options};
-    use crate::train::{AdamW, AdamWConfig, GradClip, Schedule, StepInfo};
 
     pub(super) fn lock(o: &ScriptOptimizer) -> std::sync::MutexGuard<'_, AdamW> {
         o.lock().unwrap_or_else(|e| e.into_inner())
@@ -153,11 +153,11 @@ pub mod train_api {
     use candle_core::Tensor;
     use rhai::{Array, Dynamic, Map};
 
+    use crate::optim::{AdamW, AdamWConfig, Params};
     use crate::script::convert::tensor_from_dynamic;
     use crate::script::error::{OrScriptError, ScriptResult};
     use crate::script::options::dynamic_f64;
     use crate::script::Host;
-    use crate::train::{AdamW, AdamWConfig, Params};
 
     // ---- Params ----
 

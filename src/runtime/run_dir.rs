@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 
-use crate::control::StopReason;
+use crate::runtime::control::StopReason;
 
 /// Exit code of `lpo run` when the run folder is locked by another live process (EX_TEMPFAIL).
 pub const EXIT_LOCKED: i32 = 75;

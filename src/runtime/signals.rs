@@ -8,9 +8,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::control::{RunControl, StopReason};
+use crate::runtime::control::{RunControl, StopReason};
 
-use super::dir::RunDir;
+use super::run_dir::RunDir;
 
 pub fn install(control: Arc<RunControl>, run: Arc<RunDir>, grace: Duration) -> std::io::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};

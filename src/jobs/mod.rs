@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
-use crate::run::dir::RunDir;
+use crate::runtime::run_dir::RunDir;
 use config::{Job, Schedule, Trigger};
 use ledger::{Event, Ledger, Record};
 
