@@ -9,11 +9,16 @@
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 /// Hyper-parameters: the paper's beta 500 and eps 0.1 by default.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default)]
 pub struct LpoLossConfig {
+    /// Inverse temperature of the DPO-style loss (the paper's 500).
     pub beta: f64,
+    /// Clamp of the policy/reference log-ratio per step, ±eps (the paper's 0.1).
     pub eps: f64,
 }
 

@@ -8,6 +8,8 @@
 
 use anyhow::{bail, Result};
 use candle_core::Tensor;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use super::loss::{lpo_loss, LpoLossConfig};
 use super::policy::{Policy, PromptCond};
@@ -17,8 +19,10 @@ use crate::models::unet::AddedCond;
 use crate::optim::AdamW;
 use crate::runtime::control::RunControl;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(default)]
 pub struct TrainConfig {
+    #[serde(flatten)]
     pub loss: LpoLossConfig,
     /// eta of the sampling steps whose log-probs are trained (1 in the paper).
     pub eta: f64,

@@ -3,6 +3,7 @@
 
 pub mod bindings;
 pub mod convert;
+pub mod declared;
 pub mod docs;
 pub mod engine;
 pub mod error;

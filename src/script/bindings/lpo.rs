@@ -299,33 +299,7 @@ mod helpers {
         opts: &Map,
         func: &str,
     ) -> ScriptResult<crate::lpo::TrainConfig> {
-        let o = crate::script::options::Options::new(
-            opts,
-            func,
-            &[
-                "beta",
-                "eps",
-                "eta",
-                "train_cfg",
-                "guidance_scale",
-                "micro_batch",
-            ],
-        )
-        .or_script(ctx)?;
-        let d = crate::lpo::TrainConfig::default();
-        Ok(crate::lpo::TrainConfig {
-            loss: crate::lpo::LpoLossConfig {
-                beta: o.f64("beta", d.loss.beta).or_script(ctx)?,
-                eps: o.f64("eps", d.loss.eps).or_script(ctx)?,
-            },
-            eta: o.f64("eta", d.eta).or_script(ctx)?,
-            train_cfg: o.bool("train_cfg", d.train_cfg).or_script(ctx)?,
-            guidance_scale: o.f64("guidance_scale", d.guidance_scale).or_script(ctx)?,
-            micro_batch: o
-                .opt_i64("micro_batch")
-                .or_script(ctx)?
-                .map(|rows| usize::try_from(rows).unwrap_or(0)),
-        })
+        crate::script::declared::from_map(opts, func).or_script(ctx)
     }
 
     pub(super) fn records(v: Vec<Record>) -> Records {
