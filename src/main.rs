@@ -494,10 +494,7 @@ fn print_functions(engine: &rhai::Engine, json: bool, filter: Option<&str>) -> i
             continue;
         }
         shown += 1;
-        let mut text = format!("{}\n", f.signature);
-        for line in f.doc.lines() {
-            text.push_str(&format!("    {line}\n"));
-        }
+        let text = f.to_text();
         // A closed pipe (`lpo fns | head`) is not an error.
         if out.write_all(text.as_bytes()).is_err() {
             break;

@@ -342,3 +342,27 @@ fn api_reference_is_regenerated() {
         "docs/API.md is stale: run `lpo fns --markdown > docs/API.md`"
     );
 }
+
+/// The reference names host types as scripts see them (`Lrm`, not the Rust `ScriptLrm`), and
+/// lists the declared options of functions that take an option map.
+#[test]
+fn api_reference_uses_script_names_and_lists_options() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let o = lpo(root, &["fns", "--markdown"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let rust_names: Vec<&str> = text
+        .split(|c: char| !c.is_alphanumeric() && c != '_')
+        .filter(|w| w.starts_with("Script") && w.len() > "Script".len())
+        .collect();
+    assert!(
+        rust_names.is_empty(),
+        "Rust type names in the reference: {rust_names:?}"
+    );
+    let o = lpo(root, &["fns", "lpo_train_step"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("options:") && text.contains("beta: float = 500.0"),
+        "{text}"
+    );
+}

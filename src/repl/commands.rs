@@ -29,6 +29,7 @@ fn all_docs(session: &Session) -> Vec<FunctionDoc> {
                 .map(|c| c.trim_start_matches("///").trim().to_string())
                 .collect::<Vec<_>>()
                 .join("\n"),
+            options: Vec::new(),
         });
     }
     for (path, alias) in &session.imports {
@@ -81,11 +82,7 @@ pub fn help(session: &Session, name: &str) -> String {
     }
     let mut out = String::new();
     for d in matching {
-        out.push_str(&d.signature);
-        out.push('\n');
-        for line in d.doc.lines() {
-            out.push_str(&format!("    {line}\n"));
-        }
+        out.push_str(&d.to_text());
     }
     out.trim_end().to_string()
 }

@@ -38,6 +38,20 @@ fn entry(out: &mut String, f: &FunctionDoc) {
     } else {
         out.push_str(&format!("  \n  {}\n", f.doc.replace('\n', "  \n  ")));
     }
+    if !f.options.is_empty() {
+        out.push_str("\n  Options:\n");
+        for o in &f.options {
+            let default = o
+                .default
+                .as_deref()
+                .map(|d| format!(" = {d}"))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "  - `{}`: `{}{default}` {}\n",
+                o.name, o.kind, o.doc
+            ));
+        }
+    }
 }
 
 /// Markdown: the functions grouped as "Functions", "<Type> methods", then one section per

@@ -2,11 +2,42 @@
 
 use serde::Deserialize;
 
+use crate::script::declared::OptionDoc;
+
 #[derive(Debug, Clone)]
 pub struct FunctionDoc {
     pub name: String,
     pub signature: String,
     pub doc: String,
+    /// The keys its option map accepts, when a core config struct declares them.
+    pub options: Vec<OptionDoc>,
+}
+
+impl FunctionDoc {
+    /// The signature, then the doc and the options indented (`lpo fns`, the REPL's `:help`).
+    pub fn to_text(&self) -> String {
+        let mut text = format!("{}\n", self.signature);
+        for line in self.doc.lines() {
+            text.push_str(&format!("    {line}\n"));
+        }
+        if !self.options.is_empty() {
+            text.push_str("    options:\n");
+        }
+        for o in &self.options {
+            let default = o
+                .default
+                .as_deref()
+                .map(|d| format!(" = {d}"))
+                .unwrap_or_default();
+            let doc = if o.doc.is_empty() {
+                String::new()
+            } else {
+                format!(" — {}", o.doc)
+            };
+            text.push_str(&format!("      {}: {}{default}{doc}\n", o.name, o.kind));
+        }
+        text
+    }
 }
 
 #[derive(Deserialize)]
@@ -31,6 +62,8 @@ pub fn functions(metadata_json: &str) -> Vec<FunctionDoc> {
         Ok(m) => m,
         Err(_) => return Vec::new(),
     };
+    let declared = crate::script::bindings::declared_options();
+    let type_names = crate::script::bindings::script_type_names();
     let mut out: Vec<FunctionDoc> = meta
         .functions
         .into_iter()
@@ -55,11 +88,37 @@ pub fn functions(metadata_json: &str) -> Vec<FunctionDoc> {
                 .filter(|l| !l.is_empty())
                 .collect::<Vec<_>>()
                 .join("\n"),
+            options: declared
+                .iter()
+                .find(|(name, _)| *name == f.name)
+                .map(|(_, o)| o.clone())
+                .unwrap_or_default(),
             name: f.name,
-            signature: readable_signature(&f.signature),
+            signature: script_type_names_in(&readable_signature(&f.signature), &type_names),
         })
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name).then(a.signature.cmp(&b.signature)));
+    out
+}
+
+/// Host types by the names scripts know them by (`ScriptLrm` -> `Lrm`), whole words only.
+pub fn script_type_names_in(sig: &str, names: &[(&str, &str)]) -> String {
+    let mut out = String::with_capacity(sig.len());
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        let renamed = names.iter().find(|(rust, _)| *rust == word.as_str());
+        out.push_str(renamed.map_or(word.as_str(), |(_, script)| script));
+        word.clear();
+    };
+    for c in sig.chars() {
+        if c.is_alphanumeric() || c == '_' {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
     out
 }
 
@@ -109,6 +168,18 @@ pub fn readable_signature(sig: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_types_show_their_script_names() {
+        let names = [("ScriptLrm", "Lrm"), ("ScriptPolicy", "LpoPolicy")];
+        assert_eq!(
+            script_type_names_in(
+                "score(lrm: ScriptLrm, p: ScriptPolicy) -> ScriptLrmX",
+                &names
+            ),
+            "score(lrm: Lrm, p: LpoPolicy) -> ScriptLrmX"
+        );
+    }
 
     #[test]
     fn signatures_use_script_names() {

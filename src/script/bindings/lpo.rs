@@ -25,6 +25,15 @@ pub type ScriptPolicy = Arc<Policy>;
 #[derive(Clone, Default)]
 pub struct Records(pub Arc<Vec<Record>>);
 
+/// Options of the functions below that take a declared option map.
+pub fn declared_options() -> Vec<(&'static str, Vec<crate::script::declared::OptionDoc>)> {
+    use crate::script::declared::option_docs;
+    vec![
+        ("lpo_train_step", option_docs::<crate::lpo::TrainConfig>()),
+        ("lpo_log_probs", option_docs::<crate::lpo::TrainConfig>()),
+    ]
+}
+
 mod helpers {
     use std::sync::Arc;
 

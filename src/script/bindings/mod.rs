@@ -2,6 +2,8 @@
 
 use rhai::{exported_module, Engine};
 
+use crate::script::declared::OptionDoc;
+
 pub mod diffusion;
 pub mod eval;
 pub mod io;
@@ -23,12 +25,51 @@ pub mod train;
 pub mod unet;
 pub mod vae;
 
+/// Every host type scripts see, with the name they see it by; `lpo fns` and docs/API.md show
+/// signatures in these names too.
+macro_rules! script_types {
+    ($($ty:path => $name:literal),* $(,)?) => {
+        fn register_types(engine: &mut Engine) {
+            $(engine.register_type_with_name::<$ty>($name);)*
+        }
+
+        /// (the type as bindings write it, its script name)
+        pub fn script_type_names() -> Vec<(&'static str, &'static str)> {
+            vec![$((last_segment(stringify!($ty)), $name)),*]
+        }
+    };
+}
+
+fn last_segment(path: &'static str) -> &'static str {
+    path.rsplit("::").next().unwrap_or(path).trim()
+}
+
+script_types! {
+    candle_core::Tensor => "Tensor",
+    rng::ScriptRng => "Rng",
+    unet::ScriptUNet => "UNet",
+    run::Progress => "Progress",
+    shapes::ScriptWorld => "ShapesWorld",
+    text::Tokenizer => "Tokenizer",
+    text::TextEncoder => "TextEncoder",
+    vae::Vae => "Vae",
+    diffusion::Scheduler => "Scheduler",
+    crate::optim::Params => "Params",
+    train::ScriptOptimizer => "AdamW",
+    scorers::ScriptScorer => "Scorer",
+    lrm::ScriptLrm => "Lrm",
+    lpo::ScriptPolicy => "LpoPolicy",
+    lpo::Records => "Records",
+    lrm_data::ScriptPreferences => "Preferences",
+}
+
+/// The declared options of every script function that takes an option map.
+pub fn declared_options() -> Vec<(&'static str, Vec<OptionDoc>)> {
+    [lpo::declared_options()].concat()
+}
+
 pub fn register_all(engine: &mut Engine) {
-    engine.register_type_with_name::<candle_core::Tensor>("Tensor");
-    engine.register_type_with_name::<rng::ScriptRng>("Rng");
-    engine.register_type_with_name::<unet::ScriptUNet>("UNet");
-    engine.register_type_with_name::<run::Progress>("Progress");
-    engine.register_type_with_name::<shapes::ScriptWorld>("ShapesWorld");
+    register_types(engine);
     engine.register_global_module(exported_module!(tensor::tensor_api).into());
     engine.register_global_module(exported_module!(rng::rng_api).into());
     engine.register_global_module(exported_module!(io::io_api).into());
@@ -36,28 +77,17 @@ pub fn register_all(engine: &mut Engine) {
     engine.register_global_module(exported_module!(params::params_api).into());
     engine.register_global_module(exported_module!(system::system_api).into());
     engine.register_global_module(exported_module!(unet::unet_api).into());
-    engine.register_type_with_name::<text::Tokenizer>("Tokenizer");
-    engine.register_type_with_name::<text::TextEncoder>("TextEncoder");
-    engine.register_type_with_name::<vae::Vae>("Vae");
     engine.register_global_module(exported_module!(text::text_api).into());
     engine.register_global_module(exported_module!(vae::vae_api).into());
-    engine.register_type_with_name::<diffusion::Scheduler>("Scheduler");
     engine.register_global_module(exported_module!(diffusion::diffusion_api).into());
     engine.register_global_module(exported_module!(loss::loss_api).into());
-    engine.register_type_with_name::<crate::optim::Params>("Params");
-    engine.register_type_with_name::<train::ScriptOptimizer>("AdamW");
     engine.register_global_module(exported_module!(train::train_api).into());
     engine.register_global_module(exported_module!(run::run_api).into());
     engine.register_global_module(exported_module!(shapes::shapes_api).into());
     engine.register_global_module(exported_module!(eval::eval_api).into());
-    engine.register_type_with_name::<scorers::ScriptScorer>("Scorer");
     engine.register_global_module(exported_module!(scorers::scorers_api).into());
-    engine.register_type_with_name::<lrm::ScriptLrm>("Lrm");
     engine.register_global_module(exported_module!(lrm::lrm_api).into());
-    engine.register_type_with_name::<lpo::ScriptPolicy>("LpoPolicy");
-    engine.register_type_with_name::<lpo::Records>("Records");
     engine.register_global_module(exported_module!(lpo::lpo_api).into());
-    engine.register_type_with_name::<lrm_data::ScriptPreferences>("Preferences");
     engine.register_global_module(exported_module!(lrm_data::lrm_data_api).into());
     engine.register_global_module(exported_module!(shapes_pipe::shapes_pipe_api).into());
 }
