@@ -15,6 +15,6 @@ pub use comparison::Comparison;
 pub use loss::{lpo_loss, LpoLossConfig, LpoLossOutput};
 pub use policy::{Policy, PolicyKind, PolicyOptions, PromptCond};
 pub use record::{Record, RecordSummary};
-pub use sampler::{sample, SampleOptions, SampleOutput, SamplerConfig, SamplerInputs, StepLog};
+pub use sampler::{sample, SampleOutput, SamplerConfig, SamplerInputs, StepLog};
 pub use stats::{BucketCounts, SampleStats};
 pub use train::{train_step, RecordBatch, TrainConfig, TrainMetrics};

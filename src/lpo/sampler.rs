@@ -40,6 +40,9 @@ pub struct SamplerConfig {
     pub divert_end: usize,
     /// Latent [C, H, W]; unset = the UNet's in_channels and sample_size.
     pub latent_shape: Option<[usize; 3]>,
+    /// Seed of the generator when the caller does not share one (unset: the run's seed).
+    /// The sampler itself draws from the generator it is given.
+    pub seed: Option<i64>,
 }
 
 impl Default for SamplerConfig {
@@ -52,6 +55,7 @@ impl Default for SamplerConfig {
             divert_start: 0,
             divert_end: 0,
             latent_shape: None,
+            seed: None,
         }
     }
 }
@@ -101,16 +105,6 @@ impl SamplerConfig {
     fn guidance(&self) -> Option<f64> {
         (self.guidance_scale != 1.0).then_some(self.guidance_scale)
     }
-}
-
-/// `lpo_sample`'s options: the sampler settings and the seed of its own generator.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
-#[serde(default)]
-pub struct SampleOptions {
-    #[serde(flatten)]
-    pub sampler: SamplerConfig,
-    /// Seed of the sampler's own generator (unset: the run's seed); not used with `rng`.
-    pub seed: Option<i64>,
 }
 
 /// What one diverting step saw.

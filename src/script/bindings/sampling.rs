@@ -10,15 +10,15 @@
 
 use rhai::plugin::*;
 
-use crate::lpo::SampleOptions;
+use crate::lpo::SamplerConfig;
 use crate::script::declared::{option_docs, OptionDoc};
 
-/// `lpo_sample`'s options that carry script values, set aside from [`SampleOptions`].
+/// `lpo_sample`'s options that carry script values, set aside from [`SamplerConfig`].
 const HOST_KEYS: [&str; 4] = ["rng", "compare_opts", "time_ids", "reward_fn"];
 
 /// The declared options of this module's functions, for the docs.
 pub fn declared_options() -> Vec<(&'static str, Vec<OptionDoc>)> {
-    vec![("lpo_sample", option_docs::<SampleOptions>())]
+    vec![("lpo_sample", option_docs::<SamplerConfig>())]
 }
 
 mod helpers {
@@ -332,7 +332,7 @@ pub mod sampling_api {
     use super::helpers::*;
     use super::HOST_KEYS;
     use crate::lpo::sampler::{check_lrm, sample_with_reward};
-    use crate::lpo::{SampleOptions, SamplerInputs};
+    use crate::lpo::{SamplerConfig, SamplerInputs};
     use crate::models::sdxl_conditioning::{default_image_size, default_time_ids};
     use crate::script::bindings::diffusion::Scheduler;
     use crate::script::bindings::lrm::ScriptLrm;
@@ -373,18 +373,18 @@ pub mod sampling_api {
         compare_fn: Dynamic,
         opts: Map,
     ) -> ScriptResult<Map> {
-        let (o, host_opts): (SampleOptions, Map) =
+        let (cfg, host_opts): (SamplerConfig, Map) =
             from_map_with(&opts, "lpo_sample", &HOST_KEYS).or_script(&ctx)?;
         let host = Host::of(&ctx);
         host.check().or_script(&ctx)?;
-        o.sampler.validate().or_script(&ctx)?;
+        cfg.validate().or_script(&ctx)?;
         let callbacks = Callbacks::new(&ctx, &compare_fn, &host_opts)?;
         let prompts = prompt_strings(&ctx, &prompts)?;
         check_lrm(&policy, &lrm).or_script(&ctx)?;
         let text = (text_encoder, tokenizer);
         let cond = prompt_conditioning(&ctx, &policy, &text, &prompts, &host_opts)?;
         let shared_rng = host_opt::<ScriptRng>(&ctx, &host_opts, "rng", "an Rng")?;
-        let seed = o.seed.unwrap_or(host.seed as i64) as u64;
+        let seed = cfg.seed.unwrap_or(host.seed as i64) as u64;
         let inputs = SamplerInputs {
             policy: &policy,
             scheduler: &scheduler,
@@ -395,7 +395,7 @@ pub mod sampling_api {
         };
         let out = callbacks.run(&ctx, |compare, reward| {
             with_rng(shared_rng.as_ref(), seed, |rng| {
-                sample_with_reward(&inputs, &o.sampler, rng, compare, reward)
+                sample_with_reward(&inputs, &cfg, rng, compare, reward)
             })
         })?;
         sample_result(out, prompts.len()).or_script(&ctx)
