@@ -51,11 +51,7 @@ fn compare_all(scores: &Tensor, _t: &Tensor) -> anyhow::Result<Comparison> {
             }
         }
     }
-    Ok(Comparison {
-        best,
-        worst,
-        valid: vec![true; b],
-    })
+    Comparison::new(best, worst, vec![true; b], s.len())
 }
 
 fn main() -> anyhow::Result<()> {

@@ -8,16 +8,78 @@
 //! `pred = u + g·(c − u)`; without guidance only the cond rows run. SD2.1's v-prediction needs
 //! nothing here: the scheduler interprets the output by its `prediction_type`.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Tensor, D};
+use candle_core::{Device, Tensor, D};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use crate::models::clip_text::ClipTextModel;
+use crate::models::loading::WeightMode;
 use crate::models::lora::LoraConfig;
+use crate::models::sdxl_conditioning;
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::{AddedCond, UNet2DConditionModel};
 use crate::optim::Params;
+
+/// How `lpo_policy` builds the policy (besides its LoRA settings and reference model).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(default)]
+pub struct PolicyOptions {
+    /// Full fine-tuning of a UNet loaded `trainable: true` against a frozen `reference`
+    /// (false: LoRA adapters, the reference being the same UNet with adapters off).
+    pub full: bool,
+    /// Recompute the UNet's blocks in backward (less memory); unset keeps the UNet's setting.
+    pub gradient_checkpointing: Option<bool>,
+}
+
+/// A frozen reference UNet for full fine-tuning from a model folder (its `unet/`) or a UNet
+/// folder, in the policy's dtype.
+pub fn load_reference(
+    dir: &Path,
+    like: &UNet2DConditionModel,
+    device: &Device,
+) -> Result<Arc<UNet2DConditionModel>> {
+    let dir = if dir.join("unet/config.json").is_file() {
+        dir.join("unet")
+    } else {
+        dir.to_path_buf()
+    };
+    let unet = UNet2DConditionModel::load(&dir, like.dtype(), device, WeightMode::Frozen)?;
+    Ok(Arc::new(unet))
+}
+
+/// Pair text encoders with their tokenizers (one each, or SDXL's two), checking that each
+/// tokenizer fits its encoder's vocabulary.
+pub fn text_side<'a>(
+    encoders: &'a [Arc<ClipTextModel>],
+    tokenizers: &'a [Arc<ClipTokenizer>],
+) -> Result<Vec<(&'a ClipTextModel, &'a ClipTokenizer)>> {
+    if encoders.len() != tokenizers.len() {
+        bail!(
+            "lpo_sample: {} text encoder(s) but {} tokenizer(s)",
+            encoders.len(),
+            tokenizers.len()
+        );
+    }
+    for (i, (te, tok)) in encoders.iter().zip(tokenizers).enumerate() {
+        let v = te.config().vocab_size;
+        if tok.vocab_size() > v {
+            bail!(
+                "lpo_sample: tokenizer {i} ({}) has {} tokens but text encoder {i} has a vocabulary of {v}: they do not belong together",
+                tok.dir().display(),
+                tok.vocab_size()
+            );
+        }
+    }
+    Ok(encoders
+        .iter()
+        .map(|e| e.as_ref())
+        .zip(tokenizers.iter().map(|t| t.as_ref()))
+        .collect())
+}
 
 /// Which model the policy trains.
 #[derive(Clone)]
@@ -211,6 +273,38 @@ impl Policy {
 
     pub fn is_lora(&self) -> bool {
         matches!(self.kind, PolicyKind::Lora)
+    }
+
+    /// The conditioning of `prompts` for this policy, in its UNet's dtype: encoded with
+    /// `encoders` ([`PromptCond::encode`]), whose hidden size must fit the UNet. SDXL's time ids
+    /// default to an uncropped image of the UNet's default size.
+    pub fn condition(
+        &self,
+        encoders: &[(&ClipTextModel, &ClipTokenizer)],
+        prompts: &[String],
+        time_ids: Option<&Tensor>,
+    ) -> Result<PromptCond> {
+        let hidden: usize = match encoders {
+            [_, _] => encoders.iter().map(|(e, _)| e.hidden_size()).sum(),
+            _ => encoders.first().map_or(0, |(e, _)| e.hidden_size()),
+        };
+        self.check_hidden(hidden)?;
+        let default_ids = match (time_ids, encoders) {
+            (None, [_, (e2, _)]) => {
+                let size = sdxl_conditioning::default_image_size(&self.unet.config);
+                let ids = sdxl_conditioning::default_time_ids(size, size);
+                Some(sdxl_conditioning::time_ids_tensor(ids, e2.device())?)
+            }
+            _ => None,
+        };
+        let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        let cond = PromptCond::encode(encoders, &refs, time_ids.or(default_ids.as_ref()))?;
+        let dtype = self.unet.dtype();
+        Ok(PromptCond {
+            hidden: cond.hidden.to_dtype(dtype)?,
+            uncond: cond.uncond.to_dtype(dtype)?,
+            ..cond
+        })
     }
 
     /// Check that conditioning from a text encoder of hidden size `hidden` fits this UNet.

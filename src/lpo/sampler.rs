@@ -10,26 +10,39 @@
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
+use super::comparison::Comparison;
 use super::policy::{Policy, PromptCond};
+use super::record::Record;
 use crate::diffusion::DdimScheduler;
 use crate::reward::lrm::{LatentRewardModel, TextConditioning};
 use crate::runtime::control::RunControl;
 use crate::tensor::SeededRng;
 
 /// Sampler settings (defaults: the paper's K 4, 20 steps, eta 1, guidance 5).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(default)]
 pub struct SamplerConfig {
+    /// Candidates drawn from the same x_t at each diverting step (>= 2: a best and a worst).
     pub k: usize,
+    /// DDIM steps.
+    #[serde(rename = "steps")]
     pub num_steps: usize,
+    /// DDIM eta of every step (> 0: the candidates of a deterministic step are identical).
     pub eta: f64,
+    /// Classifier-free guidance scale (the empty prompt is the negative; 1 = no guidance).
     pub guidance_scale: f64,
     /// First step index (0-based) that draws candidates.
     pub divert_start: usize,
     /// Step index where candidate drawing ends (exclusive); 0 = until the last step.
     pub divert_end: usize,
-    /// Latent [C, H, W]; None = the UNet's in_channels and sample_size.
+    /// Latent [C, H, W]; unset = the UNet's in_channels and sample_size.
     pub latent_shape: Option<[usize; 3]>,
+    /// Seed of the generator when the caller does not share one (unset: the run's seed).
+    /// The sampler itself draws from the generator it is given.
+    pub seed: Option<i64>,
 }
 
 impl Default for SamplerConfig {
@@ -42,6 +55,7 @@ impl Default for SamplerConfig {
             divert_start: 0,
             divert_end: 0,
             latent_shape: None,
+            seed: None,
         }
     }
 }
@@ -77,6 +91,9 @@ impl SamplerConfig {
                 self.divert_start
             );
         }
+        if let Some(shape) = self.latent_shape.filter(|s| s.contains(&0)) {
+            bail!("lpo_sample: latent_shape must be [C, H, W] positive ints, got {shape:?}");
+        }
         Ok(())
     }
 
@@ -90,44 +107,20 @@ impl SamplerConfig {
     }
 }
 
-/// One preference pair: from x_t at timestep t, x_win was preferred over x_lose.
-#[derive(Debug, Clone)]
-pub struct Record {
-    pub t: i64,
-    /// [C, H, W] each.
-    pub x_t: Tensor,
-    pub x_win: Tensor,
-    pub x_lose: Tensor,
-    /// Row of the prompt in its sampling batch and the prompt text.
-    pub prompt_index: usize,
-    pub prompt: String,
-    /// The prompt's conditioning for the policy (one row; the empty prompt shared).
-    pub cond: PromptCond,
-    /// LRM scores of the winner and the loser.
-    pub score_win: f32,
-    pub score_lose: f32,
-}
-
 /// What one diverting step saw.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct StepLog {
     pub step: usize,
     pub t: i64,
     pub score_mean: f64,
     pub score_std: f64,
+    /// Pairs kept at this step.
     pub valid: usize,
-    /// Every score, [K][B] (row k = candidate k).
+    /// Every score, [K][B] (row k = candidate k); scripts see it as a tensor.
+    #[serde(skip)]
     pub scores: Vec<Vec<f32>>,
     /// The candidate each row continued from.
     pub chosen: Vec<usize>,
-}
-
-/// What the compare callback decides for scores [K, B].
-#[derive(Debug, Clone)]
-pub struct Comparison {
-    pub best: Vec<usize>,
-    pub worst: Vec<usize>,
-    pub valid: Vec<bool>,
 }
 
 pub struct SampleOutput {
@@ -168,12 +161,15 @@ pub fn check_lrm(policy: &Policy, lrm: &LatentRewardModel) -> Result<()> {
     Ok(())
 }
 
-/// Run the sampler. `compare` gets scores [K, B] (f32) and t [B] (i64).
+/// The compare step: scores [K, B] (f32) and t [B] (i64) -> the pairs to keep.
+pub type CompareFn<'a> = dyn FnMut(&Tensor, &Tensor) -> Result<Comparison> + 'a;
+
+/// Run the sampler.
 pub fn sample(
     inputs: &SamplerInputs,
     cfg: &SamplerConfig,
     rng: &mut SeededRng,
-    compare: &mut dyn FnMut(&Tensor, &Tensor) -> Result<Comparison>,
+    compare: &mut CompareFn,
 ) -> Result<SampleOutput> {
     sample_with_reward(inputs, cfg, rng, compare, None)
 }
@@ -188,7 +184,7 @@ pub fn sample_with_reward(
     inputs: &SamplerInputs,
     cfg: &SamplerConfig,
     rng: &mut SeededRng,
-    compare: &mut dyn FnMut(&Tensor, &Tensor) -> Result<Comparison>,
+    compare: &mut CompareFn,
     mut reward: Option<&mut RewardFn>,
 ) -> Result<SampleOutput> {
     cfg.validate()?;
@@ -278,25 +274,19 @@ pub fn sample_with_reward(
             }
         };
         let cmp = compare(&scores, &tt)?;
-        if cmp.best.len() != b || cmp.worst.len() != b || cmp.valid.len() != b {
+        if cmp.shape() != (k, b) {
             bail!(
-                "compare: expected {b} best/worst/valid entries, got {}/{}/{}",
-                cmp.best.len(),
-                cmp.worst.len(),
-                cmp.valid.len()
+                "compare: a comparison of [K, B] = {:?} for scores [{k}, {b}]",
+                cmp.shape()
             );
-        }
-        if let Some(bad) = cmp.best.iter().chain(&cmp.worst).find(|&&j| j >= k) {
-            bail!("compare: candidate index {bad} is out of range 0..{k}");
         }
         let score_rows: Vec<Vec<f32>> = scores.to_vec2()?;
         let mut valid = 0;
         for row in 0..b {
-            if !cmp.valid[row] {
+            let Some((bi, wi)) = cmp.pair(row) else {
                 continue;
-            }
+            };
             valid += 1;
-            let (bi, wi) = (cmp.best[row], cmp.worst[row]);
             records.push(Record {
                 t,
                 x_t: x.get(row)?,
@@ -333,25 +323,4 @@ pub fn sample_with_reward(
         log,
         latents: x,
     })
-}
-
-/// Noise buckets of the paper's statistics: t > 751, 501 < t <= 751, 251 < t <= 501, t <= 251.
-pub const BUCKETS: [&str; 4] = [
-    "pairs_t751_1000",
-    "pairs_t501_751",
-    "pairs_t251_501",
-    "pairs_t0_251",
-];
-
-/// Which of [`BUCKETS`] timestep `t` falls in.
-pub fn bucket(t: i64) -> usize {
-    if t > 751 {
-        0
-    } else if t > 501 {
-        1
-    } else if t > 251 {
-        2
-    } else {
-        3
-    }
 }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::loss::{lpo_loss, LpoLossConfig};
 use super::policy::{Policy, PromptCond};
-use super::sampler::Record;
+use super::record::Record;
 use crate::diffusion::DdimScheduler;
 use crate::models::unet::AddedCond;
 use crate::optim::AdamW;
@@ -28,6 +28,7 @@ pub struct TrainConfig {
     pub eta: f64,
     /// Guide the log-prob predictions like sampling (policy and reference alike).
     pub train_cfg: bool,
+    /// Guidance scale of those predictions (as sampling).
     pub guidance_scale: f64,
     /// At most this many records per backward pass (None: the whole batch); the batch is split
     /// into equal micro-batches, gradients accumulate, and the call makes one optimizer step.
@@ -47,7 +48,7 @@ impl Default for TrainConfig {
 }
 
 /// Logged numbers of one step (means over the batch's pairs).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct TrainMetrics {
     pub loss: f64,
     pub ratio_win: f64,
@@ -167,7 +168,7 @@ pub fn batch_log_probs(
     ])
 }
 
-/// One optimizer step on `records` (split into `cfg.accumulate` micro-batches).
+/// One optimizer step on `records` (split into micro-batches of at most `cfg.micro_batch`).
 pub fn train_step(
     policy: &Policy,
     scheduler: &DdimScheduler,
@@ -176,6 +177,9 @@ pub fn train_step(
     cfg: &TrainConfig,
     control: Option<&RunControl>,
 ) -> Result<TrainMetrics> {
+    if scheduler.num_inference_steps().is_none() {
+        bail!("lpo_train_step: the scheduler has no timesteps: use the scheduler the sampler ran with (or call set_timesteps)");
+    }
     let n = records.len();
     if n == 0 {
         bail!("lpo_train_step: the batch holds no records");

@@ -15,6 +15,7 @@ pub mod lora_file;
 pub mod model_folder;
 pub mod nn;
 pub mod open_clip;
+pub mod sdxl_conditioning;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

@@ -21,6 +21,7 @@ use super::pair_loss::{pair_loss, PairLoss, PairLossOptions};
 use super::projections::{Projections, INITIAL_LOGIT_SCALE};
 use crate::models::clip_text::ClipTextModel;
 use crate::models::loading::WeightMode;
+use crate::models::sdxl_conditioning;
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::{AddedCond, UNet2DConditionModel};
 use crate::tensor::SeededRng;
@@ -164,12 +165,7 @@ fn sdxl_image_size(dir: &Path, unet: &UNet2DConditionModel) -> usize {
     if let Some(s) = from_vae {
         return s as usize;
     }
-    unet.config
-        .sample_size
-        .as_ref()
-        .and_then(|s| s.as_u64())
-        .map(|s| s as usize * 8)
-        .unwrap_or(1024)
+    sdxl_conditioning::default_image_size(&unet.config)
 }
 
 impl LatentRewardModel {
@@ -194,9 +190,12 @@ impl LatentRewardModel {
             }
             let tokenizer_2 = ClipTokenizer::load(&dir.join("tokenizer_2"))
                 .with_context(|| format!("LRM {}: tokenizer 2", dir.display()))?;
-            let size = sdxl_image_size(dir, &unet) as f32;
-            let time_ids =
-                Tensor::new(&[size, size, 0.0, 0.0, size, size], device)?.to_dtype(dtype)?;
+            let size = sdxl_image_size(dir, &unet);
+            let time_ids = sdxl_conditioning::time_ids_tensor(
+                sdxl_conditioning::default_time_ids(size, size),
+                device,
+            )?
+            .to_dtype(dtype)?;
             TextSide::Sdxl(Box::new(SdxlText {
                 encoder,
                 tokenizer,

@@ -115,11 +115,16 @@ pub fn from_map_with<T: DeserializeOwned + JsonSchema>(
         );
     }
     let value: T = serde_path_to_error::deserialize(Value::Object(json)).map_err(|e| {
-        let key = e.path().to_string();
-        format!(
-            "{func}: option `{key}`: {}",
-            readable_serde_error(e.inner())
-        )
+        // Inside a `#[serde(flatten)]` field serde loses the key; the message still names the value.
+        match e.path().to_string() {
+            key if key.is_empty() || key == "." => {
+                format!("{func}: options: {}", readable_serde_error(e.inner()))
+            }
+            key => format!(
+                "{func}: option `{key}`: {}",
+                readable_serde_error(e.inner())
+            ),
+        }
     })?;
     Ok((value, host))
 }

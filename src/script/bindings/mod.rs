@@ -8,13 +8,15 @@ pub mod diffusion;
 pub mod eval;
 pub mod io;
 pub mod loss;
-pub mod lpo;
 pub mod lrm;
 pub mod lrm_data;
 pub mod params;
+pub mod policy;
 pub mod prompts;
+pub mod records;
 pub mod rng;
 pub mod run;
+pub mod sampling;
 pub mod scorers;
 pub mod shapes;
 pub mod shapes_pipe;
@@ -22,6 +24,7 @@ pub mod system;
 pub mod tensor;
 pub mod text;
 pub mod train;
+pub mod training;
 pub mod unet;
 pub mod vae;
 
@@ -58,14 +61,19 @@ script_types! {
     train::ScriptOptimizer => "AdamW",
     scorers::ScriptScorer => "Scorer",
     lrm::ScriptLrm => "Lrm",
-    lpo::ScriptPolicy => "LpoPolicy",
-    lpo::Records => "Records",
+    policy::ScriptPolicy => "LpoPolicy",
+    records::Records => "Records",
     lrm_data::ScriptPreferences => "Preferences",
 }
 
 /// The declared options of every script function that takes an option map.
 pub fn declared_options() -> Vec<(&'static str, Vec<OptionDoc>)> {
-    [lpo::declared_options()].concat()
+    [
+        policy::declared_options(),
+        sampling::declared_options(),
+        training::declared_options(),
+    ]
+    .concat()
 }
 
 pub fn register_all(engine: &mut Engine) {
@@ -87,7 +95,10 @@ pub fn register_all(engine: &mut Engine) {
     engine.register_global_module(exported_module!(eval::eval_api).into());
     engine.register_global_module(exported_module!(scorers::scorers_api).into());
     engine.register_global_module(exported_module!(lrm::lrm_api).into());
-    engine.register_global_module(exported_module!(lpo::lpo_api).into());
+    engine.register_global_module(exported_module!(policy::policy_api).into());
+    engine.register_global_module(exported_module!(sampling::sampling_api).into());
+    engine.register_global_module(exported_module!(records::records_api).into());
+    engine.register_global_module(exported_module!(training::training_api).into());
     engine.register_global_module(exported_module!(lrm_data::lrm_data_api).into());
     engine.register_global_module(exported_module!(shapes_pipe::shapes_pipe_api).into());
 }
