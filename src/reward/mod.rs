@@ -4,6 +4,7 @@
 pub mod batches;
 pub mod data;
 pub mod lrm;
+pub mod lrm_options;
 pub mod pair_loss;
 pub mod parquet_pairs;
 pub mod projections;
