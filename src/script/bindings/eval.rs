@@ -51,69 +51,75 @@ mod helpers {
         ))
     }
 
+    /// The (x, y) points of one series.
+    pub(super) type Points = Vec<(f64, f64)>;
+
     /// One series: array of [x, y] pairs, array of numbers or 1-D tensor (x = index), [N, 2]
     /// tensor, or `#{x, y}`.
-    pub(super) fn series_points(name: &str, v: &Dynamic) -> Result<Vec<(f64, f64)>, String> {
+    pub(super) fn series_points(name: &str, v: &Dynamic) -> Result<Points, String> {
         let what = format!("line_plot: series `{name}`");
-        if v.is_map() {
-            let m = v.read_lock::<Map>().expect("checked is_map");
-            let x = m
-                .get("x")
-                .ok_or_else(|| format!("{what}: map needs `x` and `y`"))?;
-            let y = m
-                .get("y")
-                .ok_or_else(|| format!("{what}: map needs `x` and `y`"))?;
-            let (x, y) = (numbers(x, &what)?, numbers(y, &what)?);
-            if x.len() != y.len() {
-                return Err(format!(
-                    "{what}: x has {} values but y has {}",
-                    x.len(),
-                    y.len()
-                ));
-            }
-            return Ok(x.into_iter().zip(y).collect());
+        if let Some(m) = v.read_lock::<Map>() {
+            return xy_points(&m, &what);
         }
         if let Some(t) = v.clone().try_cast::<Tensor>() {
             let vals = to_f64_vec(&t).map_err(|e| format!("{what}: {e}"))?;
             return match t.dims() {
                 [_, 2] => Ok(vals.chunks(2).map(|c| (c[0], c[1])).collect()),
-                [_] | [] => Ok(vals
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, y)| (i as f64, y))
-                    .collect()),
+                [_] | [] => Ok(indexed(vals)),
                 d => Err(format!("{what}: tensor must be [N] or [N, 2], got {d:?}")),
             };
         }
-        if v.is_array() {
-            let arr = v.read_lock::<Array>().expect("checked is_array");
+        if let Some(arr) = v.read_lock::<Array>() {
             if arr.iter().all(|x| x.is_array()) && !arr.is_empty() {
-                return arr
-                    .iter()
-                    .enumerate()
-                    .map(|(i, p)| {
-                        let pair = numbers(p, &what)?;
-                        match pair.as_slice() {
-                            [x, y] => Ok((*x, *y)),
-                            _ => Err(format!(
-                                "{what}: point {i} has {} values, not [x, y]",
-                                pair.len()
-                            )),
-                        }
-                    })
-                    .collect();
+                return pair_points(&arr, &what);
             }
             drop(arr);
-            return Ok(numbers(v, &what)?
-                .into_iter()
-                .enumerate()
-                .map(|(i, y)| (i as f64, y))
-                .collect());
+            return Ok(indexed(numbers(v, &what)?));
         }
         Err(format!(
             "{what}: expected [[x, y], ...], [y, ...], a tensor or #{{x, y}}, got {}",
             v.type_name()
         ))
+    }
+
+    /// Values as points (index, value).
+    fn indexed(ys: Vec<f64>) -> Points {
+        ys.into_iter()
+            .enumerate()
+            .map(|(i, y)| (i as f64, y))
+            .collect()
+    }
+
+    /// `#{x, y}`: two parallel lists of numbers.
+    fn xy_points(m: &Map, what: &str) -> Result<Points, String> {
+        let get = |k: &str| {
+            m.get(k)
+                .ok_or_else(|| format!("{what}: map needs `x` and `y`"))
+                .and_then(|v| numbers(v, what))
+        };
+        let (x, y) = (get("x")?, get("y")?);
+        if x.len() != y.len() {
+            return Err(format!(
+                "{what}: x has {} values but y has {}",
+                x.len(),
+                y.len()
+            ));
+        }
+        Ok(x.into_iter().zip(y).collect())
+    }
+
+    /// `[[x, y], ...]`.
+    fn pair_points(arr: &Array, what: &str) -> Result<Points, String> {
+        arr.iter()
+            .enumerate()
+            .map(|(i, p)| match numbers(p, what)?.as_slice() {
+                [x, y] => Ok((*x, *y)),
+                pair => Err(format!(
+                    "{what}: point {i} has {} values, not [x, y]",
+                    pair.len()
+                )),
+            })
+            .collect()
     }
 
     /// A script value as a report value: numbers (and one-element tensors) stay numbers, maps
@@ -248,7 +254,7 @@ mod helpers {
     }
 
     /// The series of `line_plot`, in name order.
-    pub(super) fn all_series(series: &Map) -> Result<Vec<(String, Vec<(f64, f64)>)>, String> {
+    pub(super) fn all_series(series: &Map) -> Result<Vec<(String, Points)>, String> {
         series
             .iter()
             .map(|(k, v)| series_points(k, v).map(|pts| (k.to_string(), pts)))
@@ -443,5 +449,29 @@ pub mod eval_api {
         .or_script(&ctx)?;
         let file = host.readable(path).or_script(&ctx)?;
         image_io::load_image(&file, size as usize, &host.device).or_script(&ctx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::declared_options;
+
+    #[test]
+    fn eval_options_show_the_core_defaults() {
+        let all = declared_options();
+        let find = |f: &str, n: &str| {
+            let docs = &all.iter().find(|(name, _)| *name == f).unwrap().1;
+            docs.iter().find(|d| d.name == n).unwrap().default.clone()
+        };
+        assert_eq!(find("paired_bootstrap", "samples").as_deref(), Some("2000"));
+        assert_eq!(find("line_plot", "width").as_deref(), Some("640"));
+        assert_eq!(find("save_grid", "upscale").as_deref(), Some("4"));
+        let names = all
+            .iter()
+            .flat_map(|(_, docs)| docs.iter().map(|d| &d.name));
+        assert!(
+            names.clone().all(|n| n != "title"),
+            "the title is an argument"
+        );
     }
 }

@@ -85,39 +85,33 @@ mod helpers {
         if let Ok(s) = ids.clone().into_string() {
             return lrm.tokenize(&[s.as_str()]).or_script(ctx);
         }
-        if ids.is_array() {
-            let arr = ids.read_lock::<Array>().expect("checked is_array").clone();
-            if arr.len() == 2 && arr.iter().all(|v| v.is::<Tensor>()) {
-                let a = arr[0]
-                    .clone()
-                    .cast::<Tensor>()
-                    .to_device(lrm.device())
-                    .or_script(ctx)?;
-                let b = arr[1]
-                    .clone()
-                    .cast::<Tensor>()
-                    .to_device(lrm.device())
-                    .or_script(ctx)?;
-                return Ok(PromptIds::Pair(a, b));
-            }
-            let prompts: Vec<String> = arr
-                .iter()
-                .enumerate()
-                .map(|(i, v)| {
-                    v.clone()
-                        .into_string()
-                        .map_err(|t| format!("prompt {i} is a {t}, not a string"))
-                })
-                .collect::<Result<_, _>>()
-                .or_script(ctx)?;
-            let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-            return lrm.tokenize(&refs).or_script(ctx);
+        if let Some(arr) = ids.read_lock::<Array>() {
+            return ids_of_array(lrm, &arr).or_script(ctx);
         }
         Err(format!(
             "ids must be an int tensor [B, 77], [ids, ids_2], or prompt strings; got {}",
             ids.type_name()
         ))
         .or_script(ctx)
+    }
+
+    /// `[ids, ids_2]` (SDXL's two tokenizations), or prompt strings.
+    fn ids_of_array(lrm: &LatentRewardModel, arr: &Array) -> anyhow::Result<PromptIds> {
+        if arr.len() == 2 && arr.iter().all(|v| v.is::<Tensor>()) {
+            let on = |v: &Dynamic| v.clone().cast::<Tensor>().to_device(lrm.device());
+            return Ok(PromptIds::Pair(on(&arr[0])?, on(&arr[1])?));
+        }
+        let prompts: Vec<String> = arr
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.clone()
+                    .into_string()
+                    .map_err(|t| anyhow::anyhow!("prompt {i} is a {t}, not a string"))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        lrm.tokenize(&refs)
     }
 
     pub(super) fn timesteps(
@@ -346,5 +340,29 @@ pub mod lrm_api {
             o.guidance_scale,
             o.multi_scale_cfg
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::declared_options;
+
+    #[test]
+    fn lrm_options_show_the_core_defaults() {
+        let all = declared_options();
+        let init = &all[1].1;
+        let get = |n: &str| init.iter().find(|d| d.name == n).unwrap();
+        assert_eq!(get("dtype").default.as_deref(), Some("\"f32\""));
+        assert_eq!(get("guidance_scale").default.as_deref(), Some("7.5"));
+        assert_eq!(get("multi_scale").default.as_deref(), Some("true"));
+        assert_eq!(get("seed").default, None);
+        assert_eq!(
+            all[0].1.len() + 4,
+            init.len(),
+            "init_lrm takes load_lrm's options"
+        );
+        let loss = &all[2].1;
+        assert_eq!(loss[2].name, "loss_type");
+        assert_eq!(loss[2].kind, "\"pair\" | \"batch\" | \"both\"");
     }
 }

@@ -383,3 +383,36 @@ pub mod lrm_data_api {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rhai::{Dynamic, Map};
+
+    use crate::reward::batches::BatchSettings;
+    use crate::script::declared::from_map;
+
+    #[test]
+    fn batch_timesteps_take_an_int_or_an_array() {
+        let one: Map = [("timesteps".into(), Dynamic::from(51_i64))]
+            .into_iter()
+            .collect();
+        let s: BatchSettings = from_map(&one, "batch").unwrap();
+        assert_eq!(s.timesteps, vec![51]);
+        let many: Map = [(
+            "timesteps".into(),
+            Dynamic::from_array(vec![Dynamic::from(1_i64), Dynamic::from(951_i64)]),
+        )]
+        .into_iter()
+        .collect();
+        let s: BatchSettings = from_map(&many, "batch").unwrap();
+        assert_eq!((s.timesteps, s.resolution), (vec![1, 951], 512));
+        let bad: Map = [("timesteps".into(), Dynamic::from(1.5_f64))]
+            .into_iter()
+            .collect();
+        let err = from_map::<BatchSettings>(&bad, "batch").unwrap_err();
+        assert!(
+            err.contains("timesteps") && err.contains("an int or an array of ints"),
+            "{err}"
+        );
+    }
+}

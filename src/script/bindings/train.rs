@@ -346,3 +346,22 @@ pub mod train_api {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::declared_options;
+
+    #[test]
+    fn adamw_options_show_the_core_defaults() {
+        let (name, docs) = &declared_options()[0];
+        assert_eq!(*name, "adamw");
+        let get = |n: &str| docs.iter().find(|d| d.name == n).unwrap();
+        assert_eq!(get("lr").default.as_deref(), Some("0.00001"));
+        assert_eq!(get("betas").default.as_deref(), Some("[0.9, 0.999]"));
+        assert_eq!(
+            get("schedule").kind,
+            "\"constant\" | \"cosine\" | \"linear\""
+        );
+        assert_eq!(get("max_grad_norm").default, None);
+    }
+}
