@@ -285,8 +285,8 @@ pub mod eval_api {
     use crate::script::Host;
 
     /// Paired bootstrap 95% CI of mean(after) - mean(before) (tensors or arrays of numbers /
-    /// bools, paired by index): `#{delta, ci95_low, ci95_high, before, after, n}`; 2000 resamples,
-    /// seeded with the run's seed.
+    /// bools, paired by index): `#{delta, ci95_low, ci95_high, before, after, n}`, with the
+    /// default options (resamples seeded with the run's seed).
     #[rhai_fn(return_raw)]
     pub fn paired_bootstrap(
         ctx: NativeCallContext,
@@ -390,8 +390,8 @@ pub mod eval_api {
             .collect())
     }
 
-    /// Save a batch [B, 3, H, W] as one PNG grid with `nrow` images per row (4x magnified,
-    /// 1 px padding).
+    /// Save a batch [B, 3, H, W] as one PNG grid with `nrow` images per row (the default
+    /// padding and magnification).
     #[rhai_fn(return_raw)]
     pub fn save_grid(
         ctx: NativeCallContext,

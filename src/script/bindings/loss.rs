@@ -62,7 +62,7 @@ pub mod loss_api {
             .or_script(&ctx)
     }
 
-    /// `lpo_loss` with the paper's beta 500 and eps 0.1.
+    /// `lpo_loss` with the default options (the paper's beta and eps).
     #[rhai_fn(name = "lpo_loss", return_raw)]
     pub fn lpo_loss_default(
         ctx: NativeCallContext,

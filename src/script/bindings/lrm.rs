@@ -154,7 +154,7 @@ pub mod lrm_api {
     use crate::script::Host;
 
     /// Load an LRM folder (`unet/`, `text_encoder/`, `tokenizer/`, projections; SDXL also
-    /// `text_encoder_2/`, `tokenizer_2/`, `vae/`). Defaults: multi_scale true, guidance_scale 7.5.
+    /// `text_encoder_2/`, `tokenizer_2/`, `vae/`), with the default options.
     #[rhai_fn(return_raw, volatile)]
     pub fn load_lrm(ctx: NativeCallContext, dir: &str) -> ScriptResult<ScriptLrm> {
         load_lrm_with(ctx, dir, Map::new())

@@ -232,7 +232,7 @@ pub mod scorers_api {
         score_with(ctx, scorer, images, Dynamic::from(Array::new()), Map::new())
     }
 
-    /// `score(images, prompts, #{batch_size: 8})`: images per forward pass.
+    /// `score(images, prompts, #{batch_size})`: images per forward pass.
     #[rhai_fn(name = "score", return_raw)]
     pub fn score_with(
         ctx: NativeCallContext,

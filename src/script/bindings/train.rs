@@ -195,8 +195,7 @@ pub mod train_api {
 
     // ---- AdamW ----
 
-    /// AdamW with default settings (lr 1e-5, betas [0.9, 0.999], eps 1e-8, weight_decay 1e-4,
-    /// no clipping, no warmup, constant schedule).
+    /// AdamW with the default options (`adamw(params, #{})`).
     #[rhai_fn(return_raw, name = "adamw")]
     pub fn adamw_default(ctx: NativeCallContext, params: Params) -> ScriptResult<ScriptOptimizer> {
         let opt = AdamW::new(params, AdamWConfig::default()).or_script(&ctx)?;
@@ -204,7 +203,8 @@ pub mod train_api {
     }
 
     /// AdamW (decoupled weight decay) over `params`; options `#{lr, betas, eps, weight_decay,
-    /// max_grad_norm, warmup_steps, schedule, total_steps}` (listed with their defaults below).
+    /// max_grad_norm, warmup_steps, schedule, total_steps}` (declared with their defaults and
+    /// docs by the optimizer's options).
     #[rhai_fn(return_raw, name = "adamw")]
     pub fn adamw(
         ctx: NativeCallContext,
