@@ -2,7 +2,8 @@
 //! the same items (prompts x seeds) measured before and after.
 
 use anyhow::{bail, Result};
-use serde::Serialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use crate::tensor::SeededRng;
 
@@ -17,6 +18,8 @@ pub struct PairedBootstrap {
     pub ci95_low: f64,
     pub ci95_high: f64,
     pub samples: usize,
+    /// The caller's own; results leave it out (summaries and reports show what they did).
+    #[serde(skip_serializing)]
     pub seed: u64,
 }
 
@@ -29,6 +32,25 @@ impl PairedBootstrap {
 
 /// Default number of bootstrap resamples.
 pub const DEFAULT_SAMPLES: usize = 2000;
+
+/// How to resample.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default)]
+pub struct BootstrapOptions {
+    /// Number of bootstrap resamples.
+    pub samples: usize,
+    /// Seed of the resampling; () = the run's seed.
+    pub seed: Option<i64>,
+}
+
+impl Default for BootstrapOptions {
+    fn default() -> Self {
+        Self {
+            samples: DEFAULT_SAMPLES,
+            seed: None,
+        }
+    }
+}
 
 /// Linear-interpolated quantile of sorted values.
 fn quantile(sorted: &[f64], q: f64) -> f64 {

@@ -2,11 +2,14 @@
 //! built-in image scorers (PickScore, HPSv2, aesthetic, CLIP score).
 
 pub mod bootstrap;
+pub mod grid_options;
+pub mod group_mean;
 pub mod number;
 pub mod plots;
 pub mod report;
 pub mod scorers;
 
-pub use bootstrap::{paired_bootstrap, PairedBootstrap};
+pub use bootstrap::{paired_bootstrap, BootstrapOptions, PairedBootstrap};
+pub use group_mean::{group_mean, GroupMean};
 pub use plots::line_plot;
 pub use report::{write_report, write_summary, Report, Summary};

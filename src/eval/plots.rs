@@ -12,6 +12,8 @@ use plotters_backend::text_anchor::{HPos, VPos};
 use plotters_backend::{
     BackendColor, BackendCoord, BackendStyle, BackendTextStyle, DrawingErrorKind,
 };
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use super::number::format_tick;
 use crate::fsutil::atomic_write;
@@ -167,14 +169,26 @@ impl<'a> DrawingBackend for GlyphBackend<'a> {
     }
 }
 
-/// Options of [`line_plot_with`].
-#[derive(Debug, Clone)]
+/// Options of [`line_plot_with`] (scripts pass the title beside the other options).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default)]
 pub struct LinePlot {
+    #[serde(skip)]
     pub title: String,
+    /// Caption of the x axis.
     pub x_label: String,
+    /// Caption of the y axis.
     pub y_label: String,
+    /// Picture width in pixels.
     pub width: u32,
+    /// Picture height in pixels.
     pub height: u32,
+}
+
+impl Default for LinePlot {
+    fn default() -> Self {
+        Self::new("")
+    }
 }
 
 impl LinePlot {

@@ -3,8 +3,10 @@
 
 pub mod clip;
 pub mod optimizer;
+pub mod options;
 pub mod params;
 
 pub use clip::GradClip;
 pub use optimizer::{AdamW, AdamWConfig, Schedule, StepInfo};
+pub use options::{AdamWOptions, ScheduleName};
 pub use params::Params;

@@ -39,7 +39,8 @@ pub enum Schedule {
 
 /// AdamW settings. Defaults (documented, explicit): lr 1e-5 (the LRM's; LPO recipes set
 /// their own), betas (0.9, 0.999), eps 1e-8, weight_decay 1e-4 (LPO's), no clipping (the
-/// official code's effective behaviour), no warmup, constant schedule.
+/// official code's effective behaviour), no warmup, constant schedule. Scripts write it as
+/// [`super::AdamWOptions`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdamWConfig {
     pub lr: f64,
@@ -119,8 +120,8 @@ impl AdamWConfig {
     }
 }
 
-/// What one optimizer step did (for logging).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// What one optimizer step did (for logging; scripts see it as `#{grad_norm, lr, step}`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct StepInfo {
     /// Global L2 norm of the accumulated gradients before clipping.
     pub grad_norm: f64,

@@ -13,16 +13,23 @@ use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
+pub use super::batch_settings::{default_timesteps, BatchSettings};
 use super::data::{ImageSource, PreferencePair, PreferenceSet, Skipped};
 use super::pair_loss::validate_labels;
 use crate::diffusion::DdimScheduler;
 use crate::models::vae::AutoencoderKL;
 use crate::tensor::SeededRng;
 
-/// The LRM training timesteps: 1, 51, ..., 951.
-pub fn default_timesteps() -> Vec<i64> {
-    (0..20).map(|i| 1 + 50 * i).collect()
+/// The plain part of a latent pair set as scripts write it (`latent_pairs(#{prompts, ...})`);
+/// the tensors (`latents_0`, `latents_1`, `label_0`, `label_1`, `num_examples`) come beside it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default)]
+pub struct LatentPairsSpec {
+    /// One prompt per pair (required).
+    pub prompts: Option<Vec<String>>,
 }
 
 /// Pairs whose two "images" are latents already (tests, synthetic data, cached encodings).
@@ -116,37 +123,59 @@ pub struct PreferenceData {
     pub origin: String,
 }
 
-/// How to make one batch.
+/// The labels of one pair (each in [0, 1], summing to 1) and its prompt's pair count.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PairLabels {
+    pub label_0: f32,
+    pub label_1: f32,
+    pub num_examples: f32,
+}
+
+/// How to make one batch: the settings and the models that encode and noise.
 pub struct BatchOptions<'a> {
-    /// Image side after resize + centre crop (image sources only).
-    pub resolution: usize,
+    pub settings: BatchSettings,
     pub vae: Option<&'a AutoencoderKL>,
     pub scheduler: &'a DdimScheduler,
-    /// The timesteps to draw from (uniformly); one value gives a fixed t.
-    pub timesteps: Vec<i64>,
-    /// Each image its own timestep (the aux comparison pairs) instead of one per pair.
-    pub per_image_t: bool,
-    /// Return the clean latents (no noise; `t` still says what was asked).
-    pub clean: bool,
     pub device: Device,
 }
 
-/// The tensors `pair_loss` takes, for the pairs that made it.
-#[derive(Debug, Clone)]
+/// The tensors `pair_loss` takes, for the pairs that made it. Serializes its plain fields
+/// (prompts, indices, skipped) for scripts; the tensors travel beside them.
+#[derive(Debug, Clone, Serialize)]
 pub struct PairBatch {
     pub prompts: Vec<String>,
     /// Noisy latents x_t [N, C, h, w] of image 0 and image 1.
+    #[serde(skip)]
     pub latents_0: Tensor,
+    #[serde(skip)]
     pub latents_1: Tensor,
     /// [N, 2] i64.
+    #[serde(skip)]
     pub t: Tensor,
+    #[serde(skip)]
     pub label_0: Tensor,
+    #[serde(skip)]
     pub label_1: Tensor,
+    #[serde(skip)]
     pub num_examples: Tensor,
     /// Data-set indices of the rows, in order.
     pub indices: Vec<usize>,
     /// Pairs of this request that were skipped (undecodable images).
     pub skipped: usize,
+}
+
+impl PairBatch {
+    /// The tensors by name.
+    pub fn tensors(&self) -> [(&'static str, &Tensor); 6] {
+        [
+            ("latents_0", &self.latents_0),
+            ("latents_1", &self.latents_1),
+            ("t", &self.t),
+            ("label_0", &self.label_0),
+            ("label_1", &self.label_1),
+            ("num_examples", &self.num_examples),
+        ]
+    }
 }
 
 fn decode(source: &ImageSource, resolution: usize, device: &Device) -> Result<Tensor> {
@@ -213,10 +242,15 @@ impl PreferenceData {
     }
 
     /// (label_0, label_1, num_examples) of pair i.
-    pub fn labels(&self, i: usize) -> (f32, f32, f32) {
-        match &self.source {
+    pub fn labels(&self, i: usize) -> PairLabels {
+        let (label_0, label_1, num_examples) = match &self.source {
             PairSource::Images(p) => (p[i].label_0, p[i].label_1, p[i].num_examples_per_prompt),
             PairSource::Latents(l) => (l.label_0[i], l.label_1[i], l.num_examples[i]),
+        };
+        PairLabels {
+            label_0,
+            label_1,
+            num_examples,
         }
     }
 
@@ -293,10 +327,10 @@ impl PreferenceData {
                 ))
             }
             PairSource::Images(pairs) => {
-                if opts.resolution == 0 || opts.resolution > 4096 {
+                if opts.settings.resolution == 0 || opts.settings.resolution > 4096 {
                     bail!(
                         "batch: resolution must be in 1..=4096, got {}",
-                        opts.resolution
+                        opts.settings.resolution
                     );
                 }
                 let mut imgs_0 = Vec::new();
@@ -314,8 +348,8 @@ impl PreferenceData {
                         continue;
                     }
                     let p = &pairs[i];
-                    let a = decode(&p.image_0, opts.resolution, &opts.device);
-                    let b = decode(&p.image_1, opts.resolution, &opts.device);
+                    let a = decode(&p.image_0, opts.settings.resolution, &opts.device);
+                    let b = decode(&p.image_1, opts.settings.resolution, &opts.device);
                     match (a, b) {
                         (Ok(a), Ok(b)) => {
                             imgs_0.push(a);
@@ -396,21 +430,28 @@ impl PreferenceData {
         rng: &mut SeededRng,
     ) -> Result<PairBatch> {
         self.check_indices(indices)?;
-        if opts.timesteps.is_empty() {
+        if opts.settings.timesteps.is_empty() {
             bail!("batch: the timestep pool is empty");
         }
         let n_train = opts.scheduler.num_train_timesteps() as i64;
-        if let Some(bad) = opts.timesteps.iter().find(|&&t| t < 0 || t >= n_train) {
+        if let Some(bad) = opts
+            .settings
+            .timesteps
+            .iter()
+            .find(|&&t| t < 0 || t >= n_train)
+        {
             bail!("batch: timestep {bad} is outside 0..{n_train}");
         }
         let (x0, x1, kept, skipped) = self.clean_latents(indices, opts, rng)?;
         let n = kept.len();
         let dev = &opts.device;
-        let mut draw = || opts.timesteps[rng.int_in(0, opts.timesteps.len() as i64) as usize];
+        let mut draw = || {
+            opts.settings.timesteps[rng.int_in(0, opts.settings.timesteps.len() as i64) as usize]
+        };
         let mut ts = Vec::with_capacity(2 * n);
         for _ in 0..n {
             let a = draw();
-            let b = if opts.per_image_t { draw() } else { a };
+            let b = if opts.settings.per_image_t { draw() } else { a };
             ts.push(a);
             ts.push(b);
         }
@@ -420,15 +461,19 @@ impl PreferenceData {
             let mut b = Vec::with_capacity(n);
             let mut c = Vec::with_capacity(n);
             for &i in &kept {
-                let (x, y, z) = self.labels(i);
-                a.push(x);
-                b.push(y);
-                c.push(if z > 0.0 { z } else { 1.0 });
+                let l = self.labels(i);
+                a.push(l.label_0);
+                b.push(l.label_1);
+                c.push(if l.num_examples > 0.0 {
+                    l.num_examples
+                } else {
+                    1.0
+                });
             }
             (a, b, c)
         };
         let prompts: Vec<String> = kept.iter().map(|&i| self.prompt(i).to_string()).collect();
-        let (x0, x1) = if n == 0 || opts.clean {
+        let (x0, x1) = if n == 0 || opts.settings.clean {
             (x0, x1)
         } else {
             let t0 = t.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;

@@ -33,7 +33,7 @@ pub struct PreferencePair {
 }
 
 /// A row that was not used, and why.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Skipped {
     pub location: String,
     pub reason: String,

@@ -17,57 +17,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 
+pub use super::lrm_options::LrmOptions;
 use super::pair_loss::{pair_loss, PairLoss, PairLossOptions};
 use super::projections::{Projections, INITIAL_LOGIT_SCALE};
 use crate::models::clip_text::ClipTextModel;
-use crate::models::loading::WeightMode;
 use crate::models::sdxl_conditioning;
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::{AddedCond, UNet2DConditionModel};
 use crate::tensor::SeededRng;
-
-#[derive(Debug, Clone, Copy)]
-pub struct LrmOptions {
-    pub multi_scale: bool,
-    pub guidance_scale: f64,
-    pub multi_scale_cfg: bool,
-    pub dtype: DType,
-    /// Load the UNet and the projections as trainable Vars.
-    pub trainable: bool,
-    /// Also train the text encoder(s) (frozen by default, as LPO's LRM training does).
-    pub train_text: bool,
-    /// Recompute each UNet block and text encoder layer in backward instead of keeping its
-    /// activations (diffusers' `enable_gradient_checkpointing`).
-    pub gradient_checkpointing: bool,
-}
-
-impl LrmOptions {
-    /// How the UNet (with the projections) and the text encoder(s) load.
-    pub fn weight_modes(&self) -> (WeightMode, WeightMode) {
-        let mode = |trainable: bool| {
-            if trainable {
-                WeightMode::Trainable
-            } else {
-                WeightMode::Frozen
-            }
-        };
-        (mode(self.trainable), mode(self.train_text))
-    }
-}
-
-impl Default for LrmOptions {
-    fn default() -> Self {
-        Self {
-            multi_scale: true,
-            guidance_scale: 7.5,
-            multi_scale_cfg: false,
-            dtype: DType::F32,
-            trainable: false,
-            train_text: false,
-            gradient_checkpointing: false,
-        }
-    }
-}
 
 /// The text side of an LRM (one per model, so the variants' sizes do not matter).
 #[allow(clippy::large_enum_variant)]

@@ -10,10 +10,13 @@
 //! then summed.
 
 use candle_core::{DType, Result, Tensor, D};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use crate::tensor::ops::log_softmax;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
 pub enum LossType {
     /// Cross entropy within each pair.
     Pair,
@@ -36,10 +39,15 @@ impl LossType {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default)]
 pub struct PairLossOptions {
+    /// "pair": cross entropy within each pair; "batch": the in-batch (CLIP-style) mean of
+    /// image→prompts and prompt→images cross entropies; "both": pair + batch_coeff · batch.
     pub loss_type: LossType,
+    /// Weight of the batch term in "both".
     pub batch_coeff: f64,
+    /// Factor of the pairs whose two images were noised to different timesteps.
     pub aux_loss_coeff: f64,
 }
 

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use self::aesthetic::AestheticHead;
 use self::preprocess::{normalize, to_square, Geometry, CLIP_MEAN, CLIP_STD};
@@ -106,6 +106,22 @@ pub struct Scorer {
 
 /// Default images per forward pass.
 pub const DEFAULT_BATCH: usize = 8;
+
+/// How to score (`s.score(images, prompts, #{...})`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default)]
+pub struct ScoreOptions {
+    /// Images per forward pass (>= 1).
+    pub batch_size: usize,
+}
+
+impl Default for ScoreOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: DEFAULT_BATCH,
+        }
+    }
+}
 
 fn load_tokenizer(dir: &Path, kind: ScorerKind) -> Result<ClipTokenizer> {
     let sub = dir.join("tokenizer");

@@ -3,13 +3,27 @@
 
 use rhai::plugin::*;
 
+use crate::eval::grid_options::GridFigureOptions;
+use crate::eval::plots::LinePlot;
+use crate::eval::BootstrapOptions;
+use crate::script::declared::{option_docs, OptionDoc};
+
+/// The options of this module's functions, for `lpo fns`.
+pub fn declared_options() -> Vec<(&'static str, Vec<OptionDoc>)> {
+    vec![
+        ("paired_bootstrap", option_docs::<BootstrapOptions>()),
+        ("line_plot", option_docs::<LinePlot>()),
+        ("save_grid", option_docs::<GridFigureOptions>()),
+    ]
+}
+
 mod helpers {
     use candle_core::Tensor;
     use rhai::{Array, Dynamic, Map};
 
     use crate::eval::number::format_number;
     use crate::eval::report::{Figure, Report, Summary};
-    use crate::script::options::{dynamic_f64, Options};
+    use crate::script::options::dynamic_f64;
     use crate::tensor::ops::to_f64_vec;
 
     /// Numbers from a tensor (flattened) or an array of numbers / bools.
@@ -37,69 +51,75 @@ mod helpers {
         ))
     }
 
+    /// The (x, y) points of one series.
+    pub(super) type Points = Vec<(f64, f64)>;
+
     /// One series: array of [x, y] pairs, array of numbers or 1-D tensor (x = index), [N, 2]
     /// tensor, or `#{x, y}`.
-    pub(super) fn series_points(name: &str, v: &Dynamic) -> Result<Vec<(f64, f64)>, String> {
+    pub(super) fn series_points(name: &str, v: &Dynamic) -> Result<Points, String> {
         let what = format!("line_plot: series `{name}`");
-        if v.is_map() {
-            let m = v.read_lock::<Map>().expect("checked is_map");
-            let x = m
-                .get("x")
-                .ok_or_else(|| format!("{what}: map needs `x` and `y`"))?;
-            let y = m
-                .get("y")
-                .ok_or_else(|| format!("{what}: map needs `x` and `y`"))?;
-            let (x, y) = (numbers(x, &what)?, numbers(y, &what)?);
-            if x.len() != y.len() {
-                return Err(format!(
-                    "{what}: x has {} values but y has {}",
-                    x.len(),
-                    y.len()
-                ));
-            }
-            return Ok(x.into_iter().zip(y).collect());
+        if let Some(m) = v.read_lock::<Map>() {
+            return xy_points(&m, &what);
         }
         if let Some(t) = v.clone().try_cast::<Tensor>() {
             let vals = to_f64_vec(&t).map_err(|e| format!("{what}: {e}"))?;
             return match t.dims() {
                 [_, 2] => Ok(vals.chunks(2).map(|c| (c[0], c[1])).collect()),
-                [_] | [] => Ok(vals
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, y)| (i as f64, y))
-                    .collect()),
+                [_] | [] => Ok(indexed(vals)),
                 d => Err(format!("{what}: tensor must be [N] or [N, 2], got {d:?}")),
             };
         }
-        if v.is_array() {
-            let arr = v.read_lock::<Array>().expect("checked is_array");
+        if let Some(arr) = v.read_lock::<Array>() {
             if arr.iter().all(|x| x.is_array()) && !arr.is_empty() {
-                return arr
-                    .iter()
-                    .enumerate()
-                    .map(|(i, p)| {
-                        let pair = numbers(p, &what)?;
-                        match pair.as_slice() {
-                            [x, y] => Ok((*x, *y)),
-                            _ => Err(format!(
-                                "{what}: point {i} has {} values, not [x, y]",
-                                pair.len()
-                            )),
-                        }
-                    })
-                    .collect();
+                return pair_points(&arr, &what);
             }
             drop(arr);
-            return Ok(numbers(v, &what)?
-                .into_iter()
-                .enumerate()
-                .map(|(i, y)| (i as f64, y))
-                .collect());
+            return Ok(indexed(numbers(v, &what)?));
         }
         Err(format!(
             "{what}: expected [[x, y], ...], [y, ...], a tensor or #{{x, y}}, got {}",
             v.type_name()
         ))
+    }
+
+    /// Values as points (index, value).
+    fn indexed(ys: Vec<f64>) -> Points {
+        ys.into_iter()
+            .enumerate()
+            .map(|(i, y)| (i as f64, y))
+            .collect()
+    }
+
+    /// `#{x, y}`: two parallel lists of numbers.
+    fn xy_points(m: &Map, what: &str) -> Result<Points, String> {
+        let get = |k: &str| {
+            m.get(k)
+                .ok_or_else(|| format!("{what}: map needs `x` and `y`"))
+                .and_then(|v| numbers(v, what))
+        };
+        let (x, y) = (get("x")?, get("y")?);
+        if x.len() != y.len() {
+            return Err(format!(
+                "{what}: x has {} values but y has {}",
+                x.len(),
+                y.len()
+            ));
+        }
+        Ok(x.into_iter().zip(y).collect())
+    }
+
+    /// `[[x, y], ...]`.
+    fn pair_points(arr: &Array, what: &str) -> Result<Points, String> {
+        arr.iter()
+            .enumerate()
+            .map(|(i, p)| match numbers(p, what)?.as_slice() {
+                [x, y] => Ok((*x, *y)),
+                pair => Err(format!(
+                    "{what}: point {i} has {} values, not [x, y]",
+                    pair.len()
+                )),
+            })
+            .collect()
     }
 
     /// A script value as a report value: numbers (and one-element tensors) stay numbers, maps
@@ -120,15 +140,6 @@ mod helpers {
             };
         }
         rhai::serde::from_dynamic(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()))
-    }
-
-    /// The array option `key` as texts (strings, or numbers such as indices, as written).
-    pub(super) fn texts(o: &Options, key: &str) -> Result<Vec<String>, String> {
-        Ok(o.opt_typed::<Array>(key, "an array of strings")?
-            .unwrap_or_default()
-            .iter()
-            .map(|v| v.clone().into_string().unwrap_or_else(|_| v.to_string()))
-            .collect())
     }
 
     pub(super) fn summary_from_map(m: &Map) -> Result<Summary, String> {
@@ -165,74 +176,94 @@ mod helpers {
         })
     }
 
+    /// The keys of `write_report`'s map (report content, not options: values may be tensors).
+    const REPORT_KEYS: [&str; 5] = ["title", "summary", "table", "notes", "figures"];
+
     pub(super) fn report_from_map(m: &Map) -> Result<Report, String> {
-        const KEYS: [&str; 5] = ["title", "summary", "table", "notes", "figures"];
-        if let Some(k) = m.keys().find(|k| !KEYS.contains(&k.as_str())) {
+        if let Some(k) = m.keys().find(|k| !REPORT_KEYS.contains(&k.as_str())) {
             return Err(format!(
                 "write_report: unknown key `{k}`; accepted: {}",
-                KEYS.join(", ")
+                REPORT_KEYS.join(", ")
             ));
         }
-        let mut r = Report {
+        let map_of = |key: &str| -> Result<Option<Map>, String> {
+            m.get(key)
+                .map(|v| {
+                    v.read_lock::<Map>()
+                        .map(|m| m.clone())
+                        .ok_or_else(|| format!("write_report: `{key}` must be a map"))
+                })
+                .transpose()
+        };
+        Ok(Report {
             title: m
                 .get("title")
                 .map(|v| v.to_string())
                 .unwrap_or_else(|| "Report".into()),
-            ..Default::default()
-        };
-        if let Some(s) = m.get("summary") {
-            let sm = s
-                .read_lock::<Map>()
-                .ok_or("write_report: `summary` must be a map")?;
-            r.summary = Some(summary_from_map(&sm)?);
-        }
-        if let Some(t) = m.get("table") {
-            let tm = t
-                .read_lock::<Map>()
-                .ok_or("write_report: `table` must be a map")?;
-            r.table = tm
+            summary: map_of("summary")?
+                .map(|s| summary_from_map(&s))
+                .transpose()?,
+            table: map_of("table")?
+                .unwrap_or_default()
                 .iter()
                 .map(|(k, v)| (k.to_string(), report_value(v)))
-                .collect();
+                .collect(),
+            notes: m.get("notes").map(notes).unwrap_or_default(),
+            figures: m
+                .get("figures")
+                .map(figures)
+                .transpose()?
+                .unwrap_or_default(),
+        })
+    }
+
+    /// One note, or an array of them.
+    fn notes(v: &Dynamic) -> Vec<String> {
+        match v.read_lock::<Array>() {
+            Some(a) => a.iter().map(|x| x.to_string()).collect(),
+            None => vec![v.to_string()],
         }
-        if let Some(n) = m.get("notes") {
-            if n.is_array() {
-                r.notes = n
-                    .read_lock::<Array>()
-                    .expect("array")
-                    .iter()
-                    .map(|x| x.to_string())
-                    .collect();
-            } else {
-                r.notes = vec![n.to_string()];
-            }
-        }
-        if let Some(f) = m.get("figures") {
-            let arr = f
-                .read_lock::<Array>()
-                .ok_or("write_report: `figures` must be an array of paths or #{path, caption}")?;
-            for (i, item) in arr.iter().enumerate() {
-                if item.is_map() {
-                    let fm = item.read_lock::<Map>().expect("map");
-                    let path = fm
-                        .get("path")
-                        .ok_or_else(|| format!("write_report: figure {i} has no `path`"))?
-                        .to_string();
-                    let caption = fm
-                        .get("caption")
-                        .map(|c| c.to_string())
-                        .unwrap_or_else(|| path.clone());
-                    r.figures.push(Figure { path, caption });
-                } else {
+    }
+
+    /// Figures: paths, or `#{path, caption}` (the caption defaults to the path).
+    fn figures(v: &Dynamic) -> Result<Vec<Figure>, String> {
+        let arr = v
+            .read_lock::<Array>()
+            .ok_or("write_report: `figures` must be an array of paths or #{path, caption}")?;
+        arr.iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let Some(fm) = item.read_lock::<Map>() else {
                     let path = item.to_string();
-                    r.figures.push(Figure {
+                    return Ok(Figure {
                         caption: path.clone(),
                         path,
                     });
-                }
-            }
-        }
-        Ok(r)
+                };
+                let path = fm
+                    .get("path")
+                    .ok_or_else(|| format!("write_report: figure {i} has no `path`"))?
+                    .to_string();
+                let caption = fm.get("caption").map(|c| c.to_string());
+                Ok(Figure {
+                    caption: caption.unwrap_or_else(|| path.clone()),
+                    path,
+                })
+            })
+            .collect()
+    }
+
+    /// The series of `line_plot`, in name order.
+    pub(super) fn all_series(series: &Map) -> Result<Vec<(String, Points)>, String> {
+        series
+            .iter()
+            .map(|(k, v)| series_points(k, v).map(|pts| (k.to_string(), pts)))
+            .collect()
+    }
+
+    /// Plain script values as texts (the keys of `group_mean`).
+    pub(super) fn key_texts(keys: &Array) -> Vec<String> {
+        keys.iter().map(|k| k.to_string()).collect()
     }
 }
 
@@ -243,17 +274,19 @@ pub mod eval_api {
     use candle_core::Tensor;
     use rhai::{Array, Dynamic, Map};
 
-    use crate::eval::bootstrap::{paired_bootstrap as bootstrap, DEFAULT_SAMPLES};
+    use crate::eval::bootstrap::{paired_bootstrap as bootstrap, BootstrapOptions};
+    use crate::eval::grid_options::GridFigureOptions;
+    use crate::eval::group_mean as group_means;
     use crate::eval::plots::{line_plot_with, LinePlot};
-    use crate::image_grid::{grid_size, save_labelled_grid, GridLabels, GridOptions};
+    use crate::image_grid::{grid_size, save_labelled_grid};
     use crate::image_io;
+    use crate::script::declared::{from_map, to_map};
     use crate::script::error::{OrScriptError, ScriptResult};
     use crate::script::Host;
-    use crate::script::Options;
 
     /// Paired bootstrap 95% CI of mean(after) - mean(before) (tensors or arrays of numbers /
-    /// bools, paired by index): `#{delta, ci95_low, ci95_high, before, after, n}`; 2000 resamples,
-    /// seeded with the run's seed.
+    /// bools, paired by index): `#{delta, ci95_low, ci95_high, before, after, n}`, with the
+    /// default options (resamples seeded with the run's seed).
     #[rhai_fn(return_raw)]
     pub fn paired_bootstrap(
         ctx: NativeCallContext,
@@ -263,7 +296,7 @@ pub mod eval_api {
         paired_bootstrap_with(ctx, before, after, Map::new())
     }
 
-    /// Paired bootstrap with options `#{samples: 2000, seed}`.
+    /// Paired bootstrap with options `#{samples, seed}`.
     #[rhai_fn(name = "paired_bootstrap", return_raw)]
     pub fn paired_bootstrap_with(
         ctx: NativeCallContext,
@@ -271,24 +304,15 @@ pub mod eval_api {
         after: Dynamic,
         opts: Map,
     ) -> ScriptResult<Map> {
-        let o = Options::new(&opts, "paired_bootstrap", &["samples", "seed"]).or_script(&ctx)?;
-        let samples = o.usize("samples", DEFAULT_SAMPLES).or_script(&ctx)?;
-        Host::of(&ctx)
-            .check_tensor_size("paired_bootstrap", &[samples], candle_core::DType::F64)
+        let o: BootstrapOptions = from_map(&opts, "paired_bootstrap").or_script(&ctx)?;
+        let host = Host::of(&ctx);
+        host.check_tensor_size("paired_bootstrap", &[o.samples], candle_core::DType::F64)
             .or_script(&ctx)?;
-        let seed = o.i64("seed", Host::of(&ctx).seed as i64).or_script(&ctx)?;
+        let seed = o.seed.unwrap_or(host.seed as i64) as u64;
         let b = numbers(&before, "paired_bootstrap: before").or_script(&ctx)?;
         let a = numbers(&after, "paired_bootstrap: after").or_script(&ctx)?;
-        let r = bootstrap(&b, &a, samples, seed as u64).or_script(&ctx)?;
-        let mut m = Map::new();
-        m.insert("n".into(), Dynamic::from(r.n as i64));
-        m.insert("before".into(), Dynamic::from(r.before));
-        m.insert("after".into(), Dynamic::from(r.after));
-        m.insert("delta".into(), Dynamic::from(r.delta));
-        m.insert("ci95_low".into(), Dynamic::from(r.ci95_low));
-        m.insert("ci95_high".into(), Dynamic::from(r.ci95_high));
-        m.insert("samples".into(), Dynamic::from(r.samples as i64));
-        Ok(m)
+        let r = bootstrap(&b, &a, o.samples, seed).or_script(&ctx)?;
+        to_map(&r).or_script(&ctx)
     }
 
     /// Mean of `values` (tensor or array) per key of the parallel array `keys` (e.g. the
@@ -296,29 +320,8 @@ pub mod eval_api {
     #[rhai_fn(return_raw)]
     pub fn group_mean(ctx: NativeCallContext, values: Dynamic, keys: Array) -> ScriptResult<Map> {
         let v = numbers(&values, "group_mean: values").or_script(&ctx)?;
-        if v.len() != keys.len() {
-            return Err(format!(
-                "group_mean: {} values but {} keys",
-                v.len(),
-                keys.len()
-            ))
-            .or_script(&ctx);
-        }
-        let mut acc: std::collections::BTreeMap<String, (f64, i64)> = Default::default();
-        for (x, k) in v.iter().zip(&keys) {
-            let e = acc.entry(k.to_string()).or_default();
-            e.0 += x;
-            e.1 += 1;
-        }
-        Ok(acc
-            .into_iter()
-            .map(|(k, (sum, n))| {
-                let mut m = Map::new();
-                m.insert("mean".into(), Dynamic::from(sum / n as f64));
-                m.insert("n".into(), Dynamic::from(n));
-                (k.into(), Dynamic::from_map(m))
-            })
-            .collect())
+        let means = group_means(&v, &key_texts(&keys)).or_script(&ctx)?;
+        to_map(&means).or_script(&ctx)
     }
 
     /// A PNG line plot of a map name -> series ([[x, y], ...], [y, ...], a tensor, or #{x, y}).
@@ -332,7 +335,7 @@ pub mod eval_api {
         line_plot_opts(ctx, path, title, series, Map::new())
     }
 
-    /// A line plot with options `#{x_label, y_label, width: 640, height: 400}`.
+    /// A line plot with options `#{x_label, y_label, width, height}`.
     #[rhai_fn(name = "line_plot", return_raw)]
     pub fn line_plot_opts(
         ctx: NativeCallContext,
@@ -341,17 +344,8 @@ pub mod eval_api {
         series: Map,
         opts: Map,
     ) -> ScriptResult<()> {
-        let o = Options::new(
-            &opts,
-            "line_plot",
-            &["x_label", "y_label", "width", "height"],
-        )
-        .or_script(&ctx)?;
-        let mut p = LinePlot::new(title);
-        p.x_label = o.string("x_label", "").or_script(&ctx)?;
-        p.y_label = o.string("y_label", "").or_script(&ctx)?;
-        p.width = o.usize("width", 640).or_script(&ctx)? as u32;
-        p.height = o.usize("height", 400).or_script(&ctx)? as u32;
+        let mut p: LinePlot = from_map(&opts, "line_plot").or_script(&ctx)?;
+        p.title = title.to_string();
         let host = Host::of(&ctx);
         host.check_tensor_size(
             "line_plot",
@@ -360,11 +354,7 @@ pub mod eval_api {
         )
         .or_script(&ctx)?;
         let path = host.writable(path).or_script(&ctx)?;
-        let data = series
-            .iter()
-            .map(|(k, v)| series_points(k, v).map(|pts| (k.to_string(), pts)))
-            .collect::<Result<Vec<_>, _>>()
-            .or_script(&ctx)?;
+        let data = all_series(&series).or_script(&ctx)?;
         line_plot_with(&path, &p, &data).or_script(&ctx)
     }
 
@@ -400,8 +390,8 @@ pub mod eval_api {
             .collect())
     }
 
-    /// Save a batch [B, 3, H, W] as one PNG grid with `nrow` images per row (4x magnified,
-    /// 1 px padding).
+    /// Save a batch [B, 3, H, W] as one PNG grid with `nrow` images per row (the default
+    /// padding and magnification).
     #[rhai_fn(return_raw)]
     pub fn save_grid(
         ctx: NativeCallContext,
@@ -412,7 +402,7 @@ pub mod eval_api {
         save_grid_opts(ctx, images, path, nrow, Map::new())
     }
 
-    /// `save_grid` with options `#{padding: 1, upscale: 4, labels: [..], row_labels: [..]}`:
+    /// `save_grid` with options `#{padding, upscale, labels: [..], row_labels: [..]}`:
     /// `labels` captions each image (e.g. its prompt; "" for none), `row_labels` names each row
     /// (e.g. "before" / "after").
     #[rhai_fn(name = "save_grid", return_raw)]
@@ -423,25 +413,11 @@ pub mod eval_api {
         nrow: i64,
         opts: Map,
     ) -> ScriptResult<()> {
-        let o = Options::new(
-            &opts,
-            "save_grid",
-            &["padding", "upscale", "labels", "row_labels"],
-        )
-        .or_script(&ctx)?;
+        let o: GridFigureOptions = from_map(&opts, "save_grid").or_script(&ctx)?;
         if nrow < 1 {
             return Err(format!("save_grid: nrow must be >= 1, got {nrow}")).or_script(&ctx);
         }
-        let g = GridOptions {
-            nrow: nrow as usize,
-            padding: o.usize("padding", 1).or_script(&ctx)?,
-            upscale: o.usize("upscale", 4).or_script(&ctx)?,
-            ..Default::default()
-        };
-        let labels = GridLabels {
-            captions: texts(&o, "labels").or_script(&ctx)?,
-            rows: texts(&o, "row_labels").or_script(&ctx)?,
-        };
+        let (g, labels) = (o.grid(nrow as usize), o.labels());
         let host = Host::of(&ctx);
         if let [b, _, h, w] = images.dims() {
             let (gw, gh) = grid_size(*b, *h, *w, &g, &labels)
@@ -473,5 +449,29 @@ pub mod eval_api {
         .or_script(&ctx)?;
         let file = host.readable(path).or_script(&ctx)?;
         image_io::load_image(&file, size as usize, &host.device).or_script(&ctx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::declared_options;
+
+    #[test]
+    fn eval_options_show_the_core_defaults() {
+        let all = declared_options();
+        let find = |f: &str, n: &str| {
+            let docs = &all.iter().find(|(name, _)| *name == f).unwrap().1;
+            docs.iter().find(|d| d.name == n).unwrap().default.clone()
+        };
+        assert_eq!(find("paired_bootstrap", "samples").as_deref(), Some("2000"));
+        assert_eq!(find("line_plot", "width").as_deref(), Some("640"));
+        assert_eq!(find("save_grid", "upscale").as_deref(), Some("4"));
+        let names = all
+            .iter()
+            .flat_map(|(_, docs)| docs.iter().map(|d| &d.name));
+        assert!(
+            names.clone().all(|n| n != "title"),
+            "the title is an argument"
+        );
     }
 }

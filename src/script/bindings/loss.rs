@@ -4,21 +4,32 @@
 
 use rhai::plugin::*;
 
+use crate::lpo::LpoLossConfig;
+use crate::script::declared::{option_docs, OptionDoc};
+
+/// The options of this module's functions, for `lpo fns`.
+pub fn declared_options() -> Vec<(&'static str, Vec<OptionDoc>)> {
+    vec![("lpo_loss", option_docs::<LpoLossConfig>())]
+}
+
 mod helpers {
     use rhai::{Dynamic, Map};
 
     use crate::lpo::LpoLossOutput;
 
     pub(super) fn to_map(out: LpoLossOutput) -> Map {
-        let mut m = Map::new();
-        m.insert("loss".into(), Dynamic::from(out.loss));
-        m.insert("loss_per_pair".into(), Dynamic::from(out.loss_per_pair));
-        m.insert("implicit_acc".into(), Dynamic::from(out.implicit_acc));
-        m.insert("margin".into(), Dynamic::from(out.margin));
-        m.insert("ratio_w".into(), Dynamic::from(out.ratio_w));
-        m.insert("ratio_l".into(), Dynamic::from(out.ratio_l));
-        m.insert("logits".into(), Dynamic::from(out.logits));
-        m
+        [
+            ("loss", out.loss),
+            ("loss_per_pair", out.loss_per_pair),
+            ("implicit_acc", out.implicit_acc),
+            ("margin", out.margin),
+            ("ratio_w", out.ratio_w),
+            ("ratio_l", out.ratio_l),
+            ("logits", out.logits),
+        ]
+        .into_iter()
+        .map(|(k, t)| (k.into(), Dynamic::from(t)))
+        .collect()
     }
 }
 
@@ -29,13 +40,13 @@ pub mod loss_api {
     use rhai::Map;
 
     use crate::lpo::{lpo_loss as core_lpo_loss, LpoLossConfig};
+    use crate::script::declared::from_map;
     use crate::script::error::{OrScriptError, ScriptResult};
-    use crate::script::Options;
 
     /// LPO step loss over B pairs: r = clamp(exp(lp - lp_ref), 1-eps, 1+eps), loss =
-    /// mean(softplus(-(beta log r_w - beta log r_l))). Options `beta` (default 500), `eps`
-    /// (default 0.1). Returns `#{loss, loss_per_pair, implicit_acc, margin, ratio_w, ratio_l,
-    /// logits}` (tensors; `loss` is differentiable w.r.t. lp_w and lp_l).
+    /// mean(softplus(-(beta log r_w - beta log r_l))). Options `beta`, `eps`. Returns
+    /// `#{loss, loss_per_pair, implicit_acc, margin, ratio_w, ratio_l, logits}` (tensors;
+    /// `loss` is differentiable w.r.t. lp_w and lp_l).
     #[rhai_fn(return_raw)]
     pub fn lpo_loss(
         ctx: NativeCallContext,
@@ -45,18 +56,13 @@ pub mod loss_api {
         lp_l_ref: Tensor,
         opts: Map,
     ) -> ScriptResult<Map> {
-        let o = Options::new(&opts, "lpo_loss", &["beta", "eps"]).or_script(&ctx)?;
-        let d = LpoLossConfig::default();
-        let cfg = LpoLossConfig {
-            beta: o.f64("beta", d.beta).or_script(&ctx)?,
-            eps: o.f64("eps", d.eps).or_script(&ctx)?,
-        };
+        let cfg: LpoLossConfig = from_map(&opts, "lpo_loss").or_script(&ctx)?;
         core_lpo_loss(&lp_w, &lp_w_ref, &lp_l, &lp_l_ref, cfg)
             .map(to_map)
             .or_script(&ctx)
     }
 
-    /// `lpo_loss` with the paper's beta 500 and eps 0.1.
+    /// `lpo_loss` with the default options (the paper's beta and eps).
     #[rhai_fn(name = "lpo_loss", return_raw)]
     pub fn lpo_loss_default(
         ctx: NativeCallContext,

@@ -7,42 +7,70 @@ use std::sync::Arc;
 use rhai::plugin::*;
 
 use crate::reward::lrm::LatentRewardModel;
+use crate::reward::lrm_options::{LrmInitOptions, LrmOptions};
+use crate::reward::pair_loss::PairLossOptions;
+use crate::script::declared::{option_docs, OptionDoc};
 
 /// A shared handle on one LRM.
 pub type ScriptLrm = Arc<LatentRewardModel>;
+
+/// The options of this module's functions, for `lpo fns`.
+pub fn declared_options() -> Vec<(&'static str, Vec<OptionDoc>)> {
+    vec![
+        ("load_lrm", option_docs::<LrmOptions>()),
+        ("init_lrm", option_docs::<LrmInitOptions>()),
+        ("pair_loss", option_docs::<PairLossOptions>()),
+    ]
+}
 
 mod helpers {
     use candle_core::{DType, Tensor};
     use rhai::{Array, Dynamic, Map, NativeCallContext};
 
-    use crate::reward::lrm::{LatentRewardModel, LrmOptions, PromptIds};
+    use crate::reward::lrm::{LatentRewardModel, PromptIds};
+    use crate::reward::lrm_options::LrmInitOptions;
     use crate::script::error::{OrScriptError, ScriptResult};
-    use crate::script::options::Options;
-    use crate::tensor::parse_dtype;
+    use crate::script::Host;
 
-    pub(super) const MODEL_KEYS: [&str; 7] = [
-        "multi_scale",
-        "guidance_scale",
-        "multi_scale_cfg",
-        "dtype",
-        "trainable",
-        "train_text",
-        "gradient_checkpointing",
-    ];
+    /// A fresh LRM from `base` with `init_lrm`'s options (seed default: the run's).
+    pub(super) fn init(
+        host: &Host,
+        base: &str,
+        o: LrmInitOptions,
+    ) -> anyhow::Result<LatentRewardModel> {
+        let clip = o
+            .clip_projection
+            .as_deref()
+            .map(|c| host.readable(c))
+            .transpose()?;
+        LatentRewardModel::init_from_base(
+            &host.readable(base)?,
+            o.projection_dim,
+            clip.as_deref(),
+            o.seed.unwrap_or(host.seed as i64) as u64,
+            o.logit_scale,
+            o.model,
+            &host.device,
+        )
+    }
 
-    pub(super) fn model_options(ctx: &NativeCallContext, o: &Options) -> ScriptResult<LrmOptions> {
-        let d = LrmOptions::default();
-        Ok(LrmOptions {
-            multi_scale: o.bool("multi_scale", d.multi_scale).or_script(ctx)?,
-            guidance_scale: o.f64("guidance_scale", d.guidance_scale).or_script(ctx)?,
-            multi_scale_cfg: o
-                .bool("multi_scale_cfg", d.multi_scale_cfg)
-                .or_script(ctx)?,
-            dtype: parse_dtype(&o.string("dtype", "f32").or_script(ctx)?).or_script(ctx)?,
-            trainable: o.bool("trainable", false).or_script(ctx)?,
-            train_text: o.bool("train_text", false).or_script(ctx)?,
-            gradient_checkpointing: o.bool("gradient_checkpointing", false).or_script(ctx)?,
-        })
+    /// The tensors of `pair_loss` on the LRM's device (timesteps as i64), labels checked.
+    pub(super) fn pair_inputs(
+        lrm: &LatentRewardModel,
+        tensors: [&Tensor; 6],
+    ) -> candle_core::Result<[Tensor; 6]> {
+        let [l0, l1] = [tensors[3], tensors[4]]
+            .map(|l| l.to_dtype(DType::F32).and_then(|t| t.to_vec1::<f32>()));
+        crate::reward::pair_loss::validate_labels(&l0?, &l1?).map_err(candle_core::Error::msg)?;
+        let on = |t: &Tensor| t.to_device(lrm.device());
+        Ok([
+            on(tensors[0])?,
+            on(tensors[1])?,
+            on(tensors[2])?.to_dtype(DType::I64)?,
+            on(tensors[3])?,
+            on(tensors[4])?,
+            on(tensors[5])?,
+        ])
     }
 
     /// ids as a tensor, `[ids, ids_2]`, or prompt strings (tokenized by the LRM's tokenizers).
@@ -57,39 +85,33 @@ mod helpers {
         if let Ok(s) = ids.clone().into_string() {
             return lrm.tokenize(&[s.as_str()]).or_script(ctx);
         }
-        if ids.is_array() {
-            let arr = ids.read_lock::<Array>().expect("checked is_array").clone();
-            if arr.len() == 2 && arr.iter().all(|v| v.is::<Tensor>()) {
-                let a = arr[0]
-                    .clone()
-                    .cast::<Tensor>()
-                    .to_device(lrm.device())
-                    .or_script(ctx)?;
-                let b = arr[1]
-                    .clone()
-                    .cast::<Tensor>()
-                    .to_device(lrm.device())
-                    .or_script(ctx)?;
-                return Ok(PromptIds::Pair(a, b));
-            }
-            let prompts: Vec<String> = arr
-                .iter()
-                .enumerate()
-                .map(|(i, v)| {
-                    v.clone()
-                        .into_string()
-                        .map_err(|t| format!("prompt {i} is a {t}, not a string"))
-                })
-                .collect::<Result<_, _>>()
-                .or_script(ctx)?;
-            let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-            return lrm.tokenize(&refs).or_script(ctx);
+        if let Some(arr) = ids.read_lock::<Array>() {
+            return ids_of_array(lrm, &arr).or_script(ctx);
         }
         Err(format!(
             "ids must be an int tensor [B, 77], [ids, ids_2], or prompt strings; got {}",
             ids.type_name()
         ))
         .or_script(ctx)
+    }
+
+    /// `[ids, ids_2]` (SDXL's two tokenizations), or prompt strings.
+    fn ids_of_array(lrm: &LatentRewardModel, arr: &Array) -> anyhow::Result<PromptIds> {
+        if arr.len() == 2 && arr.iter().all(|v| v.is::<Tensor>()) {
+            let on = |v: &Dynamic| v.clone().cast::<Tensor>().to_device(lrm.device());
+            return Ok(PromptIds::Pair(on(&arr[0])?, on(&arr[1])?));
+        }
+        let prompts: Vec<String> = arr
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.clone()
+                    .into_string()
+                    .map_err(|t| anyhow::anyhow!("prompt {i} is a {t}, not a string"))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        lrm.tokenize(&refs)
     }
 
     pub(super) fn timesteps(
@@ -125,23 +147,24 @@ pub mod lrm_api {
     use super::helpers::*;
     use super::ScriptLrm;
     use crate::reward::lrm::LatentRewardModel;
-    use crate::reward::pair_loss::{LossType, PairLossOptions};
+    use crate::reward::lrm_options::{LrmInitOptions, LrmOptions};
+    use crate::reward::pair_loss::PairLossOptions;
+    use crate::script::declared::from_map;
     use crate::script::error::{OrScriptError, ScriptResult};
-    use crate::script::options::Options;
     use crate::script::Host;
 
     /// Load an LRM folder (`unet/`, `text_encoder/`, `tokenizer/`, projections; SDXL also
-    /// `text_encoder_2/`, `tokenizer_2/`, `vae/`). Defaults: multi_scale true, guidance_scale 7.5.
+    /// `text_encoder_2/`, `tokenizer_2/`, `vae/`), with the default options.
     #[rhai_fn(return_raw, volatile)]
     pub fn load_lrm(ctx: NativeCallContext, dir: &str) -> ScriptResult<ScriptLrm> {
         load_lrm_with(ctx, dir, Map::new())
     }
 
-    /// Load an LRM with options `#{multi_scale, guidance_scale, multi_scale_cfg, dtype, trainable, train_text}`.
+    /// Load an LRM with options `#{multi_scale, guidance_scale, multi_scale_cfg, dtype,
+    /// trainable, train_text, gradient_checkpointing}`.
     #[rhai_fn(name = "load_lrm", return_raw, volatile)]
     pub fn load_lrm_with(ctx: NativeCallContext, dir: &str, opts: Map) -> ScriptResult<ScriptLrm> {
-        let o = Options::new(&opts, "load_lrm", &MODEL_KEYS).or_script(&ctx)?;
-        let options = model_options(&ctx, &o)?;
+        let options: LrmOptions = from_map(&opts, "load_lrm").or_script(&ctx)?;
         let host = Host::of(&ctx);
         host.check().or_script(&ctx)?;
         LatentRewardModel::load(&host.readable(dir).or_script(&ctx)?, options, &host.device)
@@ -156,34 +179,10 @@ pub mod lrm_api {
     /// `seed`, `logit_scale`.
     #[rhai_fn(return_raw, volatile)]
     pub fn init_lrm(ctx: NativeCallContext, base: &str, opts: Map) -> ScriptResult<ScriptLrm> {
-        let mut accepted = MODEL_KEYS.to_vec();
-        accepted.extend(["projection_dim", "clip_projection", "seed", "logit_scale"]);
-        let o = Options::new(&opts, "init_lrm", &accepted).or_script(&ctx)?;
-        let options = model_options(&ctx, &o)?;
-        let host = Host::of(&ctx);
-        let dim = o
-            .opt_i64("projection_dim")
-            .or_script(&ctx)?
-            .map(|d| d as usize);
-        let clip = o
-            .opt_string("clip_projection")
-            .or_script(&ctx)?
-            .map(|c| host.readable(&c))
-            .transpose()
-            .or_script(&ctx)?;
-        let seed = o.i64("seed", host.seed as i64).or_script(&ctx)? as u64;
-        let logit_scale = o.opt_f64("logit_scale").or_script(&ctx)?;
-        LatentRewardModel::init_from_base(
-            &host.readable(base).or_script(&ctx)?,
-            dim,
-            clip.as_deref(),
-            seed,
-            logit_scale,
-            options,
-            &host.device,
-        )
-        .map(Arc::new)
-        .or_script(&ctx)
+        let options: LrmInitOptions = from_map(&opts, "init_lrm").or_script(&ctx)?;
+        init(&Host::of(&ctx), base, options)
+            .map(Arc::new)
+            .or_script(&ctx)
     }
 
     /// Scores [B] = exp(logit_scale) · cos(image, text) of noisy latents x_t [B, C, H, W] at
@@ -252,43 +251,22 @@ pub mod lrm_api {
         opts: Map,
     ) -> ScriptResult<Map> {
         Host::of(&ctx).check().or_script(&ctx)?;
-        let o = Options::new(
-            &opts,
-            "pair_loss",
-            &["loss_type", "batch_coeff", "aux_loss_coeff"],
+        let options: PairLossOptions = from_map(&opts, "pair_loss").or_script(&ctx)?;
+        let [l0, l1, t, a, b, n] = pair_inputs(
+            lrm,
+            [
+                &latents_0,
+                &latents_1,
+                &t,
+                &label_0,
+                &label_1,
+                &num_examples,
+            ],
         )
         .or_script(&ctx)?;
-        let options = PairLossOptions {
-            loss_type: LossType::parse(&o.string("loss_type", "pair").or_script(&ctx)?)
-                .or_script(&ctx)?,
-            batch_coeff: o.f64("batch_coeff", 1.0).or_script(&ctx)?,
-            aux_loss_coeff: o.f64("aux_loss_coeff", 1.0).or_script(&ctx)?,
-        };
-        let l0: Vec<f32> = label_0
-            .to_dtype(candle_core::DType::F32)
-            .and_then(|t| t.to_vec1())
-            .or_script(&ctx)?;
-        let l1: Vec<f32> = label_1
-            .to_dtype(candle_core::DType::F32)
-            .and_then(|t| t.to_vec1())
-            .or_script(&ctx)?;
-        crate::reward::pair_loss::validate_labels(&l0, &l1).or_script(&ctx)?;
         let ids = prompt_ids(&ctx, lrm, &ids)?;
-        let dev = lrm.device().clone();
-        let to = |x: &Tensor| x.to_device(&dev);
         let out = lrm
-            .pair_loss(
-                &ids,
-                &to(&latents_0).or_script(&ctx)?,
-                &to(&latents_1).or_script(&ctx)?,
-                &to(&t)
-                    .and_then(|t| t.to_dtype(candle_core::DType::I64))
-                    .or_script(&ctx)?,
-                &to(&label_0).or_script(&ctx)?,
-                &to(&label_1).or_script(&ctx)?,
-                &to(&num_examples).or_script(&ctx)?,
-                options,
-            )
+            .pair_loss(&ids, &l0, &l1, &t, &a, &b, &n, options)
             .or_script(&ctx)?;
         Ok(to_map(vec![
             ("loss", out.loss),
@@ -362,5 +340,29 @@ pub mod lrm_api {
             o.guidance_scale,
             o.multi_scale_cfg
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::declared_options;
+
+    #[test]
+    fn lrm_options_show_the_core_defaults() {
+        let all = declared_options();
+        let init = &all[1].1;
+        let get = |n: &str| init.iter().find(|d| d.name == n).unwrap();
+        assert_eq!(get("dtype").default.as_deref(), Some("\"f32\""));
+        assert_eq!(get("guidance_scale").default.as_deref(), Some("7.5"));
+        assert_eq!(get("multi_scale").default.as_deref(), Some("true"));
+        assert_eq!(get("seed").default, None);
+        assert_eq!(
+            all[0].1.len() + 4,
+            init.len(),
+            "init_lrm takes load_lrm's options"
+        );
+        let loss = &all[2].1;
+        assert_eq!(loss[2].name, "loss_type");
+        assert_eq!(loss[2].kind, "\"pair\" | \"batch\" | \"both\"");
     }
 }

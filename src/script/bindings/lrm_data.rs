@@ -13,16 +13,33 @@ use std::sync::Arc;
 
 use rhai::plugin::*;
 
-use crate::reward::batches::PreferenceData;
+use crate::reward::batches::{BatchSettings, LatentPairsSpec, PreferenceData};
+use crate::script::declared::{option_docs, OptionDoc};
 
 /// A shared handle on one preference data set.
 pub type ScriptPreferences = Arc<PreferenceData>;
+
+/// The options of this module's functions, for `lpo fns` (host objects in the doc comments).
+pub fn declared_options() -> Vec<(&'static str, Vec<OptionDoc>)> {
+    vec![
+        ("batch", option_docs::<BatchSettings>()),
+        ("latent_pairs", option_docs::<LatentPairsSpec>()),
+    ]
+}
 
 mod helpers {
     use candle_core::{DType, Tensor};
     use rhai::{Array, Dynamic, Map};
 
-    use crate::reward::batches::CsvValue;
+    use crate::diffusion::{DdimConfig, DdimScheduler};
+    use crate::reward::batches::{
+        BatchOptions, BatchSettings, CsvValue, LatentPairs, LatentPairsSpec, PairBatch,
+    };
+    use crate::script::bindings::diffusion::Scheduler;
+    use crate::script::bindings::rng::ScriptRng;
+    use crate::script::bindings::vae::Vae;
+    use crate::script::declared::{from_map_with, to_map};
+    use crate::script::Host;
 
     pub(super) fn index_list(arr: &Array, what: &str) -> Result<Vec<usize>, String> {
         arr.iter()
@@ -41,7 +58,7 @@ mod helpers {
             .collect()
     }
 
-    pub(super) fn f32_values(v: &Dynamic, what: &str) -> Result<Vec<f32>, String> {
+    fn f32_values(v: &Dynamic, what: &str) -> Result<Vec<f32>, String> {
         let t = crate::script::convert::tensor_from_dynamic(v, &candle_core::Device::Cpu)
             .map_err(|e| format!("{what}: {e}"))?;
         t.to_dtype(DType::F32)
@@ -50,10 +67,113 @@ mod helpers {
             .map_err(|e| format!("{what}: {e}"))
     }
 
-    pub(super) fn tensor(v: &Dynamic, what: &str) -> Result<Tensor, String> {
-        v.clone()
-            .try_cast::<Tensor>()
-            .ok_or_else(|| format!("{what} must be a tensor, got {}", v.type_name()))
+    /// The host object under `key` (None when absent or `()`), checked to be a `T`.
+    fn host_object<T: Clone + 'static>(
+        host: &Map,
+        func: &str,
+        key: &str,
+        what: &str,
+    ) -> Result<Option<T>, String> {
+        match host.get(key).filter(|v| !v.is_unit()) {
+            None => Ok(None),
+            Some(v) => v.clone().try_cast::<T>().map(Some).ok_or_else(|| {
+                format!(
+                    "{func}: option `{key}` must be {what}, got {} ({v})",
+                    v.type_name()
+                )
+            }),
+        }
+    }
+
+    const TENSORS: [&str; 5] = [
+        "latents_0",
+        "latents_1",
+        "label_0",
+        "label_1",
+        "num_examples",
+    ];
+
+    /// `latent_pairs`' spec: prompts, latents (tensors), labels and counts (tensors or arrays).
+    pub(super) fn latent_pairs_from(spec: &Map) -> Result<LatentPairs, String> {
+        let (plain, tensors) = from_map_with::<LatentPairsSpec>(spec, "latent_pairs", &TENSORS)?;
+        let missing = |k: &str| format!("latent_pairs: missing key `{k}`");
+        let need = |k: &str| {
+            tensors
+                .get(k)
+                .filter(|v| !v.is_unit())
+                .ok_or_else(|| missing(k))
+        };
+        let latents = |k: &str| {
+            host_object::<Tensor>(&tensors, "latent_pairs", k, "a tensor")?
+                .ok_or_else(|| missing(k))
+        };
+        let num_examples = match tensors.get("num_examples").filter(|v| !v.is_unit()) {
+            Some(v) => f32_values(v, "num_examples")?,
+            None => Vec::new(),
+        };
+        LatentPairs::new(
+            plain.prompts.ok_or_else(|| missing("prompts"))?,
+            latents("latents_0")?,
+            latents("latents_1")?,
+            f32_values(need("label_0")?, "label_0")?,
+            f32_values(need("label_1")?, "label_1")?,
+            num_examples,
+        )
+        .map_err(|e| format!("{e:#}"))
+    }
+
+    pub(super) type BatchObjects = (ScriptRng, Option<Vae>, Scheduler);
+
+    /// The RNG, VAE and scheduler of `batch`'s options (the RNG is required).
+    fn batch_objects(host: &Host, objects: &Map) -> Result<BatchObjects, String> {
+        let rng = host_object::<ScriptRng>(objects, "batch", "rng", "an Rng (rng(seed))")?
+            .ok_or("batch: option `rng` is required (e.g. #{rng: rng(0)}): it draws the timesteps, VAE samples and noise")?;
+        let vae = host_object::<Vae>(objects, "batch", "vae", "a Vae")?;
+        let scheduler =
+            match host_object::<Scheduler>(objects, "batch", "scheduler", "a Scheduler")? {
+                Some(s) => s,
+                None => DdimScheduler::new(DdimConfig::default(), &host.device)
+                    .map_err(|e| format!("{e:#}"))?,
+            };
+        Ok((rng, vae, scheduler))
+    }
+
+    /// `batch`'s options: the settings, and the RNG, VAE and scheduler beside them.
+    pub(super) fn batch_options(
+        host: &Host,
+        opts: &Map,
+    ) -> Result<(BatchSettings, BatchObjects), String> {
+        let (settings, objects) =
+            from_map_with::<BatchSettings>(opts, "batch", &["rng", "vae", "scheduler"])?;
+        Ok((settings, batch_objects(host, &objects)?))
+    }
+
+    /// A batch as the script sees it: its plain fields, `n`, and the tensors.
+    pub(super) fn batch_map(b: &PairBatch) -> Result<Map, String> {
+        let mut m = to_map(b)?;
+        m.insert("n".into(), Dynamic::from(b.indices.len() as i64));
+        for (k, t) in b.tensors() {
+            m.insert(k.into(), Dynamic::from(t.clone()));
+        }
+        Ok(m)
+    }
+
+    /// Make a batch of `indices` with the settings and objects of `batch`'s options.
+    pub(super) fn make_batch(
+        host: &Host,
+        data: &crate::reward::batches::PreferenceData,
+        idx: &[usize],
+        settings: BatchSettings,
+        (rng, vae, scheduler): BatchObjects,
+    ) -> anyhow::Result<PairBatch> {
+        let opts = BatchOptions {
+            settings,
+            vae: vae.as_deref(),
+            scheduler: &scheduler,
+            device: host.device.clone(),
+        };
+        let mut r = rng.lock().unwrap_or_else(|e| e.into_inner());
+        data.batch(idx, &opts, &mut r)
     }
 
     pub(super) fn csv_dynamic(v: CsvValue) -> Dynamic {
@@ -63,10 +183,6 @@ mod helpers {
             CsvValue::Bool(b) => Dynamic::from(b),
             CsvValue::Str(s) => Dynamic::from(s),
         }
-    }
-
-    pub(super) fn put(m: &mut Map, k: &str, v: Dynamic) {
-        m.insert(k.into(), v);
     }
 }
 
@@ -78,16 +194,10 @@ pub mod lrm_data_api {
 
     use super::helpers::*;
     use super::ScriptPreferences;
-    use crate::diffusion::{DdimConfig, DdimScheduler};
-    use crate::reward::batches::{
-        default_timesteps, read_csv as read_csv_file, BatchOptions, LatentPairs, PreferenceData,
-    };
+    use crate::reward::batches::{read_csv as read_csv_file, PreferenceData};
     use crate::reward::data::ImageSource;
-    use crate::script::bindings::diffusion::Scheduler;
-    use crate::script::bindings::rng::ScriptRng;
-    use crate::script::bindings::vae::Vae;
+    use crate::script::declared::to_map;
     use crate::script::error::{OrScriptError, ScriptResult};
-    use crate::script::options::Options;
     use crate::script::Host;
 
     /// Preference pairs from a JSONL manifest `{prompt, image_0, image_1, label_0, label_1}`
@@ -118,41 +228,7 @@ pub mod lrm_data_api {
     /// each pair must be in [0, 1] and sum to 1.
     #[rhai_fn(return_raw)]
     pub fn latent_pairs(ctx: NativeCallContext, spec: Map) -> ScriptResult<ScriptPreferences> {
-        let o = Options::new(
-            &spec,
-            "latent_pairs",
-            &[
-                "prompts",
-                "latents_0",
-                "latents_1",
-                "label_0",
-                "label_1",
-                "num_examples",
-            ],
-        )
-        .or_script(&ctx)?;
-        let need = |k: &str| -> Result<Dynamic, String> {
-            o.opt_dynamic(k)
-                .ok_or_else(|| format!("latent_pairs: missing key `{k}`"))
-        };
-        let prompts: Vec<String> = need("prompts")
-            .and_then(|p| {
-                p.into_typed_array::<rhai::ImmutableString>()
-                    .map_err(|e| format!("latent_pairs: prompts must be an array of strings ({e})"))
-            })
-            .or_script(&ctx)?
-            .into_iter()
-            .map(|s| s.to_string())
-            .collect();
-        let l0 = tensor(&need("latents_0").or_script(&ctx)?, "latents_0").or_script(&ctx)?;
-        let l1 = tensor(&need("latents_1").or_script(&ctx)?, "latents_1").or_script(&ctx)?;
-        let a = f32_values(&need("label_0").or_script(&ctx)?, "label_0").or_script(&ctx)?;
-        let b = f32_values(&need("label_1").or_script(&ctx)?, "label_1").or_script(&ctx)?;
-        let ne = match o.opt_dynamic("num_examples") {
-            Some(v) => f32_values(&v, "num_examples").or_script(&ctx)?,
-            None => Vec::new(),
-        };
-        LatentPairs::new(prompts, l0, l1, a, b, ne)
+        latent_pairs_from(&spec)
             .map(|p| Arc::new(PreferenceData::from_latents(p)))
             .or_script(&ctx)
     }
@@ -179,13 +255,9 @@ pub mod lrm_data_api {
     #[rhai_fn(pure)]
     pub fn skipped_rows(data: &mut ScriptPreferences) -> Array {
         data.skipped()
-            .into_iter()
-            .map(|s| {
-                let mut m = Map::new();
-                put(&mut m, "location", Dynamic::from(s.location));
-                put(&mut m, "reason", Dynamic::from(s.reason));
-                Dynamic::from_map(m)
-            })
+            .iter()
+            .filter_map(|s| to_map(s).ok())
+            .map(Dynamic::from_map)
             .collect()
     }
 
@@ -220,12 +292,7 @@ pub mod lrm_data_api {
             ))
             .or_script(&ctx);
         }
-        let (a, b, n) = data.labels(i as usize);
-        let mut m = Map::new();
-        put(&mut m, "label_0", Dynamic::from(a as f64));
-        put(&mut m, "label_1", Dynamic::from(b as f64));
-        put(&mut m, "num_examples", Dynamic::from(n as f64));
-        Ok(m)
+        to_map(&data.labels(i as usize)).or_script(&ctx)
     }
 
     /// The pairs at `indices` as a new data set (train/validation splits, filters).
@@ -241,11 +308,10 @@ pub mod lrm_data_api {
 
     /// A training batch of the pairs at `indices`: `#{prompts, latents_0, latents_1, t [N, 2],
     /// label_0, label_1, num_examples, indices, n, skipped}` (pairs whose images fail to decode
-    /// are left out and counted). Options: `rng` (required: timesteps, VAE samples, noise),
-    /// `resolution` (512), `vae` (encode images; without one the images are the latents),
-    /// `scheduler` (SD1.5's DDIM schedule by default), `timesteps` (an int, or an array to draw
-    /// from; default 1, 51, ..., 951), `per_image_t` (false: both images share t), `clean`
-    /// (false: true returns the latents un-noised).
+    /// are left out and counted). Options: `rng` (required: draws the timesteps, VAE samples
+    /// and noise), `vae` (encodes the images; without one the images are the latents),
+    /// `scheduler` (SD1.5's DDIM schedule by default), and `resolution`, `timesteps`,
+    /// `per_image_t`, `clean`.
     #[rhai_fn(return_raw, pure, volatile)]
     pub fn batch(
         ctx: NativeCallContext,
@@ -256,100 +322,13 @@ pub mod lrm_data_api {
         let host = Host::of(&ctx);
         host.check().or_script(&ctx)?;
         let idx = index_list(&indices, "batch").or_script(&ctx)?;
-        let o = Options::new(
-            &opts,
-            "batch",
-            &[
-                "rng",
-                "resolution",
-                "vae",
-                "scheduler",
-                "timesteps",
-                "per_image_t",
-                "clean",
-            ],
-        )
-        .or_script(&ctx)?;
-        let rng = o
-            .opt_typed::<ScriptRng>("rng", "an Rng (rng(seed))")
-            .or_script(&ctx)?
-            .ok_or("batch: option `rng` is required (e.g. #{rng: rng(0)}): it draws the timesteps, VAE samples and noise")
-            .or_script(&ctx)?;
-        let vae = o.opt_typed::<Vae>("vae", "a Vae").or_script(&ctx)?;
-        let scheduler = match o
-            .opt_typed::<Scheduler>("scheduler", "a Scheduler")
-            .or_script(&ctx)?
-        {
-            Some(s) => s,
-            None => DdimScheduler::new(DdimConfig::default(), &host.device).or_script(&ctx)?,
-        };
-        let timesteps = match o.opt_dynamic("timesteps") {
-            None => default_timesteps(),
-            Some(v) if v.is_int() => vec![v.as_int().unwrap()],
-            Some(v) if v.is_array() => {
-                let arr = v.cast::<Array>();
-                arr.iter()
-                    .map(|x| {
-                        x.as_int().map_err(|_| {
-                            format!("batch: timesteps must be ints, got {}", x.type_name())
-                        })
-                    })
-                    .collect::<Result<Vec<i64>, String>>()
-                    .or_script(&ctx)?
-            }
-            Some(v) => {
-                return Err(format!(
-                    "batch: option `timesteps` must be an int or an array of ints, got {}",
-                    v.type_name()
-                ))
-                .or_script(&ctx)
-            }
-        };
-        let resolution = o.usize("resolution", 512).or_script(&ctx)?;
+        let (settings, objects) = batch_options(&host, &opts).or_script(&ctx)?;
         // Both images of each pair, decoded at `resolution`.
-        host.check_tensor_size(
-            "batch",
-            &[idx.len(), 2, 3, resolution, resolution],
-            candle_core::DType::F32,
-        )
-        .or_script(&ctx)?;
-        let bo = BatchOptions {
-            resolution,
-            vae: vae.as_deref(),
-            scheduler: &scheduler,
-            timesteps,
-            per_image_t: o.bool("per_image_t", false).or_script(&ctx)?,
-            clean: o.bool("clean", false).or_script(&ctx)?,
-            device: host.device.clone(),
-        };
-        let mut r = rng.lock().unwrap_or_else(|e| e.into_inner());
-        let b = data.batch(&idx, &bo, &mut r).or_script(&ctx)?;
-        let mut m = Map::new();
-        let n = b.indices.len() as i64;
-        put(
-            &mut m,
-            "prompts",
-            Dynamic::from_array(b.prompts.into_iter().map(Dynamic::from).collect()),
-        );
-        put(&mut m, "latents_0", Dynamic::from(b.latents_0));
-        put(&mut m, "latents_1", Dynamic::from(b.latents_1));
-        put(&mut m, "t", Dynamic::from(b.t));
-        put(&mut m, "label_0", Dynamic::from(b.label_0));
-        put(&mut m, "label_1", Dynamic::from(b.label_1));
-        put(&mut m, "num_examples", Dynamic::from(b.num_examples));
-        put(
-            &mut m,
-            "indices",
-            Dynamic::from_array(
-                b.indices
-                    .into_iter()
-                    .map(|i| Dynamic::from(i as i64))
-                    .collect(),
-            ),
-        );
-        put(&mut m, "n", Dynamic::from(n));
-        put(&mut m, "skipped", Dynamic::from(b.skipped as i64));
-        Ok(m)
+        let r = settings.resolution;
+        host.check_tensor_size("batch", &[idx.len(), 2, 3, r, r], candle_core::DType::F32)
+            .or_script(&ctx)?;
+        let b = make_batch(&host, data, &idx, settings, objects).or_script(&ctx)?;
+        batch_map(&b).or_script(&ctx)
     }
 
     #[rhai_fn(global, name = "to_string", name = "to_debug", pure)]
@@ -402,5 +381,38 @@ pub mod lrm_data_api {
                 Dynamic::from_map(m)
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rhai::{Dynamic, Map};
+
+    use crate::reward::batches::BatchSettings;
+    use crate::script::declared::from_map;
+
+    #[test]
+    fn batch_timesteps_take_an_int_or_an_array() {
+        let one: Map = [("timesteps".into(), Dynamic::from(51_i64))]
+            .into_iter()
+            .collect();
+        let s: BatchSettings = from_map(&one, "batch").unwrap();
+        assert_eq!(s.timesteps, vec![51]);
+        let many: Map = [(
+            "timesteps".into(),
+            Dynamic::from_array(vec![Dynamic::from(1_i64), Dynamic::from(951_i64)]),
+        )]
+        .into_iter()
+        .collect();
+        let s: BatchSettings = from_map(&many, "batch").unwrap();
+        assert_eq!((s.timesteps, s.resolution), (vec![1, 951], 512));
+        let bad: Map = [("timesteps".into(), Dynamic::from(1.5_f64))]
+            .into_iter()
+            .collect();
+        let err = from_map::<BatchSettings>(&bad, "batch").unwrap_err();
+        assert!(
+            err.contains("timesteps") && err.contains("an int or an array of ints"),
+            "{err}"
+        );
     }
 }

@@ -72,6 +72,12 @@ pub fn declared_options() -> Vec<(&'static str, Vec<OptionDoc>)> {
         policy::declared_options(),
         sampling::declared_options(),
         training::declared_options(),
+        train::declared_options(),
+        lrm::declared_options(),
+        lrm_data::declared_options(),
+        loss::declared_options(),
+        eval::declared_options(),
+        scorers::declared_options(),
     ]
     .concat()
 }

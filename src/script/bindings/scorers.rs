@@ -6,8 +6,17 @@ use std::sync::Arc;
 
 use rhai::plugin::*;
 
+use crate::eval::scorers::ScoreOptions;
+use crate::script::declared::{option_docs, OptionDoc};
+
 /// Script value of `load_scorer`.
 pub type ScriptScorer = Arc<crate::eval::scorers::Scorer>;
+
+/// The options of this module's functions, for `lpo fns` (`load_scorer` takes the shared
+/// model-loading options `#{dtype, device}`).
+pub fn declared_options() -> Vec<(&'static str, Vec<OptionDoc>)> {
+    vec![("score", option_docs::<ScoreOptions>())]
+}
 
 mod helpers {
     use std::path::PathBuf;
@@ -16,7 +25,7 @@ mod helpers {
     use image::RgbImage;
     use rhai::{Array, Dynamic};
 
-    use crate::eval::scorers::{images_from_tensor, read_image};
+    use crate::eval::scorers::{images_from_tensor, read_image, Scorer};
     use crate::script::Host;
 
     /// Images to score: a tensor [N, 3, H, W] / [3, H, W] in [-1, 1], or PNG/JPEG paths (one
@@ -78,7 +87,7 @@ mod helpers {
     }
 
     /// One prompt per image: an array of strings, or one string for every image.
-    pub(super) fn prompts(v: &Dynamic, n: usize) -> Result<Vec<String>, String> {
+    fn prompts(v: &Dynamic, n: usize) -> Result<Vec<String>, String> {
         if let Ok(s) = v.clone().into_string() {
             return Ok(vec![s; n]);
         }
@@ -99,6 +108,50 @@ mod helpers {
             v.type_name()
         ))
     }
+
+    /// The prompts of `n` images for `scorer` (none when it ignores them).
+    pub(super) fn prompts_for(
+        scorer: &Scorer,
+        v: &Dynamic,
+        n: usize,
+    ) -> Result<Vec<String>, String> {
+        if !scorer.kind().uses_prompts() {
+            return Ok(Vec::new());
+        }
+        let p = prompts(v, n)?;
+        if p.len() != n {
+            return Err(format!(
+                "score: {n} images but {} prompts (one prompt per image)",
+                p.len()
+            ));
+        }
+        Ok(p)
+    }
+
+    /// Score `images` `batch` at a time, checking the run's stop requests between batches.
+    pub(super) fn score_batches(
+        host: &Host,
+        scorer: &Scorer,
+        images: &Images,
+        prompts: &[String],
+        batch: usize,
+    ) -> anyhow::Result<Vec<f64>> {
+        let n = images.len();
+        let mut out = Vec::with_capacity(n);
+        for start in (0..n).step_by(batch) {
+            host.check()?;
+            let end = (start + batch).min(n);
+            let imgs = images.batch(start, end).map_err(anyhow::Error::msg)?;
+            let p: Vec<&str> = prompts
+                .get(start..end)
+                .unwrap_or_default()
+                .iter()
+                .map(String::as_str)
+                .collect();
+            out.extend(scorer.score(&imgs, &p, batch)?);
+        }
+        Ok(out)
+    }
 }
 
 #[export_module]
@@ -107,13 +160,14 @@ pub mod scorers_api {
 
     use rhai::{Array, Dynamic, Map};
 
-    use super::helpers::{prompts as prompt_list, Images};
+    use super::helpers::{prompts_for, score_batches, Images};
     use super::ScriptScorer;
-    use crate::eval::scorers::{Scorer, ScorerKind, DEFAULT_BATCH};
+    use crate::eval::scorers::{ScoreOptions, Scorer, ScorerKind};
     use crate::models::loading::WeightMode;
     use crate::script::bindings::text::helpers::load_options;
+    use crate::script::declared::from_map;
     use crate::script::error::{OrScriptError, ScriptResult};
-    use crate::script::{Host, Options};
+    use crate::script::Host;
 
     /// A built-in scorer, frozen, f32, on the run's device. `kind`: `"pickscore"` (HF folder of
     /// yuvalkirstain/PickScore_v1), `"hpsv2"` (open_clip checkpoint converted by
@@ -178,7 +232,7 @@ pub mod scorers_api {
         score_with(ctx, scorer, images, Dynamic::from(Array::new()), Map::new())
     }
 
-    /// `score(images, prompts, #{batch_size: 8})`: images per forward pass.
+    /// `score(images, prompts, #{batch_size})`: images per forward pass.
     #[rhai_fn(name = "score", return_raw)]
     pub fn score_with(
         ctx: NativeCallContext,
@@ -187,9 +241,8 @@ pub mod scorers_api {
         prompts: Dynamic,
         opts: Map,
     ) -> ScriptResult<Array> {
-        let o = Options::new(&opts, "score", &["batch_size"]).or_script(&ctx)?;
-        let batch = o.usize("batch_size", DEFAULT_BATCH).or_script(&ctx)?;
-        if batch == 0 {
+        let o: ScoreOptions = from_map(&opts, "score").or_script(&ctx)?;
+        if o.batch_size == 0 {
             return Err("score: batch_size must be >= 1").or_script(&ctx);
         }
         let host = Host::of(&ctx);
@@ -198,36 +251,13 @@ pub mod scorers_api {
         if n == 0 {
             return Err("score: no images").or_script(&ctx);
         }
-        let prompts = if scorer.kind().uses_prompts() {
-            let p = prompt_list(&prompts, n).or_script(&ctx)?;
-            if p.len() != n {
-                return Err(format!(
-                    "score: {n} images but {} prompts (one prompt per image)",
-                    p.len()
-                ))
-                .or_script(&ctx);
-            }
-            p
-        } else {
-            Vec::new()
-        };
+        let prompts = prompts_for(scorer, &prompts, n).or_script(&ctx)?;
         let s = scorer.image_size();
-        host.check_tensor_size("score", &[batch, 3, s, s], candle_core::DType::F32)
+        host.check_tensor_size("score", &[o.batch_size, 3, s, s], candle_core::DType::F32)
             .or_script(&ctx)?;
-        let mut out = Array::with_capacity(n);
-        for start in (0..n).step_by(batch) {
-            host.check().or_script(&ctx)?;
-            let end = (start + batch).min(n);
-            let imgs = images.batch(start, end).or_script(&ctx)?;
-            let p: Vec<&str> = if prompts.is_empty() {
-                Vec::new()
-            } else {
-                prompts[start..end].iter().map(String::as_str).collect()
-            };
-            let scores = scorer.score(&imgs, &p, batch).or_script(&ctx)?;
-            out.extend(scores.into_iter().map(Dynamic::from));
-        }
-        Ok(out)
+        let scores =
+            score_batches(&host, scorer, &images, &prompts, o.batch_size).or_script(&ctx)?;
+        Ok(scores.into_iter().map(Dynamic::from).collect())
     }
 
     /// The scorer's kind name.

@@ -10,20 +10,26 @@ use std::sync::{Arc, Mutex};
 
 use rhai::plugin::*;
 
-use crate::optim::AdamW;
+use crate::optim::{AdamW, AdamWOptions};
+use crate::script::declared::{option_docs, OptionDoc};
 
 /// The optimizer as a script value (every clone drives the same optimizer).
 pub type ScriptOptimizer = Arc<Mutex<AdamW>>;
+
+/// The options of this module's functions, for `lpo fns`.
+pub fn declared_options() -> Vec<(&'static str, Vec<OptionDoc>)> {
+    vec![("adamw", option_docs::<AdamWOptions>())]
+}
 
 mod helpers {
     use std::collections::HashMap;
 
     use candle_core::{DType, Tensor};
-    use rhai::{Array, Dynamic, Map};
+    use rhai::{Dynamic, Map};
 
     use super::ScriptOptimizer;
-    use crate::optim::{AdamW, AdamWConfig, GradClip, Schedule, StepInfo};
-    use crate::script::options::{dynamic_f64, Options};
+    use crate::optim::{AdamW, AdamWConfig, AdamWOptions, StepInfo};
+    use crate::script::declared::{from_map, to_map};
 
     pub(super) fn lock(o: &ScriptOptimizer) -> std::sync::MutexGuard<'_, AdamW> {
         o.lock().unwrap_or_else(|e| e.into_inner())
@@ -64,77 +70,15 @@ mod helpers {
             .collect()
     }
 
-    pub(super) fn info_map(info: StepInfo) -> Map {
-        let mut m = Map::new();
-        m.insert("grad_norm".into(), Dynamic::from(info.grad_norm));
-        m.insert("lr".into(), Dynamic::from(info.lr));
-        m.insert("step".into(), Dynamic::from(info.step as i64));
-        m
+    /// `#{grad_norm, lr, step}`.
+    pub(super) fn info_map(info: StepInfo) -> Result<Map, String> {
+        to_map(&info)
     }
 
-    pub(super) const ADAMW_KEYS: &[&str] = &[
-        "lr",
-        "betas",
-        "eps",
-        "weight_decay",
-        "max_grad_norm",
-        "warmup_steps",
-        "schedule",
-        "total_steps",
-    ];
-
+    /// `adamw`'s options, checked.
     pub(super) fn adamw_config(opts: &Map) -> Result<AdamWConfig, String> {
-        let o = Options::new(opts, "adamw", ADAMW_KEYS)?;
-        let d = AdamWConfig::default();
-        let (beta1, beta2) = match o.opt_typed::<Array>("betas", "an array [beta1, beta2]")? {
-            None => (d.beta1, d.beta2),
-            Some(b) => {
-                let vals: Vec<f64> = b.iter().filter_map(dynamic_f64).collect();
-                if b.len() != 2 || vals.len() != 2 {
-                    return Err(format!(
-                        "adamw: option `betas` must be two numbers [beta1, beta2], got {b:?}"
-                    ));
-                }
-                (vals[0], vals[1])
-            }
-        };
-        let warmup_steps = o.usize("warmup_steps", 0)? as u64;
-        let schedule = match o
-            .choice("schedule", "constant", &["constant", "cosine", "linear"])?
-            .as_str()
-        {
-            "constant" => Schedule::Constant,
-            s => {
-                let Some(total) = o.opt_i64("total_steps")? else {
-                    return Err(format!("adamw: schedule `{s}` needs option `total_steps`"));
-                };
-                if total < 1 {
-                    return Err(format!("adamw: total_steps must be >= 1, got {total}"));
-                }
-                if s == "cosine" {
-                    Schedule::Cosine {
-                        total_steps: total as u64,
-                    }
-                } else {
-                    Schedule::Linear {
-                        total_steps: total as u64,
-                    }
-                }
-            }
-        };
-        let cfg = AdamWConfig {
-            lr: o.f64("lr", d.lr)?,
-            beta1,
-            beta2,
-            eps: o.f64("eps", d.eps)?,
-            weight_decay: o.f64("weight_decay", d.weight_decay)?,
-            clip: GradClip::from_option(o.opt_f64("max_grad_norm")?)
-                .map_err(|e| format!("adamw: {e}"))?,
-            warmup_steps,
-            schedule,
-        };
-        cfg.validate().map_err(|e| e.to_string())?;
-        Ok(cfg)
+        let options: AdamWOptions = from_map(opts, "adamw")?;
+        AdamWConfig::try_from(options).map_err(|e| e.to_string())
     }
 
     pub(super) fn float_param(t: Tensor) -> Result<Tensor, String> {
@@ -251,18 +195,16 @@ pub mod train_api {
 
     // ---- AdamW ----
 
-    /// AdamW with default settings (lr 1e-5, betas [0.9, 0.999], eps 1e-8, weight_decay 1e-4,
-    /// no clipping, no warmup, constant schedule).
+    /// AdamW with the default options (`adamw(params, #{})`).
     #[rhai_fn(return_raw, name = "adamw")]
     pub fn adamw_default(ctx: NativeCallContext, params: Params) -> ScriptResult<ScriptOptimizer> {
         let opt = AdamW::new(params, AdamWConfig::default()).or_script(&ctx)?;
         Ok(std::sync::Arc::new(std::sync::Mutex::new(opt)))
     }
 
-    /// AdamW (decoupled weight decay) over `params`. Options and defaults: `lr` 1e-5,
-    /// `betas` [0.9, 0.999], `eps` 1e-8, `weight_decay` 1e-4, `max_grad_norm` () = off (the
-    /// official LPO code's clip is a no-op), `warmup_steps` 0 (step k uses lr*k/warmup),
-    /// `schedule` "constant" | "cosine" | "linear" (the last two need `total_steps`).
+    /// AdamW (decoupled weight decay) over `params`; options `#{lr, betas, eps, weight_decay,
+    /// max_grad_norm, warmup_steps, schedule, total_steps}` (declared with their defaults and
+    /// docs by the optimizer's options).
     #[rhai_fn(return_raw, name = "adamw")]
     pub fn adamw(
         ctx: NativeCallContext,
@@ -305,7 +247,8 @@ pub mod train_api {
     /// before clipping, the lr this step used, steps taken).
     #[rhai_fn(return_raw, name = "step")]
     pub fn step(ctx: NativeCallContext, opt: &mut ScriptOptimizer) -> ScriptResult<Map> {
-        lock(opt).step().map(info_map).or_script(&ctx)
+        let info = lock(opt).step().or_script(&ctx)?;
+        info_map(info).or_script(&ctx)
     }
 
     /// `backward(loss)` then `step()`.
@@ -318,7 +261,8 @@ pub mod train_api {
         Host::of(&ctx).check().or_script(&ctx)?;
         let mut o = lock(opt);
         o.backward(&loss, 1.0).or_script(&ctx)?;
-        o.step().map(info_map).or_script(&ctx)
+        let info = o.step().or_script(&ctx)?;
+        info_map(info).or_script(&ctx)
     }
 
     /// Drop the accumulated gradients.
@@ -400,5 +344,24 @@ pub mod train_api {
             o.step_count(),
             o.params().len()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::declared_options;
+
+    #[test]
+    fn adamw_options_show_the_core_defaults() {
+        let (name, docs) = &declared_options()[0];
+        assert_eq!(*name, "adamw");
+        let get = |n: &str| docs.iter().find(|d| d.name == n).unwrap();
+        assert_eq!(get("lr").default.as_deref(), Some("0.00001"));
+        assert_eq!(get("betas").default.as_deref(), Some("[0.9, 0.999]"));
+        assert_eq!(
+            get("schedule").kind,
+            "\"constant\" | \"cosine\" | \"linear\""
+        );
+        assert_eq!(get("max_grad_norm").default, None);
     }
 }
