@@ -490,14 +490,9 @@ fn literal_declaration(
             .map(|(.., value)| value)
     };
     let params = match literal(DECLARATION) {
-        Some(value) => Some(
-            value
-                .read_lock::<Map>()
-                .map(|m| m.clone())
-                .ok_or_else(|| {
-                    format!("`const {DECLARATION}` must be a map of parameters, got {value}")
-                })?,
-        ),
+        Some(value) => Some(value.read_lock::<Map>().map(|m| m.clone()).ok_or_else(|| {
+            format!("`const {DECLARATION}` must be a map of parameters, got {value}")
+        })?),
         None if declares(source, DECLARATION) => {
             return Err(format!(
                 "`const {DECLARATION}` must be a top-level map of literals (no variables or calls: \
@@ -510,9 +505,11 @@ fn literal_declaration(
         return Ok((params, None));
     }
     let base = match literal(BASE) {
-        Some(value) => Some(value.into_string().map_err(|v| {
-            format!("`const {BASE}` must be the name of a module, got {v}")
-        })?),
+        Some(value) => Some(
+            value
+                .into_string()
+                .map_err(|v| format!("`const {BASE}` must be the name of a module, got {v}"))?,
+        ),
         None if declares(source, BASE) => {
             return Err(format!(
                 "`const {BASE}` must be a top-level string literal (a module name)"
@@ -629,7 +626,9 @@ mod tests {
             const PARAMS = #{lr: #{value: 1e-3, doc: "a larger rate"}, extra: #{value: true, doc: "x"}};
             let p = check_params(m::PARAMS + PARAMS, params);
         "#;
-        let d = Declaration::of_script_with(script, &source).unwrap().unwrap();
+        let d = Declaration::of_script_with(script, &source)
+            .unwrap()
+            .unwrap();
         assert_eq!(d.names(), ["epochs", "extra", "lr"]);
         assert_eq!(d.get("lr").unwrap().default.as_float().unwrap(), 1e-3);
         assert_eq!(d.get("epochs").unwrap().default.as_int().unwrap(), 5);
@@ -642,9 +641,11 @@ mod tests {
         assert!(err("const PARAMS_FROM = 3;").contains("name of a module"));
         assert!(err("let x = \"m\"; const PARAMS_FROM = x;").contains("string literal"));
         let empty = |_: &str| Ok("fn f() { 1 }".to_string());
-        assert!(Declaration::of_script_with("const PARAMS_FROM = \"e\";", &empty)
-            .unwrap_err()
-            .contains("declares no `const PARAMS`"));
+        assert!(
+            Declaration::of_script_with("const PARAMS_FROM = \"e\";", &empty)
+                .unwrap_err()
+                .contains("declares no `const PARAMS`")
+        );
     }
 
     #[test]
