@@ -1,6 +1,7 @@
 //! The paper recipes and the sampling script on the tiny fixtures: `lpo check` passes on each,
-//! lpo_sd15.rhai with tiny params writes checkpoints, metrics, a validation PNG and both LoRA
-//! files; sample.rhai writes PNGs with and without a LoRA; prompt files (JSON / text) parse.
+//! their `--help` lists the shared loop's params with their own defaults, lpo_sd15.rhai with
+//! tiny params writes checkpoints, metrics, a validation PNG and both LoRA files; sample.rhai
+//! writes PNGs with and without a LoRA; prompt files (JSON / text) parse.
 
 use std::path::Path;
 use std::process::Command;
@@ -48,6 +49,41 @@ fn lpo_check_passes_on_every_recipe() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// The recipes declare the loop's parameters once (stdlib/lpo_recipe.rhai, named by
+/// `PARAMS_FROM`) and replace a few defaults: `lpo run SCRIPT --help` lists both.
+#[test]
+fn recipes_list_the_loops_params_with_their_own_defaults() {
+    let help = |script: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_lpo"))
+            .args(["run", script, "--help"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{script}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let row = |text: &str, name: &str| -> String {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no `{name}` in\n{text}"))
+            .to_string()
+    };
+    let sd15 = help("scripts/lpo_sd15.rhai");
+    let sdxl = help("scripts/lpo_sdxl.rhai");
+    let tiny = help("scripts/lpo_tiny.rhai");
+    let shared = ["model", "lrm", "k", "beta", "lr", "lora_rank", "epochs"];
+    for name in shared {
+        row(&sd15, name);
+        row(&sdxl, name);
+        row(&tiny, name);
+    }
+    assert!(row(&sd15, "lora_rank").ends_with("= 4"));
+    assert!(row(&sdxl, "lora_rank").ends_with("= 64"));
+    assert!(row(&sdxl, "threshold_min").ends_with("= 0.45"));
+    assert!(row(&tiny, "epochs").ends_with("= 2"));
+    assert!(row(&tiny, "max_grad_norm").ends_with("= 1.0"));
+    assert!(row(&sd15, "max_grad_norm").ends_with("= ()"));
 }
 
 #[test]

@@ -259,8 +259,9 @@ pub fn check_script(path: &Path) -> i32 {
     0
 }
 
-/// The parameter declaration of a script (compiled with `se`). Err: the exit code, after the
-/// parse error or malformed declaration was reported.
+/// The parameter declaration of a script (compiled with `se`, whose resolver finds the module
+/// a `PARAMS_FROM` names). Err: the exit code, after the parse error or malformed declaration
+/// was reported.
 pub fn declaration_of(
     se: &ScriptEngine,
     path: &Path,
@@ -274,7 +275,7 @@ pub fn declaration_of(
         ));
         Failure::Parse.exit_code()
     })?;
-    Declaration::of_script(source).map_err(|e| {
+    Declaration::of_script_with(source, &|module| se.resolver.source_of(module)).map_err(|e| {
         log::report(&format!("error: {name}: {e}"));
         Failure::Parse.exit_code()
     })

@@ -14,6 +14,15 @@
 //! (inclusive, numbers) and `choices`. `lpo run` reads the same literal from the compiled script,
 //! so a wrong `--set` stops with exit 2 before the run starts, and `lpo run SCRIPT --help` lists
 //! the parameters without running anything.
+//!
+//! Recipes that share a module's parameters declare them once, in the module, and extend them:
+//!
+//! ```text
+//! import "lpo_recipe" as recipe;
+//! const PARAMS_FROM = "lpo_recipe";          // the module's `export const PARAMS`
+//! const PARAMS = #{lr: #{value: 1e-5, doc: "learning rate"}};   // replaces the module's entry
+//! let p = check_params(recipe::PARAMS + PARAMS, params);
+//! ```
 
 use rhai::{Dynamic, Map};
 
@@ -22,6 +31,10 @@ use super::suggest::did_you_mean;
 
 /// The name of the declaration constant in a script.
 pub const DECLARATION: &str = "PARAMS";
+
+/// The name of the constant that names a module whose declaration a script's extends
+/// (`const PARAMS_FROM = "lpo_recipe";`, see [`Declaration::of_script_with`]).
+pub const BASE: &str = "PARAMS_FROM";
 
 /// Keys the host sets itself (`resume` on every `lpo run`): accepted whether declared or not.
 pub const HOST_KEYS: &[&str] = &["resume"];
@@ -364,26 +377,36 @@ impl Declaration {
     /// None when the script declares nothing. Parsed without optimization, which would drop
     /// a constant nothing uses.
     pub fn of_script(source: &str) -> Result<Option<Self>, String> {
-        let mut engine = rhai::Engine::new_raw();
-        engine.set_optimization_level(rhai::OptimizationLevel::None);
-        let ast = engine.compile(source).map_err(|e| e.to_string())?;
-        let literal = ast
-            .iter_literal_variables(true, false)
-            .find(|(name, ..)| *name == DECLARATION)
-            .map(|(.., value)| value);
-        match literal {
-            Some(value) => {
-                let map = value.read_lock::<Map>().ok_or_else(|| {
-                    format!("`const {DECLARATION}` must be a map of parameters, got {value}")
+        Self::of_script_with(source, &|name| {
+            Err(format!("module `{name}` is not readable here"))
+        })
+    }
+
+    /// `of_script` for a script that may extend a module's declaration: with a literal
+    /// `const PARAMS_FROM = "module"` (a module that declares `export const PARAMS`, its source
+    /// from `module_source`), the module's entries come first and the script's own replace
+    /// those of the same name, as `module::PARAMS + PARAMS` does when the script runs.
+    pub fn of_script_with(
+        source: &str,
+        module_source: &dyn Fn(&str) -> Result<String, String>,
+    ) -> Result<Option<Self>, String> {
+        let (own, base) = literal_declaration(source, true)?;
+        let merged = match base {
+            None => own,
+            Some(module) => {
+                let text = module_source(&module).map_err(|e| format!("`const {BASE}`: {e}"))?;
+                let (inherited, _) = literal_declaration(&text, false)
+                    .map_err(|e| format!("module `{module}`: {e}"))?;
+                let mut merged = inherited.ok_or_else(|| {
+                    format!("`const {BASE}`: module `{module}` declares no `const {DECLARATION}`")
                 })?;
-                Self::from_map(&map, &|v| v.type_name().to_string()).map(Some)
+                merged.extend(own.unwrap_or_default());
+                Some(merged)
             }
-            None if declares_params(source) => Err(format!(
-                "`const {DECLARATION}` must be a top-level map of literals (no variables or calls: \
-                 a default computed from others is `()` with the rule in its doc)"
-            )),
-            None => Ok(None),
-        }
+        };
+        merged
+            .map(|m| Self::from_map(&m, &|v| v.type_name().to_string()))
+            .transpose()
     }
 
     pub fn get(&self, name: &str) -> Option<&ParamSpec> {
@@ -452,9 +475,54 @@ impl Declaration {
     }
 }
 
-/// Whether `source` has a `const PARAMS` anywhere (to tell a declaration that is not a
-/// top-level literal from none).
-fn declares_params(source: &str) -> bool {
+/// The literal `const PARAMS` map and (with `with_base`) `const PARAMS_FROM` module name of a
+/// script, each None when absent; an error when one is declared but not a top-level literal.
+fn literal_declaration(
+    source: &str,
+    with_base: bool,
+) -> Result<(Option<Map>, Option<String>), String> {
+    let mut engine = rhai::Engine::new_raw();
+    engine.set_optimization_level(rhai::OptimizationLevel::None);
+    let ast = engine.compile(source).map_err(|e| e.to_string())?;
+    let literal = |wanted: &str| {
+        ast.iter_literal_variables(true, false)
+            .find(|(name, ..)| *name == wanted)
+            .map(|(.., value)| value)
+    };
+    let params = match literal(DECLARATION) {
+        Some(value) => Some(value.read_lock::<Map>().map(|m| m.clone()).ok_or_else(|| {
+            format!("`const {DECLARATION}` must be a map of parameters, got {value}")
+        })?),
+        None if declares(source, DECLARATION) => {
+            return Err(format!(
+                "`const {DECLARATION}` must be a top-level map of literals (no variables or calls: \
+                 a default computed from others is `()` with the rule in its doc)"
+            ))
+        }
+        None => None,
+    };
+    if !with_base {
+        return Ok((params, None));
+    }
+    let base = match literal(BASE) {
+        Some(value) => Some(
+            value
+                .into_string()
+                .map_err(|v| format!("`const {BASE}` must be the name of a module, got {v}"))?,
+        ),
+        None if declares(source, BASE) => {
+            return Err(format!(
+                "`const {BASE}` must be a top-level string literal (a module name)"
+            ))
+        }
+        None => None,
+    };
+    Ok((params, base))
+}
+
+/// Whether `source` has a `const NAME` anywhere (to tell a declaration that is not a top-level
+/// literal from none).
+fn declares(source: &str, constant: &str) -> bool {
     let ident = |c: char| c.is_alphanumeric() || c == '_';
     source.match_indices("const").any(|(at, _)| {
         let before = source[..at].chars().next_back();
@@ -463,7 +531,7 @@ fn declares_params(source: &str) -> bool {
         before.is_none_or(|c| !ident(c))
             && name.len() < rest.len()
             && name
-                .strip_prefix(DECLARATION)
+                .strip_prefix(constant)
                 .is_some_and(|after| !after.starts_with(ident))
     })
 }
@@ -537,6 +605,47 @@ mod tests {
         assert_eq!(merged["epochs"].as_int().unwrap(), 7);
         assert_eq!(merged["beta"].as_int().unwrap(), 500);
         assert!(merged["clip"].is_unit());
+    }
+
+    #[test]
+    fn a_declaration_extends_a_modules() {
+        let module = r#"
+            export const PARAMS = #{
+                lr: #{value: 1e-5, doc: "learning rate"},
+                epochs: #{value: 5, min: 1, doc: "epochs"},
+            };
+            fn f() { 1 }
+        "#;
+        let source = |name: &str| match name {
+            "m" => Ok(module.to_string()),
+            other => Err(format!("no module `{other}`")),
+        };
+        let script = r#"
+            import "m" as m;
+            const PARAMS_FROM = "m";
+            const PARAMS = #{lr: #{value: 1e-3, doc: "a larger rate"}, extra: #{value: true, doc: "x"}};
+            let p = check_params(m::PARAMS + PARAMS, params);
+        "#;
+        let d = Declaration::of_script_with(script, &source)
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.names(), ["epochs", "extra", "lr"]);
+        assert_eq!(d.get("lr").unwrap().default.as_float().unwrap(), 1e-3);
+        assert_eq!(d.get("epochs").unwrap().default.as_int().unwrap(), 5);
+        // The module's declaration alone.
+        let only = "const PARAMS_FROM = \"m\"; let p = 1;";
+        let d = Declaration::of_script_with(only, &source).unwrap().unwrap();
+        assert_eq!(d.names(), ["epochs", "lr"]);
+        let err = |s: &str| Declaration::of_script_with(s, &source).unwrap_err();
+        assert!(err("const PARAMS_FROM = \"nope\";").contains("no module `nope`"));
+        assert!(err("const PARAMS_FROM = 3;").contains("name of a module"));
+        assert!(err("let x = \"m\"; const PARAMS_FROM = x;").contains("string literal"));
+        let empty = |_: &str| Ok("fn f() { 1 }".to_string());
+        assert!(
+            Declaration::of_script_with("const PARAMS_FROM = \"e\";", &empty)
+                .unwrap_err()
+                .contains("declares no `const PARAMS`")
+        );
     }
 
     #[test]

@@ -61,6 +61,17 @@ impl StdlibResolver {
         }
     }
 
+    /// The text of the module `import "path"` finds from the running script, read without
+    /// running it (for the parameter declaration `lpo run` reads up front).
+    pub fn source_of(&self, path: &str) -> Result<String, String> {
+        match self.locate(None, path) {
+            Some(Found::File(p)) => std::fs::read_to_string(&p)
+                .map_err(|e| format!("cannot read module {}: {e}", p.display())),
+            Some(Found::Embedded(_, src)) => Ok(src.to_string()),
+            None => Err(format!("no module `{path}`")),
+        }
+    }
+
     fn locate(&self, source: Option<&str>, path: &str) -> Option<Found> {
         let file = Self::with_ext(path);
         let relative = path.starts_with("./") || path.starts_with("../");
