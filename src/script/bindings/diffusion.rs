@@ -1,20 +1,21 @@
-//! The DDIM scheduler in scripts: `let s = load_scheduler(dir); s.set_timesteps(20);`
+//! The DDIM noise scheduler in scripts (the type scripts call `Scheduler`):
+//! `let s = load_scheduler(dir); s.set_timesteps(20);`
 //! `s.step(eps, t, x, 1.0, r)`, `s.candidates(eps, t, x, 4, 1.0, r)`, `s.log_prob(...)`.
 //! Timestep arguments are int tensors [B] (one per row) or a single int for every row; eta
 //! accepts ints.
 
 use rhai::plugin::*;
 
-/// The script-visible name of the DDIM scheduler type.
+/// The DDIM noise scheduler by the name scripts see (signatures here use it, so the docs show
+/// it).
 pub type Scheduler = crate::diffusion::DdimScheduler;
 
 mod helpers {
     use candle_core::{Device, Tensor};
     use rhai::{Dynamic, NativeCallContext};
 
-    use crate::script::convert::tensor_from_dynamic;
+    use crate::script::convert::{dynamic_f64, tensor_from_dynamic};
     use crate::script::error::{OrScriptError, ScriptResult};
-    use crate::script::options::dynamic_f64;
 
     /// A timestep argument: an int tensor, an int, or an array of ints.
     pub(super) fn t_arg(
@@ -54,7 +55,7 @@ pub mod diffusion_api {
     use crate::script::error::{OrScriptError, ScriptResult};
     use crate::script::Host;
 
-    /// DDIM scheduler from a diffusers folder: `dir/scheduler/scheduler_config.json`, or a
+    /// The DDIM noise scheduler from a diffusers folder: `dir/scheduler/scheduler_config.json`, or a
     /// folder (or file) holding `scheduler_config.json`.
     #[rhai_fn(return_raw, volatile)]
     pub fn load_scheduler(ctx: NativeCallContext, dir: &str) -> ScriptResult<Scheduler> {

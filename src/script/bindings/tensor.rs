@@ -7,11 +7,10 @@ mod helpers {
     use candle_core::{DType, Tensor};
     use rhai::{Array, Dynamic, NativeCallContext};
 
-    use crate::script::convert::tensor_from_dynamic;
+    use crate::script::convert::{dynamic_f64, tensor_from_dynamic};
     use crate::script::error::{OrScriptError, ScriptResult};
-    use crate::script::options::dynamic_f64;
     use crate::script::Host;
-    use crate::tensor::ops::{self, resolve_dim, BinaryOp};
+    use crate::tensor::ops::{self, resolve_dim, BinaryOp, Scalar};
 
     /// Elements of `start..end`.
     pub(super) fn range_len(start: i64, end: i64) -> usize {
@@ -58,15 +57,46 @@ mod helpers {
         ops::binary(op, a, b).or_script(ctx)
     }
 
-    pub(super) fn sc(
+    /// `tensor op scalar` (`t - 1`).
+    pub(super) fn tensor_op_scalar(
         ctx: &NativeCallContext,
+        tensor: &Tensor,
         op: BinaryOp,
-        t: &Tensor,
-        v: f64,
-        is_float: bool,
-        first: bool,
+        scalar: Scalar,
     ) -> ScriptResult<Tensor> {
-        ops::scalar(op, t, v, is_float, first).or_script(ctx)
+        ops::tensor_op_scalar(tensor, op, scalar).or_script(ctx)
+    }
+
+    /// `scalar op tensor` (`1 - t`).
+    pub(super) fn scalar_op_tensor(
+        ctx: &NativeCallContext,
+        scalar: Scalar,
+        op: BinaryOp,
+        tensor: &Tensor,
+    ) -> ScriptResult<Tensor> {
+        ops::scalar_op_tensor(scalar, op, tensor).or_script(ctx)
+    }
+
+    /// An error before a matmul whose result `[batch.., m, n]` would not fit (a shape
+    /// mismatch is left to the op).
+    pub(super) fn matmul_fits(ctx: &NativeCallContext, a: &Tensor, b: &Tensor) -> ScriptResult<()> {
+        let (Some((&m, a_batch)), Some((&n, b_rest))) = (
+            a.dims().split_last().and_then(|(_, d)| d.split_last()),
+            b.dims().split_last(),
+        ) else {
+            return Ok(());
+        };
+        let b_batch = b_rest.split_last().map(|(_, d)| d).unwrap_or(&[]);
+        let batch = candle_core::Shape::from(a_batch)
+            .broadcast_shape_binary_op(&candle_core::Shape::from(b_batch), "matmul");
+        match batch {
+            Ok(batch) => {
+                let dims: Vec<usize> = batch.dims().iter().copied().chain([m, n]).collect();
+                let dtype = ops::promoted_dtype(a.dtype(), b.dtype());
+                fits(ctx, "matmul", &dims, dtype)
+            }
+            Err(_) => Ok(()),
+        }
     }
 
     pub(super) fn float(ctx: &NativeCallContext, t: &Tensor) -> ScriptResult<Tensor> {
@@ -154,16 +184,16 @@ mod helpers {
 #[export_module]
 pub mod tensor_api {
     use super::helpers::*;
-    use candle_core::{DType, Tensor, D};
+    use candle_core::{DType, Tensor};
     use rhai::{Array, Dynamic, Map};
 
     use crate::script::convert::{
-        shape_from_array, shape_to_array, tensor_from_dynamic, tensor_item, tensor_to_dynamic,
+        dynamic_f64, shape_from_array, shape_to_array, tensor_from_dynamic, tensor_item,
+        tensor_to_dynamic,
     };
     use crate::script::error::{OrScriptError, ScriptResult};
-    use crate::script::options::dynamic_f64;
     use crate::script::Host;
-    use crate::tensor::ops::{self, resolve_dim, BinaryOp};
+    use crate::tensor::ops::{self, resolve_dim, BinaryOp, Scalar};
     use crate::tensor::{format, parse_device, parse_dtype};
 
     // ---- construction ----
@@ -340,70 +370,70 @@ pub mod tensor_api {
 
     #[rhai_fn(return_raw, name = "+")]
     pub fn add_tf(ctx: NativeCallContext, a: Tensor, b: f64) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Add, &a, b, true, false)
+        tensor_op_scalar(&ctx, &a, BinaryOp::Add, Scalar::Float(b))
     }
     #[rhai_fn(return_raw, name = "-")]
     pub fn sub_tf(ctx: NativeCallContext, a: Tensor, b: f64) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Sub, &a, b, true, false)
+        tensor_op_scalar(&ctx, &a, BinaryOp::Sub, Scalar::Float(b))
     }
     #[rhai_fn(return_raw, name = "*")]
     pub fn mul_tf(ctx: NativeCallContext, a: Tensor, b: f64) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Mul, &a, b, true, false)
+        tensor_op_scalar(&ctx, &a, BinaryOp::Mul, Scalar::Float(b))
     }
     #[rhai_fn(return_raw, name = "/")]
     pub fn div_tf(ctx: NativeCallContext, a: Tensor, b: f64) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Div, &a, b, true, false)
+        tensor_op_scalar(&ctx, &a, BinaryOp::Div, Scalar::Float(b))
     }
 
     #[rhai_fn(return_raw, name = "+")]
     pub fn add_ft(ctx: NativeCallContext, a: f64, b: Tensor) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Add, &b, a, true, true)
+        scalar_op_tensor(&ctx, Scalar::Float(a), BinaryOp::Add, &b)
     }
     #[rhai_fn(return_raw, name = "-")]
     pub fn sub_ft(ctx: NativeCallContext, a: f64, b: Tensor) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Sub, &b, a, true, true)
+        scalar_op_tensor(&ctx, Scalar::Float(a), BinaryOp::Sub, &b)
     }
     #[rhai_fn(return_raw, name = "*")]
     pub fn mul_ft(ctx: NativeCallContext, a: f64, b: Tensor) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Mul, &b, a, true, true)
+        scalar_op_tensor(&ctx, Scalar::Float(a), BinaryOp::Mul, &b)
     }
     #[rhai_fn(return_raw, name = "/")]
     pub fn div_ft(ctx: NativeCallContext, a: f64, b: Tensor) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Div, &b, a, true, true)
+        scalar_op_tensor(&ctx, Scalar::Float(a), BinaryOp::Div, &b)
     }
 
     #[rhai_fn(return_raw, name = "+")]
     pub fn add_ti(ctx: NativeCallContext, a: Tensor, b: i64) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Add, &a, b as f64, false, false)
+        tensor_op_scalar(&ctx, &a, BinaryOp::Add, Scalar::Int(b))
     }
     #[rhai_fn(return_raw, name = "-")]
     pub fn sub_ti(ctx: NativeCallContext, a: Tensor, b: i64) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Sub, &a, b as f64, false, false)
+        tensor_op_scalar(&ctx, &a, BinaryOp::Sub, Scalar::Int(b))
     }
     #[rhai_fn(return_raw, name = "*")]
     pub fn mul_ti(ctx: NativeCallContext, a: Tensor, b: i64) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Mul, &a, b as f64, false, false)
+        tensor_op_scalar(&ctx, &a, BinaryOp::Mul, Scalar::Int(b))
     }
     #[rhai_fn(return_raw, name = "/")]
     pub fn div_ti(ctx: NativeCallContext, a: Tensor, b: i64) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Div, &a, b as f64, false, false)
+        tensor_op_scalar(&ctx, &a, BinaryOp::Div, Scalar::Int(b))
     }
 
     #[rhai_fn(return_raw, name = "+")]
     pub fn add_it(ctx: NativeCallContext, a: i64, b: Tensor) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Add, &b, a as f64, false, true)
+        scalar_op_tensor(&ctx, Scalar::Int(a), BinaryOp::Add, &b)
     }
     #[rhai_fn(return_raw, name = "-")]
     pub fn sub_it(ctx: NativeCallContext, a: i64, b: Tensor) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Sub, &b, a as f64, false, true)
+        scalar_op_tensor(&ctx, Scalar::Int(a), BinaryOp::Sub, &b)
     }
     #[rhai_fn(return_raw, name = "*")]
     pub fn mul_it(ctx: NativeCallContext, a: i64, b: Tensor) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Mul, &b, a as f64, false, true)
+        scalar_op_tensor(&ctx, Scalar::Int(a), BinaryOp::Mul, &b)
     }
     #[rhai_fn(return_raw, name = "/")]
     pub fn div_it(ctx: NativeCallContext, a: i64, b: Tensor) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Div, &b, a as f64, false, true)
+        scalar_op_tensor(&ctx, Scalar::Int(a), BinaryOp::Div, &b)
     }
 
     /// Negation.
@@ -424,24 +454,7 @@ pub mod tensor_api {
     /// Matrix product (batched, broadcasting over leading dims).
     #[rhai_fn(return_raw, pure)]
     pub fn matmul(ctx: NativeCallContext, a: &mut Tensor, b: Tensor) -> ScriptResult<Tensor> {
-        if let (Some((&m, a_batch)), Some((&n, b_rest))) = (
-            a.dims().split_last().and_then(|(_, d)| d.split_last()),
-            b.dims().split_last(),
-        ) {
-            // [.., m, k] x [.., k, n] -> [broadcast batch.., m, n] (a mismatch is left to the op).
-            let b_batch = b_rest.split_last().map(|(_, d)| d).unwrap_or(&[]);
-            let batch = candle_core::Shape::from(a_batch)
-                .broadcast_shape_binary_op(&candle_core::Shape::from(b_batch), "matmul");
-            if let Ok(batch) = batch {
-                let dims: Vec<usize> = batch.dims().iter().copied().chain([m, n]).collect();
-                fits(
-                    &ctx,
-                    "matmul",
-                    &dims,
-                    ops::promoted_dtype(a.dtype(), b.dtype()),
-                )?;
-            }
-        }
+        matmul_fits(&ctx, a, &b)?;
         a.broadcast_matmul(&b)
             .map_err(|e| {
                 format!(
@@ -675,45 +688,15 @@ pub mod tensor_api {
     /// Reshape; one dimension may be -1.
     #[rhai_fn(return_raw, pure)]
     pub fn reshape(ctx: NativeCallContext, t: &mut Tensor, shape: Array) -> ScriptResult<Tensor> {
-        let mut dims: Vec<i64> = Vec::with_capacity(shape.len());
-        for d in &shape {
-            dims.push(
-                d.as_int()
-                    .map_err(|_| "reshape: shape must be ints")
-                    .or_script(&ctx)?,
-            );
-        }
-        let known: i64 = dims.iter().filter(|&&d| d != -1).product();
-        let free = dims.iter().filter(|&&d| d == -1).count();
-        if free > 1
-            || dims.iter().any(|&d| d < -1)
-            || (free == 1 && (known == 0 || t.elem_count() as i64 % known != 0))
-        {
-            return Err(format!(
-                "reshape: cannot reshape {:?} into {dims:?}",
-                t.dims()
-            ))
-            .or_script(&ctx);
-        }
-        let resolved: Vec<usize> = dims
+        let dims = shape
             .iter()
-            .map(|&d| {
-                if d == -1 {
-                    (t.elem_count() as i64 / known) as usize
-                } else {
-                    d as usize
-                }
-            })
-            .collect();
-        if resolved.iter().product::<usize>() != t.elem_count() {
-            return Err(format!(
-                "reshape: cannot reshape {:?} ({} elements) into {dims:?}",
-                t.dims(),
-                t.elem_count()
-            ))
-            .or_script(&ctx);
-        }
-        t.reshape(resolved).or_script(&ctx)
+            .map(|d| d.as_int().map_err(|_| "reshape: shape must be ints"))
+            .collect::<Result<Vec<i64>, _>>()
+            .or_script(&ctx)?;
+        let dims = ops::reshape_dims(t.dims(), &dims)
+            .map_err(|e| format!("reshape: {e}"))
+            .or_script(&ctx)?;
+        t.reshape(dims).or_script(&ctx)
     }
     /// Swap two dims.
     #[rhai_fn(return_raw, pure)]
@@ -906,23 +889,6 @@ pub mod tensor_api {
         let (Some(atol), Some(rtol)) = (dynamic_f64(&atol), dynamic_f64(&rtol)) else {
             return Err("allclose: atol and rtol must be numbers").or_script(&ctx);
         };
-        if a.dims() != b.dims() {
-            return Err(format!(
-                "allclose: shapes differ: {:?} vs {:?}",
-                a.dims(),
-                b.dims()
-            ))
-            .or_script(&ctx);
-        }
-        let run = || -> candle_core::Result<bool> {
-            let a = a.to_dtype(DType::F64)?;
-            let b = b.to_dtype(DType::F64)?;
-            let excess = ((&a - &b)?.abs()? - ((b.abs()? * rtol)? + atol)?)?;
-            Ok(excess.flatten_all()?.max(D::Minus1)?.to_scalar::<f64>()? <= 0.0)
-        };
-        if a.elem_count() == 0 {
-            return Ok(true);
-        }
-        run().or_script(&ctx)
+        ops::allclose(&a, &b, atol, rtol).or_script(&ctx)
     }
 }

@@ -10,6 +10,15 @@ use crate::models::vae::AutoencoderKL;
 /// Script value of `load_vae`.
 pub type Vae = Arc<AutoencoderKL>;
 
+/// The options each function here declares (for `lpo fns` and docs/API.md).
+pub fn declared_options() -> Vec<(&'static str, Vec<crate::script::declared::OptionDoc>)> {
+    use crate::script::declared::option_docs;
+    vec![(
+        "load_vae",
+        option_docs::<crate::models::loading::LoadOptions>(),
+    )]
+}
+
 #[export_module]
 pub mod vae_api {
     use std::sync::Arc;
