@@ -199,3 +199,40 @@ pub mod shapes_pipe_api {
         crate::image_io::rgb_to_tensor(&img, &Host::of(&ctx).device).or_script(&ctx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn shapes_options_keep_their_names_and_defaults() {
+        let got: Vec<(String, String, Option<String>)> = super::declared_options()
+            .into_iter()
+            .chain(crate::script::bindings::shapes::declared_options())
+            .flat_map(|(f, docs)| {
+                docs.into_iter()
+                    .map(move |d| (f.to_string(), d.name, d.default))
+            })
+            .collect();
+        let expect = [
+            (
+                "new_shapes_model",
+                "block_out_channels",
+                Some("[32, 64, 64]"),
+            ),
+            ("new_shapes_model", "layers_per_block", Some("1")),
+            ("new_shapes_model", "seed", Some("0")),
+            ("new_shapes_model", "text_heads", Some("4")),
+            ("new_shapes_model", "text_hidden", Some("64")),
+            ("new_shapes_model", "text_layers", Some("2")),
+            ("save", "dtype", Some("\"f32\"")),
+            ("shapes_world", "antialias", Some("true")),
+            ("shapes_world", "noise", Some("0.0")),
+            ("batch", "caption_noise", Some("0.0")),
+            ("batch", "split", Some("\"train\"")),
+        ];
+        let expect: Vec<_> = expect
+            .iter()
+            .map(|(f, n, d)| (f.to_string(), n.to_string(), d.map(String::from)))
+            .collect();
+        assert_eq!(got, expect);
+    }
+}

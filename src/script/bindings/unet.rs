@@ -461,3 +461,50 @@ pub mod unet_api {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// (function, option, default) as scripts have always had them.
+    fn declared() -> Vec<(String, String, Option<String>)> {
+        super::declared_options()
+            .into_iter()
+            .chain(crate::script::bindings::text::declared_options())
+            .flat_map(|(f, docs)| {
+                docs.into_iter()
+                    .map(move |d| (f.to_string(), d.name, d.default))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn model_options_keep_their_names_and_defaults() {
+        let got = declared();
+        let expect = [
+            ("load_unet", "dtype", Some("\"f32\"")),
+            ("load_unet", "gradient_checkpointing", Some("false")),
+            ("load_unet", "trainable", Some("false")),
+            ("random_unet", "dtype", Some("\"f32\"")),
+            ("random_unet", "gradient_checkpointing", Some("false")),
+            ("random_unet", "seed", None),
+            ("random_unet", "trainable", Some("false")),
+            ("add_lora", "alpha", None),
+            ("add_lora", "rank", Some("4")),
+            ("add_lora", "seed", None),
+            (
+                "add_lora",
+                "targets",
+                Some("[\"to_q\", \"to_k\", \"to_v\", \"to_out.0\"]"),
+            ),
+            ("load_lora", "format", Some("\"auto\"")),
+            ("export_lora", "format", Some("\"peft\"")),
+            ("load_text_encoder", "device", None),
+            ("load_text_encoder", "dtype", None),
+            ("load_text_encoder", "trainable", Some("false")),
+        ];
+        let expect: Vec<_> = expect
+            .iter()
+            .map(|(f, n, d)| (f.to_string(), n.to_string(), d.map(String::from)))
+            .collect();
+        assert_eq!(got, expect);
+    }
+}
