@@ -47,10 +47,11 @@ mod helpers {
         }
     }
 
-    pub(super) fn bin(
+    /// `a op b` with broadcasting and dtype promotion.
+    pub(super) fn tensor_op_tensor(
         ctx: &NativeCallContext,
-        op: BinaryOp,
         a: &Tensor,
+        op: BinaryOp,
         b: &Tensor,
     ) -> ScriptResult<Tensor> {
         broadcast_fits(ctx, op.name(), a, b)?;
@@ -99,7 +100,8 @@ mod helpers {
         }
     }
 
-    pub(super) fn float(ctx: &NativeCallContext, t: &Tensor) -> ScriptResult<Tensor> {
+    /// `t` itself if it is float, else as f32 (ops that are only defined on floats).
+    pub(super) fn float_tensor(ctx: &NativeCallContext, t: &Tensor) -> ScriptResult<Tensor> {
         if ops::is_float(t.dtype()) {
             Ok(t.clone())
         } else {
@@ -107,7 +109,8 @@ mod helpers {
         }
     }
 
-    pub(super) fn cmp(
+    /// The u8 mask of `t op other` (a number or a tensor, broadcasting).
+    pub(super) fn compare(
         ctx: &NativeCallContext,
         t: &Tensor,
         other: &Dynamic,
@@ -156,7 +159,8 @@ mod helpers {
         resolve_dim(t, dim).or_script(ctx)
     }
 
-    pub(super) fn tensors(
+    /// The tensors of a non-empty array, promoted to one dtype (`cat`, `stack`).
+    pub(super) fn same_dtype_tensors(
         ctx: &NativeCallContext,
         items: &Array,
         what: &str,
@@ -353,19 +357,19 @@ pub mod tensor_api {
 
     #[rhai_fn(return_raw, name = "+")]
     pub fn add_tt(ctx: NativeCallContext, a: Tensor, b: Tensor) -> ScriptResult<Tensor> {
-        bin(&ctx, BinaryOp::Add, &a, &b)
+        tensor_op_tensor(&ctx, &a, BinaryOp::Add, &b)
     }
     #[rhai_fn(return_raw, name = "-")]
     pub fn sub_tt(ctx: NativeCallContext, a: Tensor, b: Tensor) -> ScriptResult<Tensor> {
-        bin(&ctx, BinaryOp::Sub, &a, &b)
+        tensor_op_tensor(&ctx, &a, BinaryOp::Sub, &b)
     }
     #[rhai_fn(return_raw, name = "*")]
     pub fn mul_tt(ctx: NativeCallContext, a: Tensor, b: Tensor) -> ScriptResult<Tensor> {
-        bin(&ctx, BinaryOp::Mul, &a, &b)
+        tensor_op_tensor(&ctx, &a, BinaryOp::Mul, &b)
     }
     #[rhai_fn(return_raw, name = "/")]
     pub fn div_tt(ctx: NativeCallContext, a: Tensor, b: Tensor) -> ScriptResult<Tensor> {
-        bin(&ctx, BinaryOp::Div, &a, &b)
+        tensor_op_tensor(&ctx, &a, BinaryOp::Div, &b)
     }
 
     #[rhai_fn(return_raw, name = "+")]
@@ -448,7 +452,7 @@ pub mod tensor_api {
         let e = dynamic_f64(&exponent)
             .ok_or("pow: exponent must be a number")
             .or_script(&ctx)?;
-        float(&ctx, &t)?.powf(e).or_script(&ctx)
+        float_tensor(&ctx, &t)?.powf(e).or_script(&ctx)
     }
 
     /// Matrix product (batched, broadcasting over leading dims).
@@ -472,15 +476,15 @@ pub mod tensor_api {
 
     #[rhai_fn(return_raw, pure)]
     pub fn exp(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
-        float(&ctx, t)?.exp().or_script(&ctx)
+        float_tensor(&ctx, t)?.exp().or_script(&ctx)
     }
     #[rhai_fn(return_raw, pure)]
     pub fn log(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
-        float(&ctx, t)?.log().or_script(&ctx)
+        float_tensor(&ctx, t)?.log().or_script(&ctx)
     }
     #[rhai_fn(return_raw, pure)]
     pub fn sqrt(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
-        float(&ctx, t)?.sqrt().or_script(&ctx)
+        float_tensor(&ctx, t)?.sqrt().or_script(&ctx)
     }
     #[rhai_fn(return_raw, pure)]
     pub fn abs(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
@@ -492,15 +496,15 @@ pub mod tensor_api {
     }
     #[rhai_fn(return_raw, pure)]
     pub fn tanh(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
-        float(&ctx, t)?.tanh().or_script(&ctx)
+        float_tensor(&ctx, t)?.tanh().or_script(&ctx)
     }
     #[rhai_fn(return_raw, pure)]
     pub fn sin(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
-        float(&ctx, t)?.sin().or_script(&ctx)
+        float_tensor(&ctx, t)?.sin().or_script(&ctx)
     }
     #[rhai_fn(return_raw, pure)]
     pub fn cos(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
-        float(&ctx, t)?.cos().or_script(&ctx)
+        float_tensor(&ctx, t)?.cos().or_script(&ctx)
     }
     #[rhai_fn(return_raw, pure)]
     pub fn relu(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
@@ -508,13 +512,13 @@ pub mod tensor_api {
     }
     #[rhai_fn(return_raw, pure)]
     pub fn silu(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
-        float(&ctx, t)?.silu().or_script(&ctx)
+        float_tensor(&ctx, t)?.silu().or_script(&ctx)
     }
 
     /// 1 / (1 + exp(-t)).
     #[rhai_fn(return_raw, pure)]
     pub fn sigmoid(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
-        let t = float(&ctx, t)?;
+        let t = float_tensor(&ctx, t)?;
         ((t.neg().and_then(|n| n.exp())).and_then(|e| e + 1.0))
             .and_then(|d| d.recip())
             .or_script(&ctx)
@@ -523,21 +527,21 @@ pub mod tensor_api {
     /// log(1 + exp(t)), finite for large |t|.
     #[rhai_fn(return_raw, pure)]
     pub fn softplus(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
-        ops::softplus(&float(&ctx, t)?).or_script(&ctx)
+        ops::softplus(&float_tensor(&ctx, t)?).or_script(&ctx)
     }
 
     /// Softmax along `dim` (differentiable).
     #[rhai_fn(return_raw, pure)]
     pub fn softmax(ctx: NativeCallContext, t: &mut Tensor, dim: i64) -> ScriptResult<Tensor> {
         let d = resolve_dim(t, dim).or_script(&ctx)?;
-        ops::softmax(&float(&ctx, t)?, d).or_script(&ctx)
+        ops::softmax(&float_tensor(&ctx, t)?, d).or_script(&ctx)
     }
 
     /// Log-softmax along `dim`.
     #[rhai_fn(return_raw, pure)]
     pub fn log_softmax(ctx: NativeCallContext, t: &mut Tensor, dim: i64) -> ScriptResult<Tensor> {
         let d = resolve_dim(t, dim).or_script(&ctx)?;
-        ops::log_softmax(&float(&ctx, t)?, d).or_script(&ctx)
+        ops::log_softmax(&float_tensor(&ctx, t)?, d).or_script(&ctx)
     }
 
     /// Clamp every value into [lo, hi] (ints or floats).
@@ -563,27 +567,27 @@ pub mod tensor_api {
     /// u8 mask of t > other (scalar or tensor).
     #[rhai_fn(return_raw, pure)]
     pub fn gt(ctx: NativeCallContext, t: &mut Tensor, other: Dynamic) -> ScriptResult<Tensor> {
-        cmp(&ctx, t, &other, candle_core::op::CmpOp::Gt)
+        compare(&ctx, t, &other, candle_core::op::CmpOp::Gt)
     }
     /// u8 mask of t < other.
     #[rhai_fn(return_raw, pure)]
     pub fn lt(ctx: NativeCallContext, t: &mut Tensor, other: Dynamic) -> ScriptResult<Tensor> {
-        cmp(&ctx, t, &other, candle_core::op::CmpOp::Lt)
+        compare(&ctx, t, &other, candle_core::op::CmpOp::Lt)
     }
     /// u8 mask of t >= other.
     #[rhai_fn(return_raw, pure)]
     pub fn ge(ctx: NativeCallContext, t: &mut Tensor, other: Dynamic) -> ScriptResult<Tensor> {
-        cmp(&ctx, t, &other, candle_core::op::CmpOp::Ge)
+        compare(&ctx, t, &other, candle_core::op::CmpOp::Ge)
     }
     /// u8 mask of t <= other.
     #[rhai_fn(return_raw, pure)]
     pub fn le(ctx: NativeCallContext, t: &mut Tensor, other: Dynamic) -> ScriptResult<Tensor> {
-        cmp(&ctx, t, &other, candle_core::op::CmpOp::Le)
+        compare(&ctx, t, &other, candle_core::op::CmpOp::Le)
     }
     /// u8 mask of t == other.
     #[rhai_fn(return_raw, pure, name = "eq")]
     pub fn eq_mask(ctx: NativeCallContext, t: &mut Tensor, other: Dynamic) -> ScriptResult<Tensor> {
-        cmp(&ctx, t, &other, candle_core::op::CmpOp::Eq)
+        compare(&ctx, t, &other, candle_core::op::CmpOp::Eq)
     }
 
     /// Elementwise `mask ? a : b` (broadcasting).
@@ -626,13 +630,13 @@ pub mod tensor_api {
     /// Mean of every element (0-d tensor).
     #[rhai_fn(return_raw, name = "mean", pure)]
     pub fn mean_all(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
-        float(&ctx, t)?.mean_all().or_script(&ctx)
+        float_tensor(&ctx, t)?.mean_all().or_script(&ctx)
     }
     /// Mean along `dim` (the dim is removed).
     #[rhai_fn(return_raw, name = "mean", pure)]
     pub fn mean_dim(ctx: NativeCallContext, t: &mut Tensor, dim: i64) -> ScriptResult<Tensor> {
         let d = dim_of(&ctx, t, dim)?;
-        float(&ctx, t)?.mean(d).or_script(&ctx)
+        float_tensor(&ctx, t)?.mean(d).or_script(&ctx)
     }
     /// Largest element (0-d tensor).
     #[rhai_fn(return_raw, name = "max", pure)]
@@ -675,7 +679,7 @@ pub mod tensor_api {
     /// Standard deviation of every element (population, 0-d tensor).
     #[rhai_fn(return_raw, name = "std", pure)]
     pub fn std_all(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
-        let f = float(&ctx, t)?;
+        let f = float_tensor(&ctx, t)?;
         let run = || -> candle_core::Result<Tensor> {
             let m = f.mean_all()?;
             f.broadcast_sub(&m)?.sqr()?.mean_all()?.sqrt()
@@ -837,7 +841,7 @@ pub mod tensor_api {
     /// Concatenate along an existing dim.
     #[rhai_fn(return_raw)]
     pub fn cat(ctx: NativeCallContext, items: Array, dim: i64) -> ScriptResult<Tensor> {
-        let ts = tensors(&ctx, &items, "cat")?;
+        let ts = same_dtype_tensors(&ctx, &items, "cat")?;
         fits(
             &ctx,
             "cat",
@@ -852,7 +856,7 @@ pub mod tensor_api {
     /// Stack along a new dim.
     #[rhai_fn(return_raw)]
     pub fn stack(ctx: NativeCallContext, items: Array, dim: i64) -> ScriptResult<Tensor> {
-        let ts = tensors(&ctx, &items, "stack")?;
+        let ts = same_dtype_tensors(&ctx, &items, "stack")?;
         fits(
             &ctx,
             "stack",
