@@ -52,6 +52,15 @@ mod helpers {
         prompts.iter().map(|p| Dynamic::from(p.text())).collect()
     }
 
+    /// The texts of a pretraining batch (its images go beside them).
+    #[derive(serde::Serialize)]
+    pub(super) struct BatchTexts {
+        /// What each image is trained with.
+        pub captions: Vec<String>,
+        /// What each image shows.
+        pub prompts: Vec<String>,
+    }
+
     /// What the judge recognized, per image ("" when unrecognized).
     #[derive(serde::Serialize)]
     struct Recognized {
@@ -112,15 +121,6 @@ pub mod shapes_api {
     use crate::shapes::{
         make_batch, BatchOptions, Judge, Prompt, RenderOptions, ShapesWorld, Split, COLOURS, SHAPES,
     };
-
-    /// The texts of a pretraining batch (its images go beside them).
-    #[derive(serde::Serialize)]
-    struct BatchTexts {
-        /// What each image is trained with.
-        captions: Vec<String>,
-        /// What each image shows.
-        prompts: Vec<String>,
-    }
 
     /// The shapes world: 16x16 images of a circle, square or triangle in one of six colours.
     pub fn shapes_world() -> ScriptWorld {
