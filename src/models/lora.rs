@@ -64,8 +64,9 @@ pub struct LoraOptions {
     /// The adapters apply at scale alpha / rank (unset: alpha = rank).
     pub alpha: Option<f64>,
     /// Modules that get adapters, by path suffix as PEFT's `target_modules`: any linear or
-    /// conv (`to_q`, `conv1`, `proj_in`, `ff.net.2`, `conv_in`, ...), or "all-linear" /
-    /// "all-conv".
+    /// conv (`conv1`, `conv2`, `conv_shortcut`, `time_emb_proj`, `proj_in`, `proj_out`,
+    /// `ff.net.0.proj`, `ff.net.2`, `time_embedding.linear_1`, `conv_in`,
+    /// `downsamplers.0.conv`, ...), or "all-linear" / "all-conv".
     pub targets: Vec<String>,
     /// Seed of the A draws (unset: the run's seed).
     pub seed: Option<i64>,

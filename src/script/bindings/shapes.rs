@@ -127,8 +127,7 @@ pub mod shapes_api {
         std::sync::Arc::new(ShapesWorld::default())
     }
 
-    /// The shapes world with options `#{antialias: true, noise: 0.0}` (noise: pixel std in
-    /// [0, 1] units).
+    /// The shapes world with rendering options `antialias`, `noise`.
     #[rhai_fn(name = "shapes_world", return_raw)]
     pub fn shapes_world_with(ctx: NativeCallContext, opts: Map) -> ScriptResult<ScriptWorld> {
         let options: RenderOptions = from_map(&opts, "shapes_world").or_script(&ctx)?;
@@ -282,8 +281,8 @@ pub mod shapes_api {
     }
 
     /// A pretraining batch: `#{images [n, 3, 16, 16], captions, prompts}` where `prompts` are
-    /// what the images show and `captions` what they are trained with. Options `#{split:
-    /// "train", caption_noise: 0.0}`.
+    /// what the images show and `captions` what they are trained with. Options `split`,
+    /// `caption_noise`.
     #[rhai_fn(return_raw, volatile)]
     pub fn batch(
         ctx: NativeCallContext,

@@ -86,9 +86,8 @@ pub mod shapes_pipe_api {
     use crate::shapes::model_maker::{make_shapes_model, ShapesModelSpec};
 
     /// Write a tiny random shapes model in the diffusers layout to `dir` (`unet/` 3->3 channels
-    /// at 16x16, `text_encoder/`, a word-level `tokenizer/`, SD1.5 DDIM `scheduler/`). Options
-    /// `#{seed: 0, block_out_channels: [32, 64, 64], layers_per_block: 1, text_hidden: 64,
-    /// text_layers: 2, text_heads: 4}`. Returns the UNet's parameter count.
+    /// at 16x16, `text_encoder/`, a word-level `tokenizer/`, SD1.5 DDIM `scheduler/`). Options: `seed`
+    /// and the sizes. Returns the UNet's parameter count.
     #[rhai_fn(return_raw, volatile)]
     pub fn new_shapes_model(ctx: NativeCallContext, dir: &str, opts: Map) -> ScriptResult<i64> {
         let spec: ShapesModelSpec = from_map(&opts, "new_shapes_model").or_script(&ctx)?;

@@ -186,8 +186,8 @@ pub mod text_api {
         load_text_encoder_with(ctx, dir, Map::new())
     }
 
-    /// `load_text_encoder(dir, #{dtype: "f32"|"f16"|"bf16"|"f64", trainable: false, device})`:
-    /// trainable loads every weight as an optimizer parameter.
+    /// `load_text_encoder(dir)` with options `dtype`, `trainable` (every weight an optimizer
+    /// parameter), `device`.
     #[rhai_fn(name = "load_text_encoder", return_raw, volatile)]
     pub fn load_text_encoder_with(
         ctx: NativeCallContext,

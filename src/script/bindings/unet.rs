@@ -200,9 +200,8 @@ pub mod unet_api {
         helpers::load(&ctx, dir, &Map::new())
     }
 
-    /// Load a UNet with options `#{dtype: "f32"|"f64"|"f16"|"bf16", trainable: false,
-    /// gradient_checkpointing: false}` (trainable: every base weight becomes a trainable
-    /// variable; gradient_checkpointing: blocks recompute their activations in backward).
+    /// `load_unet(dir)` with options: `dtype`, `trainable` (every base weight a trainable
+    /// variable), `gradient_checkpointing`.
     #[rhai_fn(name = "load_unet", return_raw, volatile)]
     pub fn load_unet_opts(
         ctx: NativeCallContext,
@@ -212,8 +211,8 @@ pub mod unet_api {
         helpers::load(&ctx, dir, &opts)
     }
 
-    /// A UNet with seeded random weights from a config.json (file or folder):
-    /// `random_unet(path, #{seed, dtype, trainable, gradient_checkpointing})`.
+    /// A UNet with seeded random weights from a config.json (file or folder); options as
+    /// `load_unet`'s, plus `seed`.
     #[rhai_fn(return_raw, volatile)]
     pub fn random_unet(
         ctx: NativeCallContext,
@@ -275,13 +274,9 @@ pub mod unet_api {
         helpers::features(&ctx, unet, &x, &t, &ehs, Some(&added))
     }
 
-    /// Attach LoRA adapters: `#{rank: 4, alpha: 4.0, targets: ["to_q", "to_k", "to_v", "to_out.0"], seed}`
-    /// (A ~ N(0, 1/rank^2) from the seeded rng, B = 0; the model must be loaded frozen).
-    /// `targets` name modules by path suffix as PEFT's `target_modules` do: any linear or conv
-    /// (`conv1`, `conv2`, `conv_shortcut`, `time_emb_proj`, `proj_in`, `proj_out`,
-    /// `ff.net.0.proj`, `ff.net.2`, `time_embedding.linear_1`, `conv_in`, `downsamplers.0.conv`,
-    /// ...), or `"all-linear"` / `"all-conv"`; conv adapters are LoCon-style (A [r, in, kh, kw],
-    /// B [out, r, 1, 1]). Returns the number of adapted layers.
+    /// Attach LoRA adapters, options `rank`, `alpha`, `targets`, `seed` (A ~ N(0, 1/rank^2)
+    /// from the seeded rng, B = 0; the model must be loaded frozen). Conv adapters are
+    /// LoCon-style (A [r, in, kh, kw], B [out, r, 1, 1]). Returns the number of adapted layers.
     #[rhai_fn(return_raw, volatile)]
     pub fn add_lora(ctx: NativeCallContext, unet: &mut ScriptUNet, opts: Map) -> ScriptResult<i64> {
         let cfg = super::lora_config_from_map(&ctx, &opts, "add_lora")?;
@@ -347,9 +342,8 @@ pub mod unet_api {
         helpers::load_lora(&ctx, unet, path, &Map::new()).map(|l| l.layers as i64)
     }
 
-    /// `load_lora` with options `#{format: "auto" | "peft" | "diffusers" | "kohya"}` (a format
-    /// other than "auto" refuses keys of the others); returns `#{layers, format, alpha_from,
-    /// warnings}` (`warnings`: parts of the file not applied, e.g. its text-encoder LoRA).
+    /// `load_lora` with options (`format`); returns `#{layers, format, alpha_from, warnings}`
+    /// (`warnings`: parts of the file not applied, e.g. its text-encoder LoRA).
     #[rhai_fn(name = "load_lora", return_raw, volatile)]
     pub fn load_lora_opts(
         ctx: NativeCallContext,
@@ -361,10 +355,8 @@ pub mod unet_api {
         to_map(&loaded).or_script(&ctx)
     }
 
-    /// Export the adapters for other tools: `#{format: "peft"}` (default; diffusers'
-    /// `load_lora_weights`: `unet.<module>.lora_A.weight` / `lora_B.weight`, alpha/rank folded
-    /// into lora_B so alpha == rank) or `#{format: "kohya"}` (webui: `lora_unet_<module_>.lora_down.weight`,
-    /// `.lora_up.weight`, `.alpha`).
+    /// Export the adapters for other tools in the option `format`: "peft" (diffusers) or
+    /// "kohya" (webui).
     #[rhai_fn(return_raw)]
     pub fn export_lora(
         ctx: NativeCallContext,

@@ -40,7 +40,7 @@ pub mod vae_api {
         load_vae_with(ctx, dir, Map::new())
     }
 
-    /// `load_vae(dir, #{dtype, trainable, device})`.
+    /// `load_vae(dir)` with options `dtype`, `trainable`, `device`.
     #[rhai_fn(name = "load_vae", return_raw, volatile)]
     pub fn load_vae_with(ctx: NativeCallContext, dir: &str, options: Map) -> ScriptResult<Vae> {
         let host = Host::of(&ctx);
