@@ -23,7 +23,7 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::Serialize;
 
 use crate::diffusion::ddim::DdimScheduler;
-use crate::diffusion::schedule::DdimConfig;
+use crate::diffusion::DdimConfig;
 use crate::lpo::loss::{lpo_loss, LpoLossConfig};
 use crate::models::loading::WeightMode;
 use crate::models::lora::LoraConfig;

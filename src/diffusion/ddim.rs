@@ -20,7 +20,7 @@ use std::sync::{Arc, RwLock};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-use super::schedule::{DdimConfig, PredictionType};
+use super::noise_schedule::{DdimConfig, PredictionType};
 use crate::tensor::SeededRng;
 
 /// The state `set_timesteps(n)` creates.

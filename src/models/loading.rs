@@ -9,11 +9,58 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::tensor::{NamedDType, NamedDevice};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightMode {
     Frozen,
     Trainable,
+}
+
+impl WeightMode {
+    pub fn trainable_if(trainable: bool) -> Self {
+        if trainable {
+            WeightMode::Trainable
+        } else {
+            WeightMode::Frozen
+        }
+    }
+}
+
+/// Where and how a model's weights load (text encoders, the VAE, scorers).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(default)]
+pub struct LoadOptions {
+    /// Weight dtype, a float type: "f32", "f16", "bf16" or "f64" (unset: the device's compute
+    /// dtype, f32).
+    #[schemars(with = "Option<String>")]
+    pub dtype: Option<NamedDType>,
+    /// Load every weight as a trainable optimizer parameter (else frozen).
+    pub trainable: bool,
+    /// "cpu" or "cuda:N" (unset: the run's device).
+    #[schemars(with = "Option<String>")]
+    pub device: Option<NamedDevice>,
+}
+
+impl LoadOptions {
+    /// The dtype, device and weight mode, the device being `default_device` when unset.
+    pub fn resolve(&self, default_device: &Device) -> Result<(DType, Device, WeightMode)> {
+        let device = match &self.device {
+            Some(d) => d.0.clone(),
+            None => default_device.clone(),
+        };
+        let dtype = match self.dtype {
+            Some(NamedDType(d)) if !d.is_float() => {
+                bail!("dtype `{}` is not a float type", d.as_str())
+            }
+            Some(NamedDType(d)) => d,
+            None => crate::tensor::device::default_float_dtype(&device),
+        };
+        Ok((dtype, device, WeightMode::trainable_if(self.trainable)))
+    }
 }
 
 /// The loaded tensors of one model folder.

@@ -23,6 +23,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use anyhow::{bail, Result};
 use candle_core::{Module, Tensor, Var};
 use candle_nn::VarBuilder;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use crate::models::conv::Conv2d;
 use crate::models::frozen_layer::{self, LowRank};
@@ -50,6 +52,46 @@ impl LoraConfig {
         ["to_q", "to_k", "to_v", "to_out.0"]
             .map(String::from)
             .to_vec()
+    }
+}
+
+/// A [`LoraConfig`] as a caller writes it, alpha and seed optional.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(default)]
+pub struct LoraOptions {
+    /// Adapter rank r.
+    pub rank: usize,
+    /// The adapters apply at scale alpha / rank (unset: alpha = rank).
+    pub alpha: Option<f64>,
+    /// Modules that get adapters, by path suffix as PEFT's `target_modules`: any linear or
+    /// conv (`conv1`, `conv2`, `conv_shortcut`, `time_emb_proj`, `proj_in`, `proj_out`,
+    /// `ff.net.0.proj`, `ff.net.2`, `time_embedding.linear_1`, `conv_in`,
+    /// `downsamplers.0.conv`, ...), or "all-linear" / "all-conv".
+    pub targets: Vec<String>,
+    /// Seed of the A draws (unset: the run's seed).
+    pub seed: Option<i64>,
+}
+
+impl Default for LoraOptions {
+    fn default() -> Self {
+        Self {
+            rank: 4,
+            alpha: None,
+            targets: LoraConfig::default_targets(),
+            seed: None,
+        }
+    }
+}
+
+impl LoraOptions {
+    /// The config, `default_seed` standing in for an unset seed.
+    pub fn config(self, default_seed: u64) -> LoraConfig {
+        LoraConfig {
+            rank: self.rank,
+            alpha: self.alpha.unwrap_or(self.rank as f64),
+            targets: self.targets,
+            seed: self.seed.map_or(default_seed, |s| s as u64),
+        }
     }
 }
 

@@ -20,6 +20,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use super::loading::Weights;
 use super::lora::{LoraAdapter, LoraHub, LoraLayer};
@@ -55,6 +57,65 @@ fn write(
         .with_context(|| format!("{what}: cannot serialize {}", path.display()))?;
     crate::fsutil::atomic_write(path, &bytes)
         .with_context(|| format!("{what}: cannot write {}", path.display()))
+}
+
+/// The file layout [`export`] writes; in configs by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum ExportFormat {
+    /// PEFT/diffusers keys ([`export_peft`]); also spelled "diffusers".
+    Peft,
+    /// kohya/webui keys ([`export_kohya`]); also spelled "webui".
+    Kohya,
+}
+
+impl TryFrom<String> for ExportFormat {
+    type Error = String;
+    fn try_from(name: String) -> std::result::Result<Self, String> {
+        match name.as_str() {
+            "peft" | "diffusers" => Ok(ExportFormat::Peft),
+            "kohya" | "webui" => Ok(ExportFormat::Kohya),
+            other => Err(format!(
+                "unknown format `{other}` (expected \"peft\" or \"kohya\")"
+            )),
+        }
+    }
+}
+
+impl From<ExportFormat> for String {
+    fn from(f: ExportFormat) -> String {
+        match f {
+            ExportFormat::Peft => "peft".into(),
+            ExportFormat::Kohya => "kohya".into(),
+        }
+    }
+}
+
+/// How `export_lora` writes the adapters.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(default)]
+pub struct ExportLoraOptions {
+    /// "peft" (diffusers' `load_lora_weights`: `unet.<module>.lora_A.weight` /
+    /// `lora_B.weight`, alpha / rank folded into lora_B so alpha == rank) or "kohya" (webui:
+    /// `lora_unet_<module_>.lora_down.weight`, `.lora_up.weight`, `.alpha`).
+    #[schemars(with = "String")]
+    pub format: ExportFormat,
+}
+
+impl Default for ExportLoraOptions {
+    fn default() -> Self {
+        Self {
+            format: ExportFormat::Peft,
+        }
+    }
+}
+
+/// Write `hub`'s adapters to `path` in `format`.
+pub fn export(hub: &LoraHub, path: &Path, format: ExportFormat) -> Result<()> {
+    match format {
+        ExportFormat::Peft => export_peft(hub, path),
+        ExportFormat::Kohya => export_kohya(hub, path),
+    }
 }
 
 /// PEFT/diffusers file (see the module docs): alpha folded into `lora_B` so that alpha == rank.

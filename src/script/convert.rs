@@ -5,6 +5,13 @@ use rhai::{Array, Dynamic};
 
 use crate::tensor::ops::to_f64_vec;
 
+/// An int or a float as f64 (scripts may write either where a number is expected).
+pub fn dynamic_f64(v: &Dynamic) -> Option<f64> {
+    v.as_float()
+        .ok()
+        .or_else(|| v.as_int().ok().map(|i| i as f64))
+}
+
 /// A shape given as an array of non-negative ints.
 pub fn shape_from_array(shape: &Array) -> Result<Vec<usize>, String> {
     shape

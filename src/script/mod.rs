@@ -1,4 +1,4 @@
-//! The Rhai side: the engine, its host context, errors, option maps, module resolution and
+//! The Rhai side: the engine, its host context, errors, declared option maps, module resolution and
 //! one binding module per area of the core.
 
 pub mod bindings;
@@ -8,7 +8,6 @@ pub mod docs;
 pub mod engine;
 pub mod error;
 pub mod host;
-pub mod options;
 pub mod params;
 pub mod resolver;
 pub mod stack;
@@ -17,4 +16,3 @@ pub mod suggest;
 pub use engine::{build_engine, EngineOptions, Limits, ScriptEngine};
 pub use error::{classify, host_error, Failure, OrScriptError, ScriptResult};
 pub use host::Host;
-pub use options::Options;

@@ -26,7 +26,7 @@
 
 use rhai::{Dynamic, Map};
 
-use super::options::dynamic_f64;
+use super::convert::dynamic_f64;
 use super::suggest::did_you_mean;
 
 /// The name of the declaration constant in a script.

@@ -2,12 +2,15 @@
 
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use super::world::{Prompt, ShapesWorld};
 use crate::tensor::SeededRng;
 
-/// Which prompts a batch draws from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which prompts a batch draws from; in configs by name (see [`Split::parse`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum Split {
     Train,
     Heldout,
@@ -33,6 +36,24 @@ impl Split {
     }
 }
 
+impl TryFrom<String> for Split {
+    type Error = String;
+    fn try_from(name: String) -> std::result::Result<Self, String> {
+        Split::parse(&name).map_err(|e| e.to_string())
+    }
+}
+
+impl From<Split> for String {
+    fn from(split: Split) -> String {
+        match split {
+            Split::Train => "train",
+            Split::Heldout => "heldout",
+            Split::All => "all",
+        }
+        .into()
+    }
+}
+
 /// A batch: images [B, 3, 16, 16] in [-1, 1], the caption each image is trained with, and
 /// the prompt it truly shows.
 #[derive(Debug, Clone)]
@@ -43,8 +64,11 @@ pub struct Batch {
 }
 
 /// Options of [`make_batch`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, JsonSchema)]
+#[serde(default)]
 pub struct BatchOptions {
+    /// The prompts drawn from: "train", "heldout" or "all".
+    #[schemars(with = "String")]
     pub split: Split,
     /// Probability that a caption names a wrong colour or a wrong shape.
     pub caption_noise: f64,

@@ -11,6 +11,8 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokenizers::models::wordlevel::WordLevel;
 use tokenizers::normalizers::Lowercase;
@@ -38,15 +40,26 @@ pub const PAD_ID: u32 = 2;
 pub const UNK_ID: u32 = 3;
 
 /// Sizes of the generated model.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(default)]
 pub struct ShapesModelSpec {
+    /// Seed of the random weights.
+    #[serde(with = "crate::tensor::rng::int_seed")]
+    #[schemars(with = "i64")]
     pub seed: u64,
-    /// Tokens per prompt, bos and eos included ("a red triangle" takes 5).
+    /// Tokens per prompt, bos and eos included ("a red triangle" takes 5); fixed by the
+    /// vocabulary, not an option.
+    #[serde(skip)]
     pub max_length: usize,
+    /// Width of the text encoder.
     pub text_hidden: usize,
+    /// Transformer layers of the text encoder.
     pub text_layers: usize,
+    /// Attention heads of the text encoder.
     pub text_heads: usize,
+    /// UNet channels per resolution (at least 2 entries, each > 0).
     pub block_out_channels: Vec<usize>,
+    /// Resnet layers per UNet block.
     pub layers_per_block: usize,
 }
 
@@ -78,6 +91,9 @@ pub fn unet_config(spec: &ShapesModelSpec) -> Result<UNetConfig> {
     let n = spec.block_out_channels.len();
     if n < 2 {
         anyhow::bail!("block_out_channels needs at least 2 entries");
+    }
+    if spec.block_out_channels.contains(&0) {
+        anyhow::bail!("block_out_channels must be positive ints");
     }
     // Cross-attention below the full resolution only: attention over 256 pixels is most of
     // the CPU cost and the conditioning (one shape, one colour) is global.

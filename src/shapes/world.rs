@@ -7,6 +7,8 @@
 
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use crate::tensor::SeededRng;
 
@@ -107,12 +109,23 @@ impl std::fmt::Display for Prompt {
 }
 
 /// Rendering options.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default)]
 pub struct RenderOptions {
     /// Coverage by 4x4 supersampling (soft edges) instead of pixel-centre sampling.
     pub antialias: bool,
     /// Std of Gaussian noise added to every pixel, in [0, 1] units (0 = none).
     pub noise: f32,
+}
+
+impl RenderOptions {
+    /// An error naming the value out of range.
+    pub fn check(&self) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.noise) {
+            bail!("noise must be in [0, 1], got {}", self.noise);
+        }
+        Ok(())
+    }
 }
 
 impl Default for RenderOptions {

@@ -54,6 +54,42 @@ pub fn dtype_name(dtype: DType) -> &'static str {
     dtype.as_str()
 }
 
+/// A dtype in a config, written by name (`"f32"`, `"bf16"`, ... as [`parse_dtype`] reads them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct NamedDType(pub DType);
+
+impl TryFrom<String> for NamedDType {
+    type Error = String;
+    fn try_from(name: String) -> std::result::Result<Self, String> {
+        parse_dtype(&name).map(Self).map_err(|e| format!("{e:#}"))
+    }
+}
+
+impl From<NamedDType> for String {
+    fn from(d: NamedDType) -> String {
+        d.0.as_str().to_string()
+    }
+}
+
+/// A device in a config, written by name (`"cpu"`, `"cuda:N"`; see [`parse_device`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct NamedDevice(pub Device);
+
+impl TryFrom<String> for NamedDevice {
+    type Error = String;
+    fn try_from(name: String) -> std::result::Result<Self, String> {
+        parse_device(&name).map(Self).map_err(|e| format!("{e:#}"))
+    }
+}
+
+impl From<NamedDevice> for String {
+    fn from(d: NamedDevice) -> String {
+        device_name(&d.0)
+    }
+}
+
 /// The compute dtype a device uses when a script does not name one (f32 on CPU: bf16 conv2d
 /// does not run there).
 pub fn default_float_dtype(_device: &Device) -> DType {
@@ -74,5 +110,17 @@ mod tests {
         assert_eq!(parse_dtype("bf16").unwrap(), DType::BF16);
         assert!(parse_dtype("f8").is_err());
         assert_eq!(dtype_name(DType::F32), "f32");
+    }
+
+    #[test]
+    fn named_dtypes_and_devices_read_and_write_their_names() {
+        let d: NamedDType = serde_json::from_str("\"half\"").unwrap();
+        assert_eq!(d.0, DType::F16);
+        assert_eq!(serde_json::to_string(&d).unwrap(), "\"f16\"");
+        let err = serde_json::from_str::<NamedDType>("\"f8\"").unwrap_err();
+        assert!(err.to_string().contains("unknown dtype `f8`"), "{err}");
+        let cpu: NamedDevice = serde_json::from_str("\"cpu\"").unwrap();
+        assert!(cpu.0.is_cpu());
+        assert_eq!(String::from(cpu), "cpu");
     }
 }

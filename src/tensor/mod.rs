@@ -11,6 +11,6 @@ pub mod ops;
 pub mod recompute;
 pub mod rng;
 
-pub use device::{dtype_name, parse_device, parse_dtype};
+pub use device::{dtype_name, parse_device, parse_dtype, NamedDType, NamedDevice};
 pub use rng::SeededRng;
 pub mod grad;

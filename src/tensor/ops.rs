@@ -65,33 +65,68 @@ pub fn binary(op: BinaryOp, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// A 0-d tensor holding `value` in `like`'s dtype and device (float scalars make int tensors
-/// float first, like PyTorch).
-fn scalar_like(like: &Tensor, value: f64, value_is_float: bool) -> Result<(Tensor, Tensor)> {
-    let target = if value_is_float && !is_float(like.dtype()) {
-        DType::F32
-    } else {
-        like.dtype()
-    };
-    let t = like.to_dtype(target)?;
-    let s = Tensor::new(value, like.device())?.to_dtype(target)?;
-    Ok((t, s))
+/// A number operand: an int keeps an int tensor int, a float makes it float (as in PyTorch).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Scalar {
+    Int(i64),
+    Float(f64),
 }
 
-/// `t op value` (or `value op t` when `scalar_first`).
-pub fn scalar(
-    op: BinaryOp,
-    t: &Tensor,
-    value: f64,
-    value_is_float: bool,
-    scalar_first: bool,
-) -> Result<Tensor> {
-    let (t, s) = scalar_like(t, value, value_is_float)?;
-    if scalar_first {
-        binary(op, &s, &t)
-    } else {
-        binary(op, &t, &s)
+impl Scalar {
+    /// `tensor` in the dtype the two meet at, and the scalar as a 0-d tensor of that dtype.
+    fn meet(self, tensor: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (value, float_scalar) = match self {
+            Scalar::Int(i) => (i as f64, false),
+            Scalar::Float(x) => (x, true),
+        };
+        let target = if float_scalar && !is_float(tensor.dtype()) {
+            DType::F32
+        } else {
+            tensor.dtype()
+        };
+        let t = tensor.to_dtype(target)?;
+        let s = Tensor::new(value, tensor.device())?.to_dtype(target)?;
+        Ok((t, s))
     }
+}
+
+/// `tensor op scalar`, e.g. `t - 1`.
+pub fn tensor_op_scalar(tensor: &Tensor, op: BinaryOp, scalar: Scalar) -> Result<Tensor> {
+    let (t, s) = scalar.meet(tensor)?;
+    binary(op, &t, &s)
+}
+
+/// `scalar op tensor`, e.g. `1 - t`.
+pub fn scalar_op_tensor(scalar: Scalar, op: BinaryOp, tensor: &Tensor) -> Result<Tensor> {
+    let (t, s) = scalar.meet(tensor)?;
+    binary(op, &s, &t)
+}
+
+/// The dims of a reshape of `from` into `dims`, where one entry may be -1 (inferred).
+pub fn reshape_dims(from: &[usize], dims: &[i64]) -> Result<Vec<usize>> {
+    let count: usize = from.iter().product();
+    let known: i64 = dims.iter().filter(|&&d| d != -1).product();
+    let free = dims.iter().filter(|&&d| d == -1).count();
+    if free > 1
+        || dims.iter().any(|&d| d < -1)
+        || (free == 1 && (known == 0 || count as i64 % known != 0))
+    {
+        candle_core::bail!("cannot reshape {from:?} into {dims:?}");
+    }
+    let resolved: Vec<usize> = dims
+        .iter()
+        .map(|&d| {
+            if d == -1 {
+                (count as i64 / known) as usize
+            } else {
+                d as usize
+            }
+        })
+        .collect();
+    if resolved.iter().product::<usize>() != count {
+        candle_core::bail!("cannot reshape {from:?} ({count} elements) into {dims:?}");
+    }
+    Ok(resolved)
 }
 
 /// Normalize a possibly negative dim.
@@ -204,6 +239,21 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
         .to_scalar::<f64>()
 }
 
+/// True when |a - b| <= atol + rtol * |b| everywhere (as `torch.allclose`); an error if the
+/// shapes differ.
+pub fn allclose(a: &Tensor, b: &Tensor, atol: f64, rtol: f64) -> Result<bool> {
+    if a.dims() != b.dims() {
+        candle_core::bail!("allclose: shapes differ: {:?} vs {:?}", a.dims(), b.dims());
+    }
+    if a.elem_count() == 0 {
+        return Ok(true);
+    }
+    let a = a.to_dtype(DType::F64)?;
+    let b = b.to_dtype(DType::F64)?;
+    let excess = ((&a - &b)?.abs()? - ((b.abs()? * rtol)? + atol)?)?;
+    Ok(excess.flatten_all()?.max(D::Minus1)?.to_scalar::<f64>()? <= 0.0)
+}
+
 /// Every element as f64, row-major (for printing and conversion to script values).
 pub fn to_f64_vec(t: &Tensor) -> Result<Vec<f64>> {
     t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()
@@ -213,6 +263,26 @@ pub fn to_f64_vec(t: &Tensor) -> Result<Vec<f64>> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn scalar_operands_keep_their_side_and_promote_like_torch() {
+        let t = Tensor::new(&[1i64, 2, 3], &Device::Cpu).unwrap();
+        let minus = tensor_op_scalar(&t, BinaryOp::Sub, Scalar::Int(1)).unwrap();
+        assert_eq!(minus.dtype(), DType::I64);
+        assert_eq!(minus.to_vec1::<i64>().unwrap(), [0, 1, 2]);
+        let from = scalar_op_tensor(Scalar::Float(1.0), BinaryOp::Sub, &t).unwrap();
+        assert_eq!(from.dtype(), DType::F32);
+        assert_eq!(from.to_vec1::<f32>().unwrap(), [0.0, -1.0, -2.0]);
+    }
+
+    #[test]
+    fn reshape_dims_infer_one_free_dim() {
+        assert_eq!(reshape_dims(&[2, 3], &[-1, 2]).unwrap(), [3, 2]);
+        assert!(reshape_dims(&[2, 3], &[-1, -1]).is_err());
+        assert!(reshape_dims(&[2, 3], &[4, -1]).is_err());
+        let err = reshape_dims(&[2, 3], &[4, 4]).unwrap_err().to_string();
+        assert!(err.contains("(6 elements)"), "{err}");
+    }
 
     #[test]
     fn sort_matches_torch_on_dim0() {

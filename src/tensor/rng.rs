@@ -10,6 +10,21 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
+/// A u64 seed written in configs as a signed int (the only ints scripts have): a negative one
+/// wraps, as `SeededRng::new(seed as u64)` does for `rng(seed)`, so both give the same stream.
+/// Use with `#[serde(with = "crate::tensor::rng::int_seed")]` (and `#[schemars(with = "i64")]`).
+pub mod int_seed {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(seed: &u64, s: S) -> Result<S::Ok, S::Error> {
+        (*seed as i64).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        i64::deserialize(d).map(|seed| seed as u64)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SeededRng {
     seed: u64,

@@ -16,13 +16,16 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use super::lora::{LoraAdapter, LoraHub, LoraLayer};
 use alpha::{AlphaSource, FileAlphas};
 use keys::{Factor, KeyFormat, LoraKey};
 
-/// Which key conventions [`load`] accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which key conventions [`load`] accepts; in configs by name (see [`Accept::parse`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum Accept {
     /// Whatever the file holds.
     Any,
@@ -62,8 +65,42 @@ impl Accept {
     }
 }
 
+impl TryFrom<String> for Accept {
+    type Error = String;
+    fn try_from(name: String) -> std::result::Result<Self, String> {
+        Accept::parse(&name).map_err(|e| e.to_string())
+    }
+}
+
+impl From<Accept> for String {
+    fn from(a: Accept) -> String {
+        match a {
+            Accept::Diffusers => "peft".into(),
+            other => other.name().into(),
+        }
+    }
+}
+
+/// How `load_lora` reads a file.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(default)]
+pub struct LoadLoraOptions {
+    /// Key convention: "auto" (whatever the file holds), "peft" / "diffusers" or "kohya" /
+    /// "webui" (a format other than "auto" refuses keys of the others).
+    #[schemars(with = "String")]
+    pub format: Accept,
+}
+
+impl Default for LoadLoraOptions {
+    fn default() -> Self {
+        Self {
+            format: Accept::Any,
+        }
+    }
+}
+
 /// What [`load`] did.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LoadedLora {
     /// Adapted layers.
     pub layers: usize,

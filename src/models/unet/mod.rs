@@ -16,6 +16,7 @@ pub mod blocks;
 pub mod checkpointed_attention;
 pub mod config;
 pub mod embeddings;
+pub mod options;
 pub mod resnet;
 
 use std::collections::HashMap;
@@ -31,6 +32,7 @@ use self::attention::TransformerCfg;
 use self::blocks::{BlockCfg, DownBlock, MidBlock, UpBlock};
 pub use self::config::UNetConfig;
 use self::embeddings::{TimestepEmbedding, Timesteps};
+pub use self::options::{RandomUNetOptions, UNetLoadOptions, UNetSaveOptions};
 use crate::models::loading::{WeightMode, Weights};
 use crate::models::lora::{LoraConfig, LoraHub, LoraLayer};
 use crate::models::lora_file;

@@ -1,23 +1,24 @@
-//! The DDIM scheduler in scripts: `let s = load_scheduler(dir); s.set_timesteps(20);`
+//! The DDIM noise scheduler in scripts (the type scripts call `Scheduler`):
+//! `let s = load_scheduler(dir); s.set_timesteps(20);`
 //! `s.step(eps, t, x, 1.0, r)`, `s.candidates(eps, t, x, 4, 1.0, r)`, `s.log_prob(...)`.
 //! Timestep arguments are int tensors [B] (one per row) or a single int for every row; eta
 //! accepts ints.
 
 use rhai::plugin::*;
 
-/// The script-visible name of the DDIM scheduler type.
+/// The DDIM noise scheduler by the name scripts see (signatures here use it, so the docs show
+/// it).
 pub type Scheduler = crate::diffusion::DdimScheduler;
 
 mod helpers {
     use candle_core::{Device, Tensor};
     use rhai::{Dynamic, NativeCallContext};
 
-    use crate::script::convert::tensor_from_dynamic;
+    use crate::script::convert::{dynamic_f64, tensor_from_dynamic};
     use crate::script::error::{OrScriptError, ScriptResult};
-    use crate::script::options::dynamic_f64;
 
     /// A timestep argument: an int tensor, an int, or an array of ints.
-    pub(super) fn t_arg(
+    pub(super) fn timesteps_arg(
         ctx: &NativeCallContext,
         t: &Dynamic,
         device: &Device,
@@ -30,13 +31,19 @@ mod helpers {
             .or_script(ctx)
     }
 
-    pub(super) fn num(ctx: &NativeCallContext, v: &Dynamic, what: &str) -> ScriptResult<f64> {
+    /// A number argument (int or float), `what` naming it in the error.
+    pub(super) fn number_arg(
+        ctx: &NativeCallContext,
+        v: &Dynamic,
+        what: &str,
+    ) -> ScriptResult<f64> {
         dynamic_f64(v)
             .ok_or_else(|| format!("{what} must be a number, got {}", v.type_name()))
             .or_script(ctx)
     }
 
-    pub(super) fn count(ctx: &NativeCallContext, v: i64, what: &str) -> ScriptResult<usize> {
+    /// A count argument (an int >= 0).
+    pub(super) fn count_arg(ctx: &NativeCallContext, v: i64, what: &str) -> ScriptResult<usize> {
         usize::try_from(v)
             .map_err(|_| format!("{what} must be >= 0, got {v}"))
             .or_script(ctx)
@@ -54,7 +61,7 @@ pub mod diffusion_api {
     use crate::script::error::{OrScriptError, ScriptResult};
     use crate::script::Host;
 
-    /// DDIM scheduler from a diffusers folder: `dir/scheduler/scheduler_config.json`, or a
+    /// The DDIM noise scheduler from a diffusers folder: `dir/scheduler/scheduler_config.json`, or a
     /// folder (or file) holding `scheduler_config.json`.
     #[rhai_fn(return_raw, volatile)]
     pub fn load_scheduler(ctx: NativeCallContext, dir: &str) -> ScriptResult<Scheduler> {
@@ -73,7 +80,7 @@ pub mod diffusion_api {
         s: &mut Scheduler,
         n: i64,
     ) -> ScriptResult<Tensor> {
-        let n = count(&ctx, n, "set_timesteps: n")?;
+        let n = count_arg(&ctx, n, "set_timesteps: n")?;
         s.set_timesteps(n).or_script(&ctx)
     }
 
@@ -128,7 +135,7 @@ pub mod diffusion_api {
         s: &mut Scheduler,
         t: Dynamic,
     ) -> ScriptResult<Tensor> {
-        let t = t_arg(&ctx, &t, s.device())?;
+        let t = timesteps_arg(&ctx, &t, s.device())?;
         s.prev_timestep(&t).or_script(&ctx)
     }
 
@@ -136,7 +143,7 @@ pub mod diffusion_api {
     /// at prev_timestep(t), for any t in [0, num_train_timesteps) (f32 [B]).
     #[rhai_fn(return_raw, pure)]
     pub fn variance(ctx: NativeCallContext, s: &mut Scheduler, t: Dynamic) -> ScriptResult<Tensor> {
-        let t = t_arg(&ctx, &t, s.device())?;
+        let t = timesteps_arg(&ctx, &t, s.device())?;
         s.variance(&t).or_script(&ctx)
     }
 
@@ -148,8 +155,8 @@ pub mod diffusion_api {
         t: Dynamic,
         eta: Dynamic,
     ) -> ScriptResult<Tensor> {
-        let t = t_arg(&ctx, &t, s.device())?;
-        let eta = num(&ctx, &eta, "std_dev: eta")?;
+        let t = timesteps_arg(&ctx, &t, s.device())?;
+        let eta = number_arg(&ctx, &eta, "std_dev: eta")?;
         s.std_dev(&t, eta).or_script(&ctx)
     }
 
@@ -161,7 +168,7 @@ pub mod diffusion_api {
         s: &mut Scheduler,
         eta: Dynamic,
     ) -> ScriptResult<Tensor> {
-        let eta = num(&ctx, &eta, "std_dev_table: eta")?;
+        let eta = number_arg(&ctx, &eta, "std_dev_table: eta")?;
         s.std_dev_table(eta).or_script(&ctx)
     }
 
@@ -173,7 +180,7 @@ pub mod diffusion_api {
         s: &mut Scheduler,
         t: Dynamic,
     ) -> ScriptResult<Tensor> {
-        let t = t_arg(&ctx, &t, s.device())?;
+        let t = timesteps_arg(&ctx, &t, s.device())?;
         s.timestep_rank(&t).or_script(&ctx)
     }
 
@@ -186,7 +193,7 @@ pub mod diffusion_api {
         t: Dynamic,
         sample: Tensor,
     ) -> ScriptResult<Tensor> {
-        let t = t_arg(&ctx, &t, sample.device())?;
+        let t = timesteps_arg(&ctx, &t, sample.device())?;
         s.pred_original_sample(&model_output, &t, &sample)
             .or_script(&ctx)
     }
@@ -200,7 +207,7 @@ pub mod diffusion_api {
         t: Dynamic,
         sample: Tensor,
     ) -> ScriptResult<Tensor> {
-        let t = t_arg(&ctx, &t, sample.device())?;
+        let t = timesteps_arg(&ctx, &t, sample.device())?;
         s.pred_epsilon(&model_output, &t, &sample).or_script(&ctx)
     }
 
@@ -214,8 +221,8 @@ pub mod diffusion_api {
         sample: Tensor,
         eta: Dynamic,
     ) -> ScriptResult<Tensor> {
-        let t = t_arg(&ctx, &t, sample.device())?;
-        let eta = num(&ctx, &eta, "prev_sample_mean: eta")?;
+        let t = timesteps_arg(&ctx, &t, sample.device())?;
+        let eta = number_arg(&ctx, &eta, "prev_sample_mean: eta")?;
         s.prev_sample_mean(&model_output, &t, &sample, eta)
             .or_script(&ctx)
     }
@@ -232,8 +239,8 @@ pub mod diffusion_api {
         prev_sample: Tensor,
         eta: Dynamic,
     ) -> ScriptResult<Tensor> {
-        let t = t_arg(&ctx, &t, sample.device())?;
-        let eta = num(&ctx, &eta, "log_prob: eta")?;
+        let t = timesteps_arg(&ctx, &t, sample.device())?;
+        let eta = number_arg(&ctx, &eta, "log_prob: eta")?;
         s.log_prob(&model_output, &t, &sample, &prev_sample, eta)
             .or_script(&ctx)
     }
@@ -250,8 +257,8 @@ pub mod diffusion_api {
         prev_samples: rhai::Array,
         eta: Dynamic,
     ) -> ScriptResult<rhai::Array> {
-        let t = t_arg(&ctx, &t, sample.device())?;
-        let eta = num(&ctx, &eta, "log_prob: eta")?;
+        let t = timesteps_arg(&ctx, &t, sample.device())?;
+        let eta = number_arg(&ctx, &eta, "log_prob: eta")?;
         let prevs = prev_samples
             .into_iter()
             .enumerate()
@@ -278,8 +285,8 @@ pub mod diffusion_api {
         eta: Dynamic,
         rng: ScriptRng,
     ) -> ScriptResult<Tensor> {
-        let t = t_arg(&ctx, &t, sample.device())?;
-        let eta = num(&ctx, &eta, "step: eta")?;
+        let t = timesteps_arg(&ctx, &t, sample.device())?;
+        let eta = number_arg(&ctx, &eta, "step: eta")?;
         let mut r = rng.lock().unwrap_or_else(|e| e.into_inner());
         s.step(&model_output, &t, &sample, eta, &mut r)
             .or_script(&ctx)
@@ -298,15 +305,15 @@ pub mod diffusion_api {
         eta: Dynamic,
         rng: ScriptRng,
     ) -> ScriptResult<Tensor> {
-        let t = t_arg(&ctx, &t, sample.device())?;
-        let k = count(&ctx, k, "candidates: k")?;
+        let t = timesteps_arg(&ctx, &t, sample.device())?;
+        let k = count_arg(&ctx, k, "candidates: k")?;
         let dims: Vec<usize> = std::iter::once(k)
             .chain(sample.dims().iter().copied())
             .collect();
         Host::of(&ctx)
             .check_tensor_size("candidates", &dims, sample.dtype())
             .or_script(&ctx)?;
-        let eta = num(&ctx, &eta, "candidates: eta")?;
+        let eta = number_arg(&ctx, &eta, "candidates: eta")?;
         let mut r = rng.lock().unwrap_or_else(|e| e.into_inner());
         s.candidates(&model_output, &t, &sample, k, eta, &mut r)
             .or_script(&ctx)
@@ -321,7 +328,7 @@ pub mod diffusion_api {
         noise: Tensor,
         t: Dynamic,
     ) -> ScriptResult<Tensor> {
-        let t = t_arg(&ctx, &t, x0.device())?;
+        let t = timesteps_arg(&ctx, &t, x0.device())?;
         s.add_noise(&x0, &noise, &t).or_script(&ctx)
     }
 
@@ -334,7 +341,7 @@ pub mod diffusion_api {
         noise: Tensor,
         t: Dynamic,
     ) -> ScriptResult<Tensor> {
-        let t = t_arg(&ctx, &t, x0.device())?;
+        let t = timesteps_arg(&ctx, &t, x0.device())?;
         s.velocity(&x0, &noise, &t).or_script(&ctx)
     }
 

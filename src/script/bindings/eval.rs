@@ -23,7 +23,7 @@ mod helpers {
 
     use crate::eval::number::format_number;
     use crate::eval::report::{Figure, Report, Summary};
-    use crate::script::options::dynamic_f64;
+    use crate::script::convert::dynamic_f64;
     use crate::tensor::ops::to_f64_vec;
 
     /// Numbers from a tensor (flattened) or an array of numbers / bools.

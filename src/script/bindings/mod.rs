@@ -78,6 +78,11 @@ pub fn declared_options() -> Vec<(&'static str, Vec<OptionDoc>)> {
         loss::declared_options(),
         eval::declared_options(),
         scorers::declared_options(),
+        unet::declared_options(),
+        text::declared_options(),
+        vae::declared_options(),
+        shapes::declared_options(),
+        shapes_pipe::declared_options(),
     ]
     .concat()
 }

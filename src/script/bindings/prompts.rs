@@ -15,29 +15,7 @@ pub fn parse_prompts(text: &str, path: &str) -> Result<Vec<String>, String> {
         ));
     }
     let prompts: Vec<String> = if trimmed.starts_with('[') {
-        let value: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| format!("{path}: invalid JSON: {e}"))?;
-        let items = value
-            .as_array()
-            .ok_or_else(|| format!("{path}: expected a JSON list"))?;
-        items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| match item {
-                serde_json::Value::String(s) => Ok(s.clone()),
-                serde_json::Value::Object(o) => o
-                    .get("caption")
-                    .or_else(|| o.get("prompt"))
-                    .and_then(|v| v.as_str())
-                    .map(String::from)
-                    .ok_or_else(|| {
-                        format!("{path}: item {i} has no string `caption` (or `prompt`)")
-                    }),
-                other => Err(format!(
-                    "{path}: item {i} is {other}, expected a string or {{\"caption\": ...}}"
-                )),
-            })
-            .collect::<Result<_, _>>()?
+        json_prompts(text, path)?
     } else {
         text.lines()
             .map(str::trim)
@@ -49,6 +27,31 @@ pub fn parse_prompts(text: &str, path: &str) -> Result<Vec<String>, String> {
         return Err(format!("{path}: the prompt file holds no prompts"));
     }
     Ok(prompts)
+}
+
+/// The prompts of a JSON list of strings or `{caption}` / `{prompt}` objects.
+fn json_prompts(text: &str, path: &str) -> Result<Vec<String>, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("{path}: invalid JSON: {e}"))?;
+    let items = value
+        .as_array()
+        .ok_or_else(|| format!("{path}: expected a JSON list"))?;
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| match item {
+            serde_json::Value::String(s) => Ok(s.clone()),
+            serde_json::Value::Object(o) => o
+                .get("caption")
+                .or_else(|| o.get("prompt"))
+                .and_then(|v| v.as_str())
+                .map(String::from)
+                .ok_or_else(|| format!("{path}: item {i} has no string `caption` (or `prompt`)")),
+            other => Err(format!(
+                "{path}: item {i} is {other}, expected a string or {{\"caption\": ...}}"
+            )),
+        })
+        .collect()
 }
 
 #[export_module]

@@ -16,6 +16,7 @@ pub mod run_api {
 
     use super::helpers;
     use super::Progress;
+    use crate::script::declared::to_map;
     use crate::script::error::{OrScriptError, ScriptResult};
     use crate::script::Host;
 
@@ -76,19 +77,18 @@ pub mod run_api {
         let Some(ck) = run.latest_checkpoint(&host.device).or_script(&ctx)? else {
             return Ok(Dynamic::UNIT);
         };
+        let mut out = to_map(&helpers::CheckpointInfo {
+            step: ck.step,
+            state: ck.state,
+            path: ck.path.display().to_string(),
+        })
+        .or_script(&ctx)?;
         let tensors: Map = ck
             .tensors
             .into_iter()
             .map(|(k, t)| (k.into(), Dynamic::from(t)))
             .collect();
-        let mut out = Map::new();
-        out.insert("step".into(), Dynamic::from(ck.step));
         out.insert("tensors".into(), Dynamic::from_map(tensors));
-        out.insert(
-            "state".into(),
-            rhai::serde::to_dynamic(ck.state).or_script(&ctx)?,
-        );
-        out.insert("path".into(), Dynamic::from(ck.path.display().to_string()));
         Ok(Dynamic::from_map(out))
     }
 
@@ -113,23 +113,14 @@ pub mod run_api {
         if halting.is_empty() {
             return Ok(());
         }
-        let last = match &host.run {
-            Some(run) => match crate::runtime::run_dir::list_checkpoints(&run.checkpoints_dir())
-                .into_iter()
-                .max_by_key(|(s, _)| *s)
-            {
-                Some((s, p)) => format!("the last good checkpoint is {} (step {s})", p.display()),
-                None => "no checkpoint was written before".into(),
-            },
-            None => "no run folder".into(),
-        };
         Err(format!(
-            "log_metrics: non-finite {} at step {step}: the run is halted; {last}",
+            "log_metrics: non-finite {} at step {step}: the run is halted; {}",
             halting
                 .iter()
                 .map(|k| format!("`{k}`"))
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join(", "),
+            helpers::last_good_checkpoint(&host)
         ))
         .or_script(&ctx)
     }
@@ -211,6 +202,28 @@ pub mod helpers {
                 format!("{name}(): this session has no run folder (run the script with `lpo run`, which makes one under runs/ or at --run-dir)"),
             )
         })
+    }
+
+    /// A checkpoint as `checkpoint_latest` returns it, less its tensors.
+    #[derive(serde::Serialize)]
+    pub struct CheckpointInfo {
+        pub step: i64,
+        pub state: serde_json::Value,
+        pub path: String,
+    }
+
+    /// Where a halted run can resume from, in words.
+    pub fn last_good_checkpoint(host: &Host) -> String {
+        let Some(run) = &host.run else {
+            return "no run folder".into();
+        };
+        match crate::runtime::run_dir::list_checkpoints(&run.checkpoints_dir())
+            .into_iter()
+            .max_by_key(|(s, _)| *s)
+        {
+            Some((s, p)) => format!("the last good checkpoint is {} (step {s})", p.display()),
+            None => "no checkpoint was written before".into(),
+        }
     }
 
     pub fn tensor_map(map: Map, fn_name: &str) -> Result<HashMap<String, Tensor>, String> {

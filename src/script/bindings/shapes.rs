@@ -10,6 +10,18 @@ use crate::shapes::ShapesWorld;
 /// The world as a script value (cheap to clone).
 pub type ScriptWorld = Arc<ShapesWorld>;
 
+/// The options each function here declares (for `lpo fns` and docs/API.md).
+pub fn declared_options() -> Vec<(&'static str, Vec<crate::script::declared::OptionDoc>)> {
+    use crate::script::declared::option_docs;
+    vec![
+        (
+            "shapes_world",
+            option_docs::<crate::shapes::RenderOptions>(),
+        ),
+        ("batch", option_docs::<crate::shapes::BatchOptions>()),
+    ]
+}
+
 mod helpers {
     use candle_core::{Device, Tensor};
     use rhai::{Array, Dynamic, Map};
@@ -40,47 +52,56 @@ mod helpers {
         prompts.iter().map(|p| Dynamic::from(p.text())).collect()
     }
 
+    /// The texts of a pretraining batch (its images go beside them).
+    #[derive(serde::Serialize)]
+    pub(super) struct BatchTexts {
+        /// What each image is trained with.
+        pub captions: Vec<String>,
+        /// What each image shows.
+        pub prompts: Vec<String>,
+    }
+
+    /// What the judge recognized, per image ("" when unrecognized).
+    #[derive(serde::Serialize)]
+    struct Recognized {
+        colour: Vec<&'static str>,
+        shape: Vec<&'static str>,
+        seen: Vec<String>,
+    }
+
+    /// The judgements as a map: one [B] f32 tensor per number or flag (0/1), one array per
+    /// recognized name.
     pub(super) fn judgement_map(js: &[Judgement], device: &Device) -> Result<Map, String> {
-        let flag = |f: &dyn Fn(&Judgement) -> bool| -> Result<Dynamic, String> {
-            let v: Vec<f32> = js.iter().map(|j| if f(j) { 1.0 } else { 0.0 }).collect();
-            Tensor::from_vec(v, js.len(), device)
-                .map(Dynamic::from)
-                .map_err(|e| e.to_string())
-        };
-        let num = |f: &dyn Fn(&Judgement) -> f64| -> Result<Dynamic, String> {
+        let column = |f: &dyn Fn(&Judgement) -> f64| -> Result<Dynamic, String> {
             let v: Vec<f32> = js.iter().map(|j| f(j) as f32).collect();
             Tensor::from_vec(v, js.len(), device)
                 .map(Dynamic::from)
                 .map_err(|e| e.to_string())
         };
-        let mut m = Map::new();
-        m.insert("aligned".into(), flag(&|j| j.aligned)?);
-        m.insert("colour_ok".into(), flag(&|j| j.colour_ok)?);
-        m.insert("shape_ok".into(), flag(&|j| j.shape_ok)?);
-        m.insert("empty".into(), flag(&|j| j.empty)?);
-        m.insert("score".into(), num(&|j| j.score)?);
-        m.insert("colour_conf".into(), num(&|j| j.colour_conf)?);
-        m.insert("shape_iou".into(), num(&|j| j.shape_iou)?);
-        m.insert(
-            "colour".into(),
-            Dynamic::from_array(
-                js.iter()
-                    .map(|j| Dynamic::from(j.colour.map(|c| COLOURS[c].0).unwrap_or("")))
-                    .collect(),
-            ),
-        );
-        m.insert(
-            "shape".into(),
-            Dynamic::from_array(
-                js.iter()
-                    .map(|j| Dynamic::from(j.shape.map(|s| SHAPES[s]).unwrap_or("")))
-                    .collect(),
-            ),
-        );
-        m.insert(
-            "seen".into(),
-            Dynamic::from_array(js.iter().map(|j| Dynamic::from(j.seen())).collect()),
-        );
+        let flag = |b: bool| if b { 1.0 } else { 0.0 };
+        let mut m = crate::script::declared::to_map(&Recognized {
+            colour: js
+                .iter()
+                .map(|j| j.colour.map_or("", |c| COLOURS[c].0))
+                .collect(),
+            shape: js
+                .iter()
+                .map(|j| j.shape.map_or("", |s| SHAPES[s]))
+                .collect(),
+            seen: js.iter().map(Judgement::seen).collect(),
+        })?;
+        let columns = [
+            ("aligned", column(&|j| flag(j.aligned))?),
+            ("colour_ok", column(&|j| flag(j.colour_ok))?),
+            ("shape_ok", column(&|j| flag(j.shape_ok))?),
+            ("empty", column(&|j| flag(j.empty))?),
+            ("score", column(&|j| j.score)?),
+            ("colour_conf", column(&|j| j.colour_conf)?),
+            ("shape_iou", column(&|j| j.shape_iou)?),
+        ];
+        for (key, value) in columns {
+            m.insert(key.into(), value);
+        }
         Ok(m)
     }
 }
@@ -93,8 +114,9 @@ pub mod shapes_api {
 
     use super::ScriptWorld;
     use crate::script::bindings::rng::ScriptRng;
+    use crate::script::convert::dynamic_f64;
+    use crate::script::declared::{from_map, to_map};
     use crate::script::error::{OrScriptError, ScriptResult};
-    use crate::script::options::{dynamic_f64, Options};
     use crate::script::Host;
     use crate::shapes::{
         make_batch, BatchOptions, Judge, Prompt, RenderOptions, ShapesWorld, Split, COLOURS, SHAPES,
@@ -105,22 +127,14 @@ pub mod shapes_api {
         std::sync::Arc::new(ShapesWorld::default())
     }
 
-    /// The shapes world with options `#{antialias: true, noise: 0.0}` (noise: pixel std in
-    /// [0, 1] units).
+    /// The shapes world with rendering options `antialias`, `noise`.
     #[rhai_fn(name = "shapes_world", return_raw)]
     pub fn shapes_world_with(ctx: NativeCallContext, opts: Map) -> ScriptResult<ScriptWorld> {
-        let o = Options::new(&opts, "shapes_world", &["antialias", "noise"]).or_script(&ctx)?;
-        let options = RenderOptions {
-            antialias: o.bool("antialias", true).or_script(&ctx)?,
-            noise: o.f64("noise", 0.0).or_script(&ctx)? as f32,
-        };
-        if !(0.0..=1.0).contains(&options.noise) {
-            return Err(format!(
-                "shapes_world: noise must be in [0, 1], got {}",
-                options.noise
-            ))
-            .or_script(&ctx);
-        }
+        let options: RenderOptions = from_map(&opts, "shapes_world").or_script(&ctx)?;
+        options
+            .check()
+            .map_err(|e| format!("shapes_world: {e}"))
+            .or_script(&ctx)?;
         Ok(std::sync::Arc::new(ShapesWorld::new(options)))
     }
 
@@ -267,8 +281,8 @@ pub mod shapes_api {
     }
 
     /// A pretraining batch: `#{images [n, 3, 16, 16], captions, prompts}` where `prompts` are
-    /// what the images show and `captions` what they are trained with. Options `#{split:
-    /// "train", caption_noise: 0.0}`.
+    /// what the images show and `captions` what they are trained with. Options `split`,
+    /// `caption_noise`.
     #[rhai_fn(return_raw, volatile)]
     pub fn batch(
         ctx: NativeCallContext,
@@ -277,36 +291,23 @@ pub mod shapes_api {
         r: ScriptRng,
         opts: Map,
     ) -> ScriptResult<Map> {
-        let o = Options::new(&opts, "batch", &["split", "caption_noise"]).or_script(&ctx)?;
-        let split = Split::parse(&o.string("split", "train").or_script(&ctx)?).or_script(&ctx)?;
-        let caption_noise = o.f64("caption_noise", 0.0).or_script(&ctx)?;
+        let options: BatchOptions = from_map(&opts, "batch").or_script(&ctx)?;
         if n < 0 {
             return Err(format!("batch: n must be >= 0, got {n}")).or_script(&ctx);
         }
         let side = crate::shapes::world::IMAGE_SIZE;
-        Host::of(&ctx)
-            .check_tensor_size(
-                "batch",
-                &[n as usize, 3, side, side],
-                candle_core::DType::F32,
-            )
+        let dims = [n as usize, 3, side, side];
+        let host = Host::of(&ctx);
+        host.check_tensor_size("batch", &dims, candle_core::DType::F32)
             .or_script(&ctx)?;
-        let b = make_batch(
-            w,
-            n as usize,
-            BatchOptions {
-                split,
-                caption_noise,
-            },
-            &mut lock(&r),
-            &Host::of(&ctx).device,
-        )
+        let b = make_batch(w, n as usize, options, &mut lock(&r), &host.device).or_script(&ctx)?;
+        let mut out = to_map(&BatchTexts {
+            captions: b.captions.iter().map(|p| p.text()).collect(),
+            prompts: b.truth.iter().map(|p| p.text()).collect(),
+        })
         .or_script(&ctx)?;
-        let mut m = Map::new();
-        m.insert("images".into(), Dynamic::from(b.images));
-        m.insert("captions".into(), Dynamic::from_array(texts(&b.captions)));
-        m.insert("prompts".into(), Dynamic::from_array(texts(&b.truth)));
-        Ok(m)
+        out.insert("images".into(), Dynamic::from(b.images));
+        Ok(out)
     }
 
     #[rhai_fn(global, name = "to_string", name = "to_debug", pure)]

@@ -13,28 +13,58 @@
 
 use rhai::plugin::*;
 
+/// The options each function here declares (for `lpo fns` and docs/API.md).
+pub fn declared_options() -> Vec<(&'static str, Vec<crate::script::declared::OptionDoc>)> {
+    use crate::script::declared::option_docs;
+    vec![
+        (
+            "new_shapes_model",
+            option_docs::<crate::shapes::model_maker::ShapesModelSpec>(),
+        ),
+        (
+            "save",
+            option_docs::<crate::models::unet::UNetSaveOptions>(),
+        ),
+    ]
+}
+
 mod helpers {
-    use candle_core::DType;
-    use rhai::{Dynamic, Map, NativeCallContext};
+    use serde::Serialize;
 
-    use crate::reward::data::ImageSource;
-    use crate::script::error::{OrScriptError, ScriptResult};
-    use crate::script::options::Options;
-    use crate::tensor::parse_dtype;
+    use crate::reward::data::{ImageSource, PreferencePair};
 
-    pub(super) fn save_dtype(ctx: &NativeCallContext, opts: &Map) -> ScriptResult<DType> {
-        let o = Options::new(opts, "save", &["dtype"]).or_script(ctx)?;
-        let d = parse_dtype(&o.string("dtype", "f32").or_script(ctx)?).or_script(ctx)?;
-        if !matches!(d, DType::F32 | DType::F16 | DType::BF16) {
-            return Err(format!("save: dtype must be f32, f16 or bf16, got {d:?}")).or_script(ctx);
-        }
-        Ok(d)
+    /// One manifest row as scripts see it.
+    #[derive(Serialize)]
+    pub(super) struct PairRow {
+        prompt: String,
+        /// The image's path; `()` for images held as bytes.
+        image_0: Option<String>,
+        image_1: Option<String>,
+        label_0: f64,
+        label_1: f64,
+        num_examples: f64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        group: Option<i64>,
     }
 
-    pub(super) fn image_source(src: &ImageSource) -> Dynamic {
+    fn path_of(src: &ImageSource) -> Option<String> {
         match src {
-            ImageSource::Path(p) => Dynamic::from(p.display().to_string()),
-            ImageSource::Bytes(_) => Dynamic::UNIT,
+            ImageSource::Path(p) => Some(p.display().to_string()),
+            ImageSource::Bytes(_) => None,
+        }
+    }
+
+    impl From<&PreferencePair> for PairRow {
+        fn from(p: &PreferencePair) -> Self {
+            Self {
+                prompt: p.prompt.clone(),
+                image_0: path_of(&p.image_0),
+                image_1: path_of(&p.image_1),
+                label_0: p.label_0 as f64,
+                label_1: p.label_1 as f64,
+                num_examples: p.num_examples_per_prompt as f64,
+                group: p.group,
+            }
         }
     }
 }
@@ -46,62 +76,21 @@ pub mod shapes_pipe_api {
 
     use super::helpers;
     use crate::models::model_folder::copy_model_folder;
+    use crate::models::unet::UNetSaveOptions;
     use crate::optim::Params;
     use crate::reward::data::read_manifest;
     use crate::script::bindings::unet::ScriptUNet;
+    use crate::script::declared::{from_map, to_map};
     use crate::script::error::{OrScriptError, ScriptResult};
-    use crate::script::options::Options;
     use crate::script::Host;
     use crate::shapes::model_maker::{make_shapes_model, ShapesModelSpec};
 
     /// Write a tiny random shapes model in the diffusers layout to `dir` (`unet/` 3->3 channels
-    /// at 16x16, `text_encoder/`, a word-level `tokenizer/`, SD1.5 DDIM `scheduler/`). Options
-    /// `#{seed: 0, block_out_channels: [32, 64, 64], layers_per_block: 1, text_hidden: 64,
-    /// text_layers: 2, text_heads: 4}`. Returns the UNet's parameter count.
+    /// at 16x16, `text_encoder/`, a word-level `tokenizer/`, SD1.5 DDIM `scheduler/`). Options: `seed`
+    /// and the sizes. Returns the UNet's parameter count.
     #[rhai_fn(return_raw, volatile)]
     pub fn new_shapes_model(ctx: NativeCallContext, dir: &str, opts: Map) -> ScriptResult<i64> {
-        let o = Options::new(
-            &opts,
-            "new_shapes_model",
-            &[
-                "seed",
-                "block_out_channels",
-                "layers_per_block",
-                "text_hidden",
-                "text_layers",
-                "text_heads",
-            ],
-        )
-        .or_script(&ctx)?;
-        let d = ShapesModelSpec::default();
-        let boc = match o
-            .opt_typed::<Array>("block_out_channels", "an array of ints")
-            .or_script(&ctx)?
-        {
-            None => d.block_out_channels.clone(),
-            Some(a) => a
-                .iter()
-                .map(|v| {
-                    v.as_int()
-                        .ok()
-                        .filter(|&i| i > 0)
-                        .map(|i| i as usize)
-                        .ok_or("new_shapes_model: block_out_channels must be positive ints")
-                })
-                .collect::<Result<Vec<_>, _>>()
-                .or_script(&ctx)?,
-        };
-        let spec = ShapesModelSpec {
-            seed: o.i64("seed", 0).or_script(&ctx)? as u64,
-            block_out_channels: boc,
-            layers_per_block: o
-                .usize("layers_per_block", d.layers_per_block)
-                .or_script(&ctx)?,
-            text_hidden: o.usize("text_hidden", d.text_hidden).or_script(&ctx)?,
-            text_layers: o.usize("text_layers", d.text_layers).or_script(&ctx)?,
-            text_heads: o.usize("text_heads", d.text_heads).or_script(&ctx)?,
-            ..d
-        };
+        let spec: ShapesModelSpec = from_map(&opts, "new_shapes_model").or_script(&ctx)?;
         make_shapes_model(&Host::of(&ctx).writable(dir).or_script(&ctx)?, &spec)
             .map(|n| n as i64)
             .or_script(&ctx)
@@ -148,7 +137,11 @@ pub mod shapes_pipe_api {
         dir: &str,
         opts: Map,
     ) -> ScriptResult<()> {
-        let dtype = helpers::save_dtype(&ctx, &opts)?;
+        let options: UNetSaveOptions = from_map(&opts, "save").or_script(&ctx)?;
+        let dtype = options
+            .dtype()
+            .map_err(|e| format!("save: {e}"))
+            .or_script(&ctx)?;
         unet.save(&Host::of(&ctx).writable(dir).or_script(&ctx)?, dtype)
             .or_script(&ctx)
     }
@@ -170,26 +163,11 @@ pub mod shapes_pipe_api {
         if !set.skipped.is_empty() {
             tracing::warn!("{path}: {}", set.skip_summary());
         }
-        Ok(set
-            .pairs
+        set.pairs
             .iter()
-            .map(|p| {
-                let mut m = Map::new();
-                m.insert("prompt".into(), Dynamic::from(p.prompt.clone()));
-                m.insert("image_0".into(), helpers::image_source(&p.image_0));
-                m.insert("image_1".into(), helpers::image_source(&p.image_1));
-                m.insert("label_0".into(), Dynamic::from(p.label_0 as f64));
-                m.insert("label_1".into(), Dynamic::from(p.label_1 as f64));
-                m.insert(
-                    "num_examples".into(),
-                    Dynamic::from(p.num_examples_per_prompt as f64),
-                );
-                if let Some(g) = p.group {
-                    m.insert("group".into(), Dynamic::from(g));
-                }
-                Dynamic::from_map(m)
-            })
-            .collect())
+            .map(|p| to_map(&helpers::PairRow::from(p)).map(Dynamic::from_map))
+            .collect::<Result<Array, _>>()
+            .or_script(&ctx)
     }
 
     /// Write an array of maps as JSON Lines (one compact object per line), atomically.
@@ -218,5 +196,42 @@ pub mod shapes_pipe_api {
         let img = crate::image_io::read_rgb(&Host::of(&ctx).readable(path).or_script(&ctx)?)
             .or_script(&ctx)?;
         crate::image_io::rgb_to_tensor(&img, &Host::of(&ctx).device).or_script(&ctx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn shapes_options_keep_their_names_and_defaults() {
+        let got: Vec<(String, String, Option<String>)> = super::declared_options()
+            .into_iter()
+            .chain(crate::script::bindings::shapes::declared_options())
+            .flat_map(|(f, docs)| {
+                docs.into_iter()
+                    .map(move |d| (f.to_string(), d.name, d.default))
+            })
+            .collect();
+        let expect = [
+            (
+                "new_shapes_model",
+                "block_out_channels",
+                Some("[32, 64, 64]"),
+            ),
+            ("new_shapes_model", "layers_per_block", Some("1")),
+            ("new_shapes_model", "seed", Some("0")),
+            ("new_shapes_model", "text_heads", Some("4")),
+            ("new_shapes_model", "text_hidden", Some("64")),
+            ("new_shapes_model", "text_layers", Some("2")),
+            ("save", "dtype", Some("\"f32\"")),
+            ("shapes_world", "antialias", Some("true")),
+            ("shapes_world", "noise", Some("0.0")),
+            ("batch", "caption_noise", Some("0.0")),
+            ("batch", "split", Some("\"train\"")),
+        ];
+        let expect: Vec<_> = expect
+            .iter()
+            .map(|(f, n, d)| (f.to_string(), n.to_string(), d.map(String::from)))
+            .collect();
+        assert_eq!(got, expect);
     }
 }

@@ -7,11 +7,10 @@ mod helpers {
     use candle_core::{DType, Tensor};
     use rhai::{Array, Dynamic, NativeCallContext};
 
-    use crate::script::convert::tensor_from_dynamic;
+    use crate::script::convert::{dynamic_f64, tensor_from_dynamic};
     use crate::script::error::{OrScriptError, ScriptResult};
-    use crate::script::options::dynamic_f64;
     use crate::script::Host;
-    use crate::tensor::ops::{self, resolve_dim, BinaryOp};
+    use crate::tensor::ops::{self, resolve_dim, BinaryOp, Scalar};
 
     /// Elements of `start..end`.
     pub(super) fn range_len(start: i64, end: i64) -> usize {
@@ -48,28 +47,61 @@ mod helpers {
         }
     }
 
-    pub(super) fn bin(
+    /// `a op b` with broadcasting and dtype promotion.
+    pub(super) fn tensor_op_tensor(
         ctx: &NativeCallContext,
-        op: BinaryOp,
         a: &Tensor,
+        op: BinaryOp,
         b: &Tensor,
     ) -> ScriptResult<Tensor> {
         broadcast_fits(ctx, op.name(), a, b)?;
         ops::binary(op, a, b).or_script(ctx)
     }
 
-    pub(super) fn sc(
+    /// `tensor op scalar` (`t - 1`).
+    pub(super) fn tensor_op_scalar(
         ctx: &NativeCallContext,
+        tensor: &Tensor,
         op: BinaryOp,
-        t: &Tensor,
-        v: f64,
-        is_float: bool,
-        first: bool,
+        scalar: Scalar,
     ) -> ScriptResult<Tensor> {
-        ops::scalar(op, t, v, is_float, first).or_script(ctx)
+        ops::tensor_op_scalar(tensor, op, scalar).or_script(ctx)
     }
 
-    pub(super) fn float(ctx: &NativeCallContext, t: &Tensor) -> ScriptResult<Tensor> {
+    /// `scalar op tensor` (`1 - t`).
+    pub(super) fn scalar_op_tensor(
+        ctx: &NativeCallContext,
+        scalar: Scalar,
+        op: BinaryOp,
+        tensor: &Tensor,
+    ) -> ScriptResult<Tensor> {
+        ops::scalar_op_tensor(scalar, op, tensor).or_script(ctx)
+    }
+
+    /// An error before a matmul whose result `[batch.., m, n]` would not fit (a shape
+    /// mismatch is left to the op).
+    pub(super) fn matmul_fits(ctx: &NativeCallContext, a: &Tensor, b: &Tensor) -> ScriptResult<()> {
+        let (Some((&m, a_batch)), Some((&n, b_rest))) = (
+            a.dims().split_last().and_then(|(_, d)| d.split_last()),
+            b.dims().split_last(),
+        ) else {
+            return Ok(());
+        };
+        let b_batch = b_rest.split_last().map(|(_, d)| d).unwrap_or(&[]);
+        let batch = candle_core::Shape::from(a_batch)
+            .broadcast_shape_binary_op(&candle_core::Shape::from(b_batch), "matmul");
+        match batch {
+            Ok(batch) => {
+                let dims: Vec<usize> = batch.dims().iter().copied().chain([m, n]).collect();
+                let dtype = ops::promoted_dtype(a.dtype(), b.dtype());
+                fits(ctx, "matmul", &dims, dtype)
+            }
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// `t` itself if it is float, else as f32 (ops that are only defined on floats).
+    pub(super) fn float_tensor(ctx: &NativeCallContext, t: &Tensor) -> ScriptResult<Tensor> {
         if ops::is_float(t.dtype()) {
             Ok(t.clone())
         } else {
@@ -77,7 +109,8 @@ mod helpers {
         }
     }
 
-    pub(super) fn cmp(
+    /// The u8 mask of `t op other` (a number or a tensor, broadcasting).
+    pub(super) fn compare(
         ctx: &NativeCallContext,
         t: &Tensor,
         other: &Dynamic,
@@ -126,7 +159,8 @@ mod helpers {
         resolve_dim(t, dim).or_script(ctx)
     }
 
-    pub(super) fn tensors(
+    /// The tensors of a non-empty array, promoted to one dtype (`cat`, `stack`).
+    pub(super) fn same_dtype_tensors(
         ctx: &NativeCallContext,
         items: &Array,
         what: &str,
@@ -154,16 +188,16 @@ mod helpers {
 #[export_module]
 pub mod tensor_api {
     use super::helpers::*;
-    use candle_core::{DType, Tensor, D};
+    use candle_core::{DType, Tensor};
     use rhai::{Array, Dynamic, Map};
 
     use crate::script::convert::{
-        shape_from_array, shape_to_array, tensor_from_dynamic, tensor_item, tensor_to_dynamic,
+        dynamic_f64, shape_from_array, shape_to_array, tensor_from_dynamic, tensor_item,
+        tensor_to_dynamic,
     };
     use crate::script::error::{OrScriptError, ScriptResult};
-    use crate::script::options::dynamic_f64;
     use crate::script::Host;
-    use crate::tensor::ops::{self, resolve_dim, BinaryOp};
+    use crate::tensor::ops::{self, resolve_dim, BinaryOp, Scalar};
     use crate::tensor::{format, parse_device, parse_dtype};
 
     // ---- construction ----
@@ -323,87 +357,87 @@ pub mod tensor_api {
 
     #[rhai_fn(return_raw, name = "+")]
     pub fn add_tt(ctx: NativeCallContext, a: Tensor, b: Tensor) -> ScriptResult<Tensor> {
-        bin(&ctx, BinaryOp::Add, &a, &b)
+        tensor_op_tensor(&ctx, &a, BinaryOp::Add, &b)
     }
     #[rhai_fn(return_raw, name = "-")]
     pub fn sub_tt(ctx: NativeCallContext, a: Tensor, b: Tensor) -> ScriptResult<Tensor> {
-        bin(&ctx, BinaryOp::Sub, &a, &b)
+        tensor_op_tensor(&ctx, &a, BinaryOp::Sub, &b)
     }
     #[rhai_fn(return_raw, name = "*")]
     pub fn mul_tt(ctx: NativeCallContext, a: Tensor, b: Tensor) -> ScriptResult<Tensor> {
-        bin(&ctx, BinaryOp::Mul, &a, &b)
+        tensor_op_tensor(&ctx, &a, BinaryOp::Mul, &b)
     }
     #[rhai_fn(return_raw, name = "/")]
     pub fn div_tt(ctx: NativeCallContext, a: Tensor, b: Tensor) -> ScriptResult<Tensor> {
-        bin(&ctx, BinaryOp::Div, &a, &b)
+        tensor_op_tensor(&ctx, &a, BinaryOp::Div, &b)
     }
 
     #[rhai_fn(return_raw, name = "+")]
     pub fn add_tf(ctx: NativeCallContext, a: Tensor, b: f64) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Add, &a, b, true, false)
+        tensor_op_scalar(&ctx, &a, BinaryOp::Add, Scalar::Float(b))
     }
     #[rhai_fn(return_raw, name = "-")]
     pub fn sub_tf(ctx: NativeCallContext, a: Tensor, b: f64) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Sub, &a, b, true, false)
+        tensor_op_scalar(&ctx, &a, BinaryOp::Sub, Scalar::Float(b))
     }
     #[rhai_fn(return_raw, name = "*")]
     pub fn mul_tf(ctx: NativeCallContext, a: Tensor, b: f64) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Mul, &a, b, true, false)
+        tensor_op_scalar(&ctx, &a, BinaryOp::Mul, Scalar::Float(b))
     }
     #[rhai_fn(return_raw, name = "/")]
     pub fn div_tf(ctx: NativeCallContext, a: Tensor, b: f64) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Div, &a, b, true, false)
+        tensor_op_scalar(&ctx, &a, BinaryOp::Div, Scalar::Float(b))
     }
 
     #[rhai_fn(return_raw, name = "+")]
     pub fn add_ft(ctx: NativeCallContext, a: f64, b: Tensor) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Add, &b, a, true, true)
+        scalar_op_tensor(&ctx, Scalar::Float(a), BinaryOp::Add, &b)
     }
     #[rhai_fn(return_raw, name = "-")]
     pub fn sub_ft(ctx: NativeCallContext, a: f64, b: Tensor) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Sub, &b, a, true, true)
+        scalar_op_tensor(&ctx, Scalar::Float(a), BinaryOp::Sub, &b)
     }
     #[rhai_fn(return_raw, name = "*")]
     pub fn mul_ft(ctx: NativeCallContext, a: f64, b: Tensor) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Mul, &b, a, true, true)
+        scalar_op_tensor(&ctx, Scalar::Float(a), BinaryOp::Mul, &b)
     }
     #[rhai_fn(return_raw, name = "/")]
     pub fn div_ft(ctx: NativeCallContext, a: f64, b: Tensor) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Div, &b, a, true, true)
+        scalar_op_tensor(&ctx, Scalar::Float(a), BinaryOp::Div, &b)
     }
 
     #[rhai_fn(return_raw, name = "+")]
     pub fn add_ti(ctx: NativeCallContext, a: Tensor, b: i64) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Add, &a, b as f64, false, false)
+        tensor_op_scalar(&ctx, &a, BinaryOp::Add, Scalar::Int(b))
     }
     #[rhai_fn(return_raw, name = "-")]
     pub fn sub_ti(ctx: NativeCallContext, a: Tensor, b: i64) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Sub, &a, b as f64, false, false)
+        tensor_op_scalar(&ctx, &a, BinaryOp::Sub, Scalar::Int(b))
     }
     #[rhai_fn(return_raw, name = "*")]
     pub fn mul_ti(ctx: NativeCallContext, a: Tensor, b: i64) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Mul, &a, b as f64, false, false)
+        tensor_op_scalar(&ctx, &a, BinaryOp::Mul, Scalar::Int(b))
     }
     #[rhai_fn(return_raw, name = "/")]
     pub fn div_ti(ctx: NativeCallContext, a: Tensor, b: i64) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Div, &a, b as f64, false, false)
+        tensor_op_scalar(&ctx, &a, BinaryOp::Div, Scalar::Int(b))
     }
 
     #[rhai_fn(return_raw, name = "+")]
     pub fn add_it(ctx: NativeCallContext, a: i64, b: Tensor) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Add, &b, a as f64, false, true)
+        scalar_op_tensor(&ctx, Scalar::Int(a), BinaryOp::Add, &b)
     }
     #[rhai_fn(return_raw, name = "-")]
     pub fn sub_it(ctx: NativeCallContext, a: i64, b: Tensor) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Sub, &b, a as f64, false, true)
+        scalar_op_tensor(&ctx, Scalar::Int(a), BinaryOp::Sub, &b)
     }
     #[rhai_fn(return_raw, name = "*")]
     pub fn mul_it(ctx: NativeCallContext, a: i64, b: Tensor) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Mul, &b, a as f64, false, true)
+        scalar_op_tensor(&ctx, Scalar::Int(a), BinaryOp::Mul, &b)
     }
     #[rhai_fn(return_raw, name = "/")]
     pub fn div_it(ctx: NativeCallContext, a: i64, b: Tensor) -> ScriptResult<Tensor> {
-        sc(&ctx, BinaryOp::Div, &b, a as f64, false, true)
+        scalar_op_tensor(&ctx, Scalar::Int(a), BinaryOp::Div, &b)
     }
 
     /// Negation.
@@ -418,30 +452,13 @@ pub mod tensor_api {
         let e = dynamic_f64(&exponent)
             .ok_or("pow: exponent must be a number")
             .or_script(&ctx)?;
-        float(&ctx, &t)?.powf(e).or_script(&ctx)
+        float_tensor(&ctx, &t)?.powf(e).or_script(&ctx)
     }
 
     /// Matrix product (batched, broadcasting over leading dims).
     #[rhai_fn(return_raw, pure)]
     pub fn matmul(ctx: NativeCallContext, a: &mut Tensor, b: Tensor) -> ScriptResult<Tensor> {
-        if let (Some((&m, a_batch)), Some((&n, b_rest))) = (
-            a.dims().split_last().and_then(|(_, d)| d.split_last()),
-            b.dims().split_last(),
-        ) {
-            // [.., m, k] x [.., k, n] -> [broadcast batch.., m, n] (a mismatch is left to the op).
-            let b_batch = b_rest.split_last().map(|(_, d)| d).unwrap_or(&[]);
-            let batch = candle_core::Shape::from(a_batch)
-                .broadcast_shape_binary_op(&candle_core::Shape::from(b_batch), "matmul");
-            if let Ok(batch) = batch {
-                let dims: Vec<usize> = batch.dims().iter().copied().chain([m, n]).collect();
-                fits(
-                    &ctx,
-                    "matmul",
-                    &dims,
-                    ops::promoted_dtype(a.dtype(), b.dtype()),
-                )?;
-            }
-        }
+        matmul_fits(&ctx, a, &b)?;
         a.broadcast_matmul(&b)
             .map_err(|e| {
                 format!(
@@ -459,15 +476,15 @@ pub mod tensor_api {
 
     #[rhai_fn(return_raw, pure)]
     pub fn exp(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
-        float(&ctx, t)?.exp().or_script(&ctx)
+        float_tensor(&ctx, t)?.exp().or_script(&ctx)
     }
     #[rhai_fn(return_raw, pure)]
     pub fn log(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
-        float(&ctx, t)?.log().or_script(&ctx)
+        float_tensor(&ctx, t)?.log().or_script(&ctx)
     }
     #[rhai_fn(return_raw, pure)]
     pub fn sqrt(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
-        float(&ctx, t)?.sqrt().or_script(&ctx)
+        float_tensor(&ctx, t)?.sqrt().or_script(&ctx)
     }
     #[rhai_fn(return_raw, pure)]
     pub fn abs(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
@@ -479,15 +496,15 @@ pub mod tensor_api {
     }
     #[rhai_fn(return_raw, pure)]
     pub fn tanh(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
-        float(&ctx, t)?.tanh().or_script(&ctx)
+        float_tensor(&ctx, t)?.tanh().or_script(&ctx)
     }
     #[rhai_fn(return_raw, pure)]
     pub fn sin(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
-        float(&ctx, t)?.sin().or_script(&ctx)
+        float_tensor(&ctx, t)?.sin().or_script(&ctx)
     }
     #[rhai_fn(return_raw, pure)]
     pub fn cos(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
-        float(&ctx, t)?.cos().or_script(&ctx)
+        float_tensor(&ctx, t)?.cos().or_script(&ctx)
     }
     #[rhai_fn(return_raw, pure)]
     pub fn relu(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
@@ -495,13 +512,13 @@ pub mod tensor_api {
     }
     #[rhai_fn(return_raw, pure)]
     pub fn silu(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
-        float(&ctx, t)?.silu().or_script(&ctx)
+        float_tensor(&ctx, t)?.silu().or_script(&ctx)
     }
 
     /// 1 / (1 + exp(-t)).
     #[rhai_fn(return_raw, pure)]
     pub fn sigmoid(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
-        let t = float(&ctx, t)?;
+        let t = float_tensor(&ctx, t)?;
         ((t.neg().and_then(|n| n.exp())).and_then(|e| e + 1.0))
             .and_then(|d| d.recip())
             .or_script(&ctx)
@@ -510,21 +527,21 @@ pub mod tensor_api {
     /// log(1 + exp(t)), finite for large |t|.
     #[rhai_fn(return_raw, pure)]
     pub fn softplus(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
-        ops::softplus(&float(&ctx, t)?).or_script(&ctx)
+        ops::softplus(&float_tensor(&ctx, t)?).or_script(&ctx)
     }
 
     /// Softmax along `dim` (differentiable).
     #[rhai_fn(return_raw, pure)]
     pub fn softmax(ctx: NativeCallContext, t: &mut Tensor, dim: i64) -> ScriptResult<Tensor> {
         let d = resolve_dim(t, dim).or_script(&ctx)?;
-        ops::softmax(&float(&ctx, t)?, d).or_script(&ctx)
+        ops::softmax(&float_tensor(&ctx, t)?, d).or_script(&ctx)
     }
 
     /// Log-softmax along `dim`.
     #[rhai_fn(return_raw, pure)]
     pub fn log_softmax(ctx: NativeCallContext, t: &mut Tensor, dim: i64) -> ScriptResult<Tensor> {
         let d = resolve_dim(t, dim).or_script(&ctx)?;
-        ops::log_softmax(&float(&ctx, t)?, d).or_script(&ctx)
+        ops::log_softmax(&float_tensor(&ctx, t)?, d).or_script(&ctx)
     }
 
     /// Clamp every value into [lo, hi] (ints or floats).
@@ -550,27 +567,27 @@ pub mod tensor_api {
     /// u8 mask of t > other (scalar or tensor).
     #[rhai_fn(return_raw, pure)]
     pub fn gt(ctx: NativeCallContext, t: &mut Tensor, other: Dynamic) -> ScriptResult<Tensor> {
-        cmp(&ctx, t, &other, candle_core::op::CmpOp::Gt)
+        compare(&ctx, t, &other, candle_core::op::CmpOp::Gt)
     }
     /// u8 mask of t < other.
     #[rhai_fn(return_raw, pure)]
     pub fn lt(ctx: NativeCallContext, t: &mut Tensor, other: Dynamic) -> ScriptResult<Tensor> {
-        cmp(&ctx, t, &other, candle_core::op::CmpOp::Lt)
+        compare(&ctx, t, &other, candle_core::op::CmpOp::Lt)
     }
     /// u8 mask of t >= other.
     #[rhai_fn(return_raw, pure)]
     pub fn ge(ctx: NativeCallContext, t: &mut Tensor, other: Dynamic) -> ScriptResult<Tensor> {
-        cmp(&ctx, t, &other, candle_core::op::CmpOp::Ge)
+        compare(&ctx, t, &other, candle_core::op::CmpOp::Ge)
     }
     /// u8 mask of t <= other.
     #[rhai_fn(return_raw, pure)]
     pub fn le(ctx: NativeCallContext, t: &mut Tensor, other: Dynamic) -> ScriptResult<Tensor> {
-        cmp(&ctx, t, &other, candle_core::op::CmpOp::Le)
+        compare(&ctx, t, &other, candle_core::op::CmpOp::Le)
     }
     /// u8 mask of t == other.
     #[rhai_fn(return_raw, pure, name = "eq")]
     pub fn eq_mask(ctx: NativeCallContext, t: &mut Tensor, other: Dynamic) -> ScriptResult<Tensor> {
-        cmp(&ctx, t, &other, candle_core::op::CmpOp::Eq)
+        compare(&ctx, t, &other, candle_core::op::CmpOp::Eq)
     }
 
     /// Elementwise `mask ? a : b` (broadcasting).
@@ -613,13 +630,13 @@ pub mod tensor_api {
     /// Mean of every element (0-d tensor).
     #[rhai_fn(return_raw, name = "mean", pure)]
     pub fn mean_all(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
-        float(&ctx, t)?.mean_all().or_script(&ctx)
+        float_tensor(&ctx, t)?.mean_all().or_script(&ctx)
     }
     /// Mean along `dim` (the dim is removed).
     #[rhai_fn(return_raw, name = "mean", pure)]
     pub fn mean_dim(ctx: NativeCallContext, t: &mut Tensor, dim: i64) -> ScriptResult<Tensor> {
         let d = dim_of(&ctx, t, dim)?;
-        float(&ctx, t)?.mean(d).or_script(&ctx)
+        float_tensor(&ctx, t)?.mean(d).or_script(&ctx)
     }
     /// Largest element (0-d tensor).
     #[rhai_fn(return_raw, name = "max", pure)]
@@ -662,7 +679,7 @@ pub mod tensor_api {
     /// Standard deviation of every element (population, 0-d tensor).
     #[rhai_fn(return_raw, name = "std", pure)]
     pub fn std_all(ctx: NativeCallContext, t: &mut Tensor) -> ScriptResult<Tensor> {
-        let f = float(&ctx, t)?;
+        let f = float_tensor(&ctx, t)?;
         let run = || -> candle_core::Result<Tensor> {
             let m = f.mean_all()?;
             f.broadcast_sub(&m)?.sqr()?.mean_all()?.sqrt()
@@ -675,45 +692,15 @@ pub mod tensor_api {
     /// Reshape; one dimension may be -1.
     #[rhai_fn(return_raw, pure)]
     pub fn reshape(ctx: NativeCallContext, t: &mut Tensor, shape: Array) -> ScriptResult<Tensor> {
-        let mut dims: Vec<i64> = Vec::with_capacity(shape.len());
-        for d in &shape {
-            dims.push(
-                d.as_int()
-                    .map_err(|_| "reshape: shape must be ints")
-                    .or_script(&ctx)?,
-            );
-        }
-        let known: i64 = dims.iter().filter(|&&d| d != -1).product();
-        let free = dims.iter().filter(|&&d| d == -1).count();
-        if free > 1
-            || dims.iter().any(|&d| d < -1)
-            || (free == 1 && (known == 0 || t.elem_count() as i64 % known != 0))
-        {
-            return Err(format!(
-                "reshape: cannot reshape {:?} into {dims:?}",
-                t.dims()
-            ))
-            .or_script(&ctx);
-        }
-        let resolved: Vec<usize> = dims
+        let dims = shape
             .iter()
-            .map(|&d| {
-                if d == -1 {
-                    (t.elem_count() as i64 / known) as usize
-                } else {
-                    d as usize
-                }
-            })
-            .collect();
-        if resolved.iter().product::<usize>() != t.elem_count() {
-            return Err(format!(
-                "reshape: cannot reshape {:?} ({} elements) into {dims:?}",
-                t.dims(),
-                t.elem_count()
-            ))
-            .or_script(&ctx);
-        }
-        t.reshape(resolved).or_script(&ctx)
+            .map(|d| d.as_int().map_err(|_| "reshape: shape must be ints"))
+            .collect::<Result<Vec<i64>, _>>()
+            .or_script(&ctx)?;
+        let dims = ops::reshape_dims(t.dims(), &dims)
+            .map_err(|e| format!("reshape: {e}"))
+            .or_script(&ctx)?;
+        t.reshape(dims).or_script(&ctx)
     }
     /// Swap two dims.
     #[rhai_fn(return_raw, pure)]
@@ -854,7 +841,7 @@ pub mod tensor_api {
     /// Concatenate along an existing dim.
     #[rhai_fn(return_raw)]
     pub fn cat(ctx: NativeCallContext, items: Array, dim: i64) -> ScriptResult<Tensor> {
-        let ts = tensors(&ctx, &items, "cat")?;
+        let ts = same_dtype_tensors(&ctx, &items, "cat")?;
         fits(
             &ctx,
             "cat",
@@ -869,7 +856,7 @@ pub mod tensor_api {
     /// Stack along a new dim.
     #[rhai_fn(return_raw)]
     pub fn stack(ctx: NativeCallContext, items: Array, dim: i64) -> ScriptResult<Tensor> {
-        let ts = tensors(&ctx, &items, "stack")?;
+        let ts = same_dtype_tensors(&ctx, &items, "stack")?;
         fits(
             &ctx,
             "stack",
@@ -906,23 +893,6 @@ pub mod tensor_api {
         let (Some(atol), Some(rtol)) = (dynamic_f64(&atol), dynamic_f64(&rtol)) else {
             return Err("allclose: atol and rtol must be numbers").or_script(&ctx);
         };
-        if a.dims() != b.dims() {
-            return Err(format!(
-                "allclose: shapes differ: {:?} vs {:?}",
-                a.dims(),
-                b.dims()
-            ))
-            .or_script(&ctx);
-        }
-        let run = || -> candle_core::Result<bool> {
-            let a = a.to_dtype(DType::F64)?;
-            let b = b.to_dtype(DType::F64)?;
-            let excess = ((&a - &b)?.abs()? - ((b.abs()? * rtol)? + atol)?)?;
-            Ok(excess.flatten_all()?.max(D::Minus1)?.to_scalar::<f64>()? <= 0.0)
-        };
-        if a.elem_count() == 0 {
-            return Ok(true);
-        }
-        run().or_script(&ctx)
+        ops::allclose(&a, &b, atol, rtol).or_script(&ctx)
     }
 }

@@ -18,9 +18,7 @@ pub(crate) mod helpers {
     use candle_core::{DType, Device};
     use rhai::{Array, Dynamic, Map};
 
-    use crate::models::loading::WeightMode;
-    use crate::script::options::Options;
-    use crate::tensor::{parse_device, parse_dtype};
+    use crate::models::loading::{LoadOptions, WeightMode};
 
     /// One string or an array of strings.
     pub(super) fn prompt_list(value: &Dynamic) -> Result<Vec<String>, String> {
@@ -45,34 +43,27 @@ pub(crate) mod helpers {
         ))
     }
 
-    /// `#{dtype, trainable, device}` for model loaders.
+    /// `#{dtype, trainable, device}` of a model loader ([`LoadOptions`]): the dtype, the
+    /// device (`default_device` when unset) and the weight mode.
     pub(crate) fn load_options(
         map: &Map,
         func: &str,
         default_device: &Device,
     ) -> Result<(DType, Device, WeightMode), String> {
-        let o = Options::new(map, func, &["dtype", "trainable", "device"])?;
-        let device = match o.opt_string("device")? {
-            Some(d) => parse_device(&d).map_err(|e| format!("{func}: {e:#}"))?,
-            None => default_device.clone(),
-        };
-        let dtype = match o.opt_string("dtype")? {
-            Some(d) => {
-                let dt = parse_dtype(&d).map_err(|e| format!("{func}: {e:#}"))?;
-                if !dt.is_float() {
-                    return Err(format!("{func}: dtype `{d}` is not a float type"));
-                }
-                dt
-            }
-            None => crate::tensor::device::default_float_dtype(&device),
-        };
-        let mode = if o.bool("trainable", false)? {
-            WeightMode::Trainable
-        } else {
-            WeightMode::Frozen
-        };
-        Ok((dtype, device, mode))
+        let options: LoadOptions = crate::script::declared::from_map(map, func)?;
+        options
+            .resolve(default_device)
+            .map_err(|e| format!("{func}: {e:#}"))
     }
+}
+
+/// The options each function here declares (for `lpo fns` and docs/API.md).
+pub fn declared_options() -> Vec<(&'static str, Vec<crate::script::declared::OptionDoc>)> {
+    use crate::script::declared::option_docs;
+    vec![(
+        "load_text_encoder",
+        option_docs::<crate::models::loading::LoadOptions>(),
+    )]
 }
 
 #[export_module]
@@ -195,8 +186,8 @@ pub mod text_api {
         load_text_encoder_with(ctx, dir, Map::new())
     }
 
-    /// `load_text_encoder(dir, #{dtype: "f32"|"f16"|"bf16"|"f64", trainable: false, device})`:
-    /// trainable loads every weight as an optimizer parameter.
+    /// `load_text_encoder(dir)` with options `dtype`, `trainable` (every weight an optimizer
+    /// parameter), `device`.
     #[rhai_fn(name = "load_text_encoder", return_raw, volatile)]
     pub fn load_text_encoder_with(
         ctx: NativeCallContext,

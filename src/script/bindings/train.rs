@@ -98,9 +98,9 @@ pub mod train_api {
     use rhai::{Array, Dynamic, Map};
 
     use crate::optim::{AdamW, AdamWConfig, Params};
+    use crate::script::convert::dynamic_f64;
     use crate::script::convert::tensor_from_dynamic;
     use crate::script::error::{OrScriptError, ScriptResult};
-    use crate::script::options::dynamic_f64;
     use crate::script::Host;
 
     // ---- Params ----

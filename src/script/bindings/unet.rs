@@ -5,79 +5,56 @@ use std::sync::Arc;
 
 use rhai::plugin::*;
 
-use crate::models::unet::UNet2DConditionModel;
+use crate::models::lora::LoraOptions;
+use crate::models::lora_export::ExportLoraOptions;
+use crate::models::lora_file::LoadLoraOptions;
+use crate::models::unet::{RandomUNetOptions, UNet2DConditionModel, UNetLoadOptions};
 
 /// A shared handle on one UNet (clones are the same model).
 pub type ScriptUNet = Arc<UNet2DConditionModel>;
 
-/// A LoRA config from a script map `#{rank: 4, alpha: rank, targets: [..], seed: run seed}`
-/// (`add_lora`, `lpo_policy`'s `lora`; `targets` as [`crate::models::lora::LoraConfig`]);
-/// `what` names the caller in errors.
+/// A LoRA config from a script map (`add_lora`, `lpo_policy`'s `lora`; options as
+/// [`LoraOptions`] declares them, the seed defaulting to the run's); `what` names the caller in
+/// errors.
 pub(crate) fn lora_config_from_map(
     ctx: &NativeCallContext,
     opts: &rhai::Map,
     what: &str,
 ) -> crate::script::error::ScriptResult<crate::models::lora::LoraConfig> {
     use crate::script::error::OrScriptError;
-    let o = crate::script::options::Options::new(opts, what, &["rank", "alpha", "targets", "seed"])
-        .or_script(ctx)?;
-    let rank = o.usize("rank", 4).or_script(ctx)?;
-    let targets = match o
-        .opt_typed::<rhai::Array>("targets", "an array of strings")
-        .or_script(ctx)?
-    {
-        None => crate::models::lora::LoraConfig::default_targets(),
-        Some(a) => a
-            .into_iter()
-            .map(|v| {
-                v.into_string()
-                    .map_err(|t| format!("{what}: `targets` entries must be strings, got {t}"))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .or_script(ctx)?,
-    };
-    Ok(crate::models::lora::LoraConfig {
-        rank,
-        alpha: o.f64("alpha", rank as f64).or_script(ctx)?,
-        targets,
-        seed: o
-            .i64("seed", crate::script::Host::of(ctx).seed as i64)
-            .or_script(ctx)? as u64,
-    })
+    let options: LoraOptions = crate::script::declared::from_map(opts, what).or_script(ctx)?;
+    Ok(options.config(crate::script::Host::of(ctx).seed))
+}
+
+/// The options each function here declares (for `lpo fns` and docs/API.md).
+pub fn declared_options() -> Vec<(&'static str, Vec<crate::script::declared::OptionDoc>)> {
+    use crate::script::declared::option_docs;
+    vec![
+        ("load_unet", option_docs::<UNetLoadOptions>()),
+        ("random_unet", option_docs::<RandomUNetOptions>()),
+        ("add_lora", option_docs::<LoraOptions>()),
+        ("load_lora", option_docs::<LoadLoraOptions>()),
+        ("export_lora", option_docs::<ExportLoraOptions>()),
+    ]
 }
 
 mod helpers {
     use std::sync::Arc;
 
-    use candle_core::{DType, Tensor};
+    use candle_core::Tensor;
     use rhai::{Dynamic, Map, NativeCallContext};
+    use schemars::JsonSchema;
+    use serde::Deserialize;
 
     use super::ScriptUNet;
-    use crate::models::loading::WeightMode;
-    use crate::models::unet::{AddedCond, UNet2DConditionModel, UNetConfig, UNetFeatures};
+    use crate::models::lora_file::{LoadLoraOptions, LoadedLora};
+    use crate::models::unet::{
+        AddedCond, RandomUNetOptions, UNet2DConditionModel, UNetConfig, UNetFeatures,
+        UNetLoadOptions,
+    };
+    use crate::script::declared::{from_map, from_map_with};
     use crate::script::error::{OrScriptError, ScriptResult};
-    use crate::script::options::Options;
     use crate::script::Host;
-    use crate::tensor::parse_dtype;
-
-    fn dtype_mode(
-        ctx: &NativeCallContext,
-        opts: &Map,
-        func: &str,
-        extra: &[&str],
-    ) -> ScriptResult<(DType, WeightMode, bool)> {
-        let mut accepted = vec!["dtype", "trainable", "gradient_checkpointing"];
-        accepted.extend_from_slice(extra);
-        let o = Options::new(opts, func, &accepted).or_script(ctx)?;
-        let dtype = parse_dtype(&o.string("dtype", "f32").or_script(ctx)?).or_script(ctx)?;
-        let mode = if o.bool("trainable", false).or_script(ctx)? {
-            WeightMode::Trainable
-        } else {
-            WeightMode::Frozen
-        };
-        let checkpointing = o.bool("gradient_checkpointing", false).or_script(ctx)?;
-        Ok((dtype, mode, checkpointing))
-    }
 
     /// `load_lora(path[, #{format}])`: the file (and a PEFT `adapter_config.json` beside an
     /// `adapter_model.safetensors`) through the confinement gate, format auto-detected.
@@ -86,24 +63,20 @@ mod helpers {
         unet: &UNet2DConditionModel,
         path: &str,
         opts: &Map,
-    ) -> ScriptResult<crate::models::lora_file::LoadedLora> {
-        use crate::models::lora_file::Accept;
-        let o = Options::new(opts, "load_lora", &["format"]).or_script(ctx)?;
-        let accept = Accept::parse(&o.string("format", "auto").or_script(ctx)?)
-            .map_err(|e| format!("load_lora: {e}"))
-            .or_script(ctx)?;
+    ) -> ScriptResult<LoadedLora> {
+        let options: LoadLoraOptions = from_map(opts, "load_lora").or_script(ctx)?;
         let host = Host::of(ctx);
         let path = host.readable(path).or_script(ctx)?;
         let config = match crate::models::lora_file::peft_config_beside(&path) {
             Some(c) => Some(host.readable(&c.to_string_lossy()).or_script(ctx)?),
             None => None,
         };
-        unet.load_lora(&path, accept, config.as_deref())
+        unet.load_lora(&path, options.format, config.as_deref())
             .or_script(ctx)
     }
 
     pub(super) fn load(ctx: &NativeCallContext, dir: &str, opts: &Map) -> ScriptResult<ScriptUNet> {
-        let (dtype, mode, checkpointing) = dtype_mode(ctx, opts, "load_unet", &[])?;
+        let o: UNetLoadOptions = from_map(opts, "load_unet").or_script(ctx)?;
         let host = Host::of(ctx);
         host.check().or_script(ctx)?;
         let path = host.readable(dir).or_script(ctx)?;
@@ -112,8 +85,9 @@ mod helpers {
         } else {
             path
         };
-        let unet = UNet2DConditionModel::load(&path, dtype, &host.device, mode).or_script(ctx)?;
-        unet.set_gradient_checkpointing(checkpointing);
+        let unet =
+            UNet2DConditionModel::load(&path, o.dtype.0, &host.device, o.mode()).or_script(ctx)?;
+        unet.set_gradient_checkpointing(o.gradient_checkpointing);
         Ok(Arc::new(unet))
     }
 
@@ -122,15 +96,9 @@ mod helpers {
         config: &str,
         opts: &Map,
     ) -> ScriptResult<ScriptUNet> {
-        let (dtype, mode, checkpointing) = dtype_mode(ctx, opts, "random_unet", &["seed"])?;
-        let o = Options::new(
-            opts,
-            "random_unet",
-            &["dtype", "trainable", "seed", "gradient_checkpointing"],
-        )
-        .or_script(ctx)?;
+        let o: RandomUNetOptions = from_map(opts, "random_unet").or_script(ctx)?;
         let host = Host::of(ctx);
-        let seed = o.i64("seed", host.seed as i64).or_script(ctx)? as u64;
+        let seed = o.seed.map_or(host.seed, |s| s as u64);
         let file = if host.readable(config).or_script(ctx)?.is_dir() {
             format!("{}/config.json", config.trim_end_matches('/'))
         } else {
@@ -141,28 +109,41 @@ mod helpers {
             .map_err(|e| format!("random_unet: {e}"))
             .or_script(ctx)?;
         let cfg = UNetConfig::from_json(&text, &file).or_script(ctx)?;
+        let (dtype, mode) = (o.load.dtype.0, o.load.mode());
         let unet =
             UNet2DConditionModel::random(cfg, seed, dtype, &host.device, mode).or_script(ctx)?;
-        unet.set_gradient_checkpointing(checkpointing);
+        unet.set_gradient_checkpointing(o.load.gradient_checkpointing);
         Ok(Arc::new(unet))
     }
 
+    /// A map whose keys are all host objects (tensors): nothing to declare.
+    #[derive(Deserialize, JsonSchema)]
+    struct HostKeysOnly {}
+
+    /// SDXL's added conditioning `#{text_embeds, time_ids}`, both tensors.
     pub(super) fn added(ctx: &NativeCallContext, map: &Map) -> ScriptResult<AddedCond> {
-        let o = Options::new(map, "UNet added conditioning", &["text_embeds", "time_ids"])
-            .or_script(ctx)?;
-        let text_embeds = o
-            .opt_typed::<Tensor>("text_embeds", "a tensor")
-            .or_script(ctx)?;
-        let time_ids = o
-            .opt_typed::<Tensor>("time_ids", "a tensor")
-            .or_script(ctx)?;
-        match (text_embeds, time_ids) {
-            (Some(text_embeds), Some(time_ids)) => Ok(AddedCond {
+        const WHAT: &str = "UNet added conditioning";
+        let (HostKeysOnly {}, tensors) =
+            from_map_with::<HostKeysOnly>(map, WHAT, &["text_embeds", "time_ids"])
+                .or_script(ctx)?;
+        let tensor = |key: &str| -> Result<Option<Tensor>, String> {
+            match tensors.get(key).filter(|v| !v.is_unit()) {
+                None => Ok(None),
+                Some(v) => v.clone().try_cast::<Tensor>().map(Some).ok_or_else(|| {
+                    format!(
+                        "{WHAT}: option `{key}` must be a tensor, got {} ({v})",
+                        v.type_name()
+                    )
+                }),
+            }
+        };
+        match (tensor("text_embeds"), tensor("time_ids")) {
+            (Ok(Some(text_embeds)), Ok(Some(time_ids))) => Ok(AddedCond {
                 text_embeds,
                 time_ids,
             }),
-            _ => Err("UNet added conditioning needs both `text_embeds` and `time_ids`")
-                .or_script(ctx),
+            (Err(e), _) | (_, Err(e)) => Err(e).or_script(ctx),
+            _ => Err(format!("{WHAT} needs both `text_embeds` and `time_ids`")).or_script(ctx),
         }
     }
 
@@ -209,8 +190,8 @@ pub mod unet_api {
 
     use crate::script::Host;
 
+    use crate::script::declared::{from_map, to_map};
     use crate::script::error::{OrScriptError, ScriptResult};
-    use crate::script::options::Options;
 
     /// Load a diffusers UNet2DConditionModel folder (`config.json` + `diffusion_pytorch_model*.safetensors`;
     /// a pipeline folder with `unet/` also works), frozen, f32.
@@ -219,9 +200,8 @@ pub mod unet_api {
         helpers::load(&ctx, dir, &Map::new())
     }
 
-    /// Load a UNet with options `#{dtype: "f32"|"f64"|"f16"|"bf16", trainable: false,
-    /// gradient_checkpointing: false}` (trainable: every base weight becomes a trainable
-    /// variable; gradient_checkpointing: blocks recompute their activations in backward).
+    /// `load_unet(dir)` with options: `dtype`, `trainable` (every base weight a trainable
+    /// variable), `gradient_checkpointing`.
     #[rhai_fn(name = "load_unet", return_raw, volatile)]
     pub fn load_unet_opts(
         ctx: NativeCallContext,
@@ -231,8 +211,8 @@ pub mod unet_api {
         helpers::load(&ctx, dir, &opts)
     }
 
-    /// A UNet with seeded random weights from a config.json (file or folder):
-    /// `random_unet(path, #{seed, dtype, trainable, gradient_checkpointing})`.
+    /// A UNet with seeded random weights from a config.json (file or folder); options as
+    /// `load_unet`'s, plus `seed`.
     #[rhai_fn(return_raw, volatile)]
     pub fn random_unet(
         ctx: NativeCallContext,
@@ -294,13 +274,9 @@ pub mod unet_api {
         helpers::features(&ctx, unet, &x, &t, &ehs, Some(&added))
     }
 
-    /// Attach LoRA adapters: `#{rank: 4, alpha: 4.0, targets: ["to_q", "to_k", "to_v", "to_out.0"], seed}`
-    /// (A ~ N(0, 1/rank^2) from the seeded rng, B = 0; the model must be loaded frozen).
-    /// `targets` name modules by path suffix as PEFT's `target_modules` do: any linear or conv
-    /// (`conv1`, `conv2`, `conv_shortcut`, `time_emb_proj`, `proj_in`, `proj_out`,
-    /// `ff.net.0.proj`, `ff.net.2`, `time_embedding.linear_1`, `conv_in`, `downsamplers.0.conv`,
-    /// ...), or `"all-linear"` / `"all-conv"`; conv adapters are LoCon-style (A [r, in, kh, kw],
-    /// B [out, r, 1, 1]). Returns the number of adapted layers.
+    /// Attach LoRA adapters, options `rank`, `alpha`, `targets`, `seed` (A ~ N(0, 1/rank^2)
+    /// from the seeded rng, B = 0; the model must be loaded frozen). Conv adapters are
+    /// LoCon-style (A [r, in, kh, kw], B [out, r, 1, 1]). Returns the number of adapted layers.
     #[rhai_fn(return_raw, volatile)]
     pub fn add_lora(ctx: NativeCallContext, unet: &mut ScriptUNet, opts: Map) -> ScriptResult<i64> {
         let cfg = super::lora_config_from_map(&ctx, &opts, "add_lora")?;
@@ -366,9 +342,8 @@ pub mod unet_api {
         helpers::load_lora(&ctx, unet, path, &Map::new()).map(|l| l.layers as i64)
     }
 
-    /// `load_lora` with options `#{format: "auto" | "peft" | "diffusers" | "kohya"}` (a format
-    /// other than "auto" refuses keys of the others); returns `#{layers, format, alpha_from,
-    /// warnings}` (`warnings`: parts of the file not applied, e.g. its text-encoder LoRA).
+    /// `load_lora` with options (`format`); returns `#{layers, format, alpha_from, warnings}`
+    /// (`warnings`: parts of the file not applied, e.g. its text-encoder LoRA).
     #[rhai_fn(name = "load_lora", return_raw, volatile)]
     pub fn load_lora_opts(
         ctx: NativeCallContext,
@@ -376,20 +351,12 @@ pub mod unet_api {
         path: &str,
         opts: Map,
     ) -> ScriptResult<Map> {
-        let l = helpers::load_lora(&ctx, unet, path, &opts)?;
-        let mut m = Map::new();
-        m.insert("layers".into(), Dynamic::from(l.layers as i64));
-        m.insert("format".into(), Dynamic::from(l.format));
-        m.insert("alpha_from".into(), Dynamic::from(l.alpha_from));
-        let warnings: Array = l.warnings.into_iter().map(Dynamic::from).collect();
-        m.insert("warnings".into(), Dynamic::from(warnings));
-        Ok(m)
+        let loaded = helpers::load_lora(&ctx, unet, path, &opts)?;
+        to_map(&loaded).or_script(&ctx)
     }
 
-    /// Export the adapters for other tools: `#{format: "peft"}` (default; diffusers'
-    /// `load_lora_weights`: `unet.<module>.lora_A.weight` / `lora_B.weight`, alpha/rank folded
-    /// into lora_B so alpha == rank) or `#{format: "kohya"}` (webui: `lora_unet_<module_>.lora_down.weight`,
-    /// `.lora_up.weight`, `.alpha`).
+    /// Export the adapters for other tools in the option `format`: "peft" (diffusers) or
+    /// "kohya" (webui).
     #[rhai_fn(return_raw)]
     pub fn export_lora(
         ctx: NativeCallContext,
@@ -397,21 +364,9 @@ pub mod unet_api {
         path: &str,
         opts: Map,
     ) -> ScriptResult<()> {
-        let o = Options::new(&opts, "export_lora", &["format"]).or_script(&ctx)?;
-        let format = o.string("format", "peft").or_script(&ctx)?;
+        let options: super::ExportLoraOptions = from_map(&opts, "export_lora").or_script(&ctx)?;
         let path = &Host::of(&ctx).writable(path).or_script(&ctx)?;
-        match format.as_str() {
-            "peft" | "diffusers" => {
-                crate::models::lora_export::export_peft(unet.lora(), path).or_script(&ctx)
-            }
-            "kohya" | "webui" => {
-                crate::models::lora_export::export_kohya(unet.lora(), path).or_script(&ctx)
-            }
-            other => Err(format!(
-                "export_lora: unknown format `{other}` (expected \"peft\" or \"kohya\")"
-            ))
-            .or_script(&ctx),
-        }
+        crate::models::lora_export::export(unet.lora(), path, options.format).or_script(&ctx)
     }
 
     /// Load adapters from a kohya/webui LoRA file (`lora_unet_*.lora_down.weight`, `.lora_up.weight`,
@@ -496,5 +451,52 @@ pub mod unet_api {
             unet.lora_param_count(),
             if unet.lora_enabled() { "on" } else { "off" }
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// (function, option, default) as scripts have always had them.
+    fn declared() -> Vec<(String, String, Option<String>)> {
+        super::declared_options()
+            .into_iter()
+            .chain(crate::script::bindings::text::declared_options())
+            .flat_map(|(f, docs)| {
+                docs.into_iter()
+                    .map(move |d| (f.to_string(), d.name, d.default))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn model_options_keep_their_names_and_defaults() {
+        let got = declared();
+        let expect = [
+            ("load_unet", "dtype", Some("\"f32\"")),
+            ("load_unet", "gradient_checkpointing", Some("false")),
+            ("load_unet", "trainable", Some("false")),
+            ("random_unet", "dtype", Some("\"f32\"")),
+            ("random_unet", "gradient_checkpointing", Some("false")),
+            ("random_unet", "seed", None),
+            ("random_unet", "trainable", Some("false")),
+            ("add_lora", "alpha", None),
+            ("add_lora", "rank", Some("4")),
+            ("add_lora", "seed", None),
+            (
+                "add_lora",
+                "targets",
+                Some("[\"to_q\", \"to_k\", \"to_v\", \"to_out.0\"]"),
+            ),
+            ("load_lora", "format", Some("\"auto\"")),
+            ("export_lora", "format", Some("\"peft\"")),
+            ("load_text_encoder", "device", None),
+            ("load_text_encoder", "dtype", None),
+            ("load_text_encoder", "trainable", Some("false")),
+        ];
+        let expect: Vec<_> = expect
+            .iter()
+            .map(|(f, n, d)| (f.to_string(), n.to_string(), d.map(String::from)))
+            .collect();
+        assert_eq!(got, expect);
     }
 }

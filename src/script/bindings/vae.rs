@@ -10,6 +10,15 @@ use crate::models::vae::AutoencoderKL;
 /// Script value of `load_vae`.
 pub type Vae = Arc<AutoencoderKL>;
 
+/// The options each function here declares (for `lpo fns` and docs/API.md).
+pub fn declared_options() -> Vec<(&'static str, Vec<crate::script::declared::OptionDoc>)> {
+    use crate::script::declared::option_docs;
+    vec![(
+        "load_vae",
+        option_docs::<crate::models::loading::LoadOptions>(),
+    )]
+}
+
 #[export_module]
 pub mod vae_api {
     use std::sync::Arc;
@@ -31,7 +40,7 @@ pub mod vae_api {
         load_vae_with(ctx, dir, Map::new())
     }
 
-    /// `load_vae(dir, #{dtype, trainable, device})`.
+    /// `load_vae(dir)` with options `dtype`, `trainable`, `device`.
     #[rhai_fn(name = "load_vae", return_raw, volatile)]
     pub fn load_vae_with(ctx: NativeCallContext, dir: &str, options: Map) -> ScriptResult<Vae> {
         let host = Host::of(&ctx);
