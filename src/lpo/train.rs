@@ -30,7 +30,7 @@ pub struct TrainConfig {
     pub train_cfg: bool,
     /// Guidance scale of those predictions (as sampling).
     pub guidance_scale: f64,
-    /// At most this many records per backward pass (None: the whole batch); the batch is split
+    /// At most this many records per backward pass (`()`: the whole batch); the batch is split
     /// into equal micro-batches, gradients accumulate, and the call makes one optimizer step.
     pub micro_batch: Option<usize>,
 }

@@ -10,6 +10,7 @@ pub mod io;
 pub mod loss;
 pub mod lrm;
 pub mod lrm_data;
+pub mod optim;
 pub mod params;
 pub mod policy;
 pub mod prompts;
@@ -23,7 +24,6 @@ pub mod shapes_pipe;
 pub mod system;
 pub mod tensor;
 pub mod text;
-pub mod train;
 pub mod training;
 pub mod unet;
 pub mod vae;
@@ -58,7 +58,7 @@ script_types! {
     vae::Vae => "Vae",
     diffusion::Scheduler => "Scheduler",
     crate::optim::Params => "Params",
-    train::ScriptOptimizer => "AdamW",
+    optim::ScriptOptimizer => "AdamW",
     scorers::ScriptScorer => "Scorer",
     lrm::ScriptLrm => "Lrm",
     policy::ScriptPolicy => "LpoPolicy",
@@ -72,7 +72,7 @@ pub fn declared_options() -> Vec<(&'static str, Vec<OptionDoc>)> {
         policy::declared_options(),
         sampling::declared_options(),
         training::declared_options(),
-        train::declared_options(),
+        optim::declared_options(),
         lrm::declared_options(),
         lrm_data::declared_options(),
         loss::declared_options(),
@@ -100,7 +100,7 @@ pub fn register_all(engine: &mut Engine) {
     engine.register_global_module(exported_module!(vae::vae_api).into());
     engine.register_global_module(exported_module!(diffusion::diffusion_api).into());
     engine.register_global_module(exported_module!(loss::loss_api).into());
-    engine.register_global_module(exported_module!(train::train_api).into());
+    engine.register_global_module(exported_module!(optim::optim_api).into());
     engine.register_global_module(exported_module!(run::run_api).into());
     engine.register_global_module(exported_module!(shapes::shapes_api).into());
     engine.register_global_module(exported_module!(eval::eval_api).into());

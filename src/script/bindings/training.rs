@@ -27,9 +27,9 @@ pub mod training_api {
     use crate::lpo::train::{batch_log_probs, train_step, RecordBatch};
     use crate::lpo::{Record, TrainConfig};
     use crate::script::bindings::diffusion::Scheduler;
+    use crate::script::bindings::optim::ScriptOptimizer;
     use crate::script::bindings::policy::ScriptPolicy;
     use crate::script::bindings::records::Records;
-    use crate::script::bindings::train::ScriptOptimizer;
     use crate::script::declared::{from_map, to_map};
     use crate::script::error::{OrScriptError, ScriptResult};
     use crate::script::Host;

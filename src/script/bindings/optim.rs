@@ -1,4 +1,4 @@
-//! Training from scripts: `Params` (named trainable tensors) and the AdamW optimizer.
+//! The optimizer in scripts: `Params` (named trainable tensors) and AdamW.
 //!
 //! ```text
 //! let p = params_from(#{w: zeros([3, 1]), b: zeros([1])});
@@ -91,7 +91,7 @@ mod helpers {
 }
 
 #[export_module]
-pub mod train_api {
+pub mod optim_api {
     use super::helpers::*;
     use super::ScriptOptimizer;
     use candle_core::Tensor;
