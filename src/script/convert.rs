@@ -163,3 +163,40 @@ pub fn tensor_item(t: &Tensor) -> Result<Dynamic, String> {
     let v = to_f64_vec(t).map_err(|e| e.to_string())?[0];
     Ok(scalar_dynamic(v, is_integral(t.dtype())))
 }
+
+/// A script map of tensors as name -> tensor (a checkpoint's or a state's tensors). With
+/// `scalars`, ints and floats become 0-d i64 / f64 tensors (an optimizer state's step counts).
+/// Errors name the function and the entry.
+pub fn tensors_from_map(
+    map: &rhai::Map,
+    func: &str,
+    scalars: bool,
+) -> Result<std::collections::HashMap<String, Tensor>, String> {
+    map.iter()
+        .map(|(k, v)| {
+            let t = if let Some(t) = v.clone().try_cast::<Tensor>() {
+                t
+            } else if scalars && v.is_int() {
+                Tensor::new(v.as_int().unwrap_or_default(), &Device::Cpu)
+                    .map_err(|e| e.to_string())?
+            } else if scalars && v.is_float() {
+                Tensor::new(v.as_float().unwrap_or_default(), &Device::Cpu)
+                    .map_err(|e| e.to_string())?
+            } else {
+                return Err(format!(
+                    "{func}: entry `{k}` is a {}, not a tensor",
+                    v.type_name()
+                ));
+            };
+            Ok((k.to_string(), t))
+        })
+        .collect()
+}
+
+/// Named tensors as a script map.
+pub fn tensors_to_map(tensors: impl IntoIterator<Item = (String, Tensor)>) -> rhai::Map {
+    tensors
+        .into_iter()
+        .map(|(k, t)| (k.into(), Dynamic::from(t)))
+        .collect()
+}

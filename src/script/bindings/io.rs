@@ -4,9 +4,8 @@ use rhai::plugin::*;
 
 #[export_module]
 pub mod io_api {
-    use candle_core::Tensor;
+    use crate::script::convert::{tensors_from_map, tensors_to_map};
     use rhai::{Array, Dynamic, Map};
-    use std::collections::HashMap;
 
     use crate::script::error::{OrScriptError, ScriptResult};
     use crate::script::Host;
@@ -20,23 +19,13 @@ pub mod io_api {
             &Host::of(&ctx).device,
         )
         .or_script(&ctx)?;
-        Ok(tensors
-            .into_iter()
-            .map(|(k, v)| (k.into(), Dynamic::from(v)))
-            .collect())
+        Ok(tensors_to_map(tensors))
     }
 
     /// Write a map name -> tensor as a safetensors file (atomically).
     #[rhai_fn(return_raw)]
     pub fn save_safetensors(ctx: NativeCallContext, tensors: Map, path: &str) -> ScriptResult<()> {
-        let mut out = HashMap::new();
-        for (k, v) in tensors {
-            let t = v
-                .try_cast::<Tensor>()
-                .ok_or_else(|| format!("save_safetensors: entry `{k}` is not a tensor"))
-                .or_script(&ctx)?;
-            out.insert(k.to_string(), t);
-        }
+        let out = tensors_from_map(&tensors, "save_safetensors", false).or_script(&ctx)?;
         let path = Host::of(&ctx).writable(path).or_script(&ctx)?;
         io::save_safetensors(&out, &path).or_script(&ctx)
     }

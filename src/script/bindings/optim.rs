@@ -22,10 +22,8 @@ pub fn declared_options() -> Vec<(&'static str, Vec<OptionDoc>)> {
 }
 
 mod helpers {
-    use std::collections::HashMap;
-
     use candle_core::{DType, Tensor};
-    use rhai::{Dynamic, Map};
+    use rhai::Map;
 
     use super::ScriptOptimizer;
     use crate::optim::{AdamW, AdamWConfig, AdamWOptions, StepInfo};
@@ -33,41 +31,6 @@ mod helpers {
 
     pub(super) fn lock(o: &ScriptOptimizer) -> std::sync::MutexGuard<'_, AdamW> {
         o.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// A script map of tensors as name -> tensor; ints and floats become 0-d i64 / f64
-    /// tensors when `scalars` is set.
-    pub(super) fn tensor_map(
-        map: &Map,
-        func: &str,
-        scalars: bool,
-    ) -> Result<HashMap<String, Tensor>, String> {
-        let mut out = HashMap::new();
-        for (k, v) in map {
-            let t = if let Some(t) = v.clone().try_cast::<Tensor>() {
-                t
-            } else if scalars && v.is_int() {
-                Tensor::new(v.as_int().unwrap(), &candle_core::Device::Cpu)
-                    .map_err(|e| e.to_string())?
-            } else if scalars && v.is_float() {
-                Tensor::new(v.as_float().unwrap(), &candle_core::Device::Cpu)
-                    .map_err(|e| e.to_string())?
-            } else {
-                return Err(format!(
-                    "{func}: entry `{k}` is a {}, not a tensor",
-                    v.type_name()
-                ));
-            };
-            out.insert(k.to_string(), t);
-        }
-        Ok(out)
-    }
-
-    pub(super) fn to_script_map(items: Vec<(String, Tensor)>) -> Map {
-        items
-            .into_iter()
-            .map(|(k, t)| (k.into(), Dynamic::from(t)))
-            .collect()
     }
 
     /// `#{grad_norm, lr, step}`.
@@ -98,8 +61,8 @@ pub mod optim_api {
     use rhai::{Array, Dynamic, Map};
 
     use crate::optim::{AdamW, AdamWConfig, Params};
-    use crate::script::convert::dynamic_f64;
     use crate::script::convert::tensor_from_dynamic;
+    use crate::script::convert::{dynamic_f64, tensors_from_map, tensors_to_map};
     use crate::script::error::{OrScriptError, ScriptResult};
     use crate::script::Host;
 
@@ -177,14 +140,14 @@ pub mod optim_api {
     /// Detached copies of the current values, name -> tensor (for checkpoints).
     #[rhai_fn(return_raw, pure)]
     pub fn to_map(ctx: NativeCallContext, p: &mut Params) -> ScriptResult<Map> {
-        p.to_map().map(to_script_map).or_script(&ctx)
+        p.to_map().map(tensors_to_map).or_script(&ctx)
     }
 
     /// Set every parameter in place from a map name -> tensor; an error names a missing or
     /// mis-shaped key and changes nothing.
     #[rhai_fn(return_raw, pure)]
     pub fn load_map(ctx: NativeCallContext, p: &mut Params, values: Map) -> ScriptResult<()> {
-        let m = tensor_map(&values, "load_map", false).or_script(&ctx)?;
+        let m = tensors_from_map(&values, "load_map", false).or_script(&ctx)?;
         p.load_map(&m).or_script(&ctx)
     }
 
@@ -321,7 +284,7 @@ pub mod optim_api {
     /// `steps.NAME`, `master.NAME` for half-precision params): `save_safetensors` it.
     #[rhai_fn(return_raw, pure)]
     pub fn state(ctx: NativeCallContext, opt: &mut ScriptOptimizer) -> ScriptResult<Map> {
-        lock(opt).state().map(to_script_map).or_script(&ctx)
+        lock(opt).state().map(tensors_to_map).or_script(&ctx)
     }
 
     /// Restore a state from `opt.state()` (or `load_safetensors` of it); resumes exactly.
@@ -331,7 +294,7 @@ pub mod optim_api {
         opt: &mut ScriptOptimizer,
         state: Map,
     ) -> ScriptResult<()> {
-        let m = tensor_map(&state, "load_state", true).or_script(&ctx)?;
+        let m = tensors_from_map(&state, "load_state", true).or_script(&ctx)?;
         lock(opt).load_state(&m).or_script(&ctx)
     }
 

@@ -21,7 +21,6 @@ impl Records {
 }
 
 mod helpers {
-    use candle_core::Tensor;
     use rhai::{Dynamic, Map};
 
     use crate::lpo::Record;
@@ -40,14 +39,6 @@ mod helpers {
         }
         Ok(m)
     }
-
-    /// Named tensors as a script map.
-    pub(super) fn tensors_map(tensors: impl IntoIterator<Item = (String, Tensor)>) -> Map {
-        tensors
-            .into_iter()
-            .map(|(k, t)| (k.into(), Dynamic::from(t)))
-            .collect()
-    }
 }
 
 #[export_module]
@@ -62,6 +53,7 @@ pub mod records_api {
     };
     use crate::lpo::{BucketCounts, RecordBatch};
     use crate::script::bindings::rng::ScriptRng;
+    use crate::script::convert::{tensors_from_map, tensors_to_map};
     use crate::script::declared::to_map;
     use crate::script::error::{OrScriptError, ScriptResult};
 
@@ -151,7 +143,7 @@ pub mod records_api {
     pub fn to_tensors(ctx: NativeCallContext, r: &mut Records) -> ScriptResult<Map> {
         let refs: Vec<&crate::lpo::Record> = r.0.iter().collect();
         let b = RecordBatch::stack(&refs).or_script(&ctx)?;
-        Ok(tensors_map([
+        Ok(tensors_to_map([
             ("t".to_string(), b.t),
             ("x_t".to_string(), b.x_t),
             ("x_win".to_string(), b.x_win),
@@ -168,7 +160,7 @@ pub mod records_api {
     pub fn to_checkpoint(ctx: NativeCallContext, r: &mut Records) -> ScriptResult<Map> {
         let (tensors, state) = records_to_checkpoint(&r.0).or_script(&ctx)?;
         let mut m = Map::new();
-        m.insert("tensors".into(), Dynamic::from_map(tensors_map(tensors)));
+        m.insert("tensors".into(), Dynamic::from_map(tensors_to_map(tensors)));
         m.insert(
             "state".into(),
             rhai::serde::to_dynamic(state).or_script(&ctx)?,
@@ -185,8 +177,7 @@ pub mod records_api {
         state: Map,
     ) -> ScriptResult<Records> {
         let tensors =
-            crate::script::bindings::run::helpers::tensor_map(tensors, "records_from_checkpoint")
-                .or_script(&ctx)?;
+            tensors_from_map(&tensors, "records_from_checkpoint", false).or_script(&ctx)?;
         let state: serde_json::Value = rhai::serde::from_dynamic(&Dynamic::from_map(state))
             .map_err(|e| format!("records_from_checkpoint: state is not plain data: {e}"))
             .or_script(&ctx)?;

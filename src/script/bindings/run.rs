@@ -16,6 +16,7 @@ pub mod run_api {
 
     use super::helpers;
     use super::Progress;
+    use crate::script::convert::tensors_from_map;
     use crate::script::declared::to_map;
     use crate::script::error::{OrScriptError, ScriptResult};
     use crate::script::Host;
@@ -54,7 +55,7 @@ pub mod run_api {
         state: Map,
     ) -> ScriptResult<String> {
         let run = helpers::require_run(&ctx, "checkpoint_save")?;
-        let tensors = helpers::tensor_map(tensors, "checkpoint_save").or_script(&ctx)?;
+        let tensors = tensors_from_map(&tensors, "checkpoint_save", false).or_script(&ctx)?;
         let state: serde_json::Value = rhai::serde::from_dynamic(&Dynamic::from_map(state))
             .map_err(|e| format!("checkpoint_save: state is not plain data: {e}"))
             .or_script(&ctx)?;
@@ -182,7 +183,6 @@ pub mod run_api {
 }
 
 pub mod helpers {
-    use std::collections::HashMap;
     use std::io::IsTerminal;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
@@ -224,19 +224,6 @@ pub mod helpers {
             Some((s, p)) => format!("the last good checkpoint is {} (step {s})", p.display()),
             None => "no checkpoint was written before".into(),
         }
-    }
-
-    pub fn tensor_map(map: Map, fn_name: &str) -> Result<HashMap<String, Tensor>, String> {
-        map.into_iter()
-            .map(|(k, v)| {
-                let type_name = v.type_name();
-                v.try_cast::<Tensor>()
-                    .map(|t| (k.to_string(), t))
-                    .ok_or_else(|| {
-                        format!("{fn_name}: tensors entry `{k}` is a {type_name}, not a tensor")
-                    })
-            })
-            .collect()
     }
 
     /// The JSON record of a metrics map and the keys whose float value is not finite.
