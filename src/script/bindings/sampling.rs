@@ -345,14 +345,12 @@ pub mod sampling_api {
 
     /// LPO's multi-candidate sampler over `prompts` (an array of strings). The policy's
     /// prompts are encoded once with `text_encoder`/`tokenizer` (arrays of two for SDXL),
-    /// the LRM's with its own. Options (defaults): `k` 4, `steps` 20, `eta` 1.0,
-    /// `guidance_scale` 5.0, `divert_start` 0, `divert_end` 0 (= to the end; step indices,
-    /// 0-based), `seed` (the run's seed) or `rng` (a shared Rng: its stream advances),
-    /// `compare_opts` (passed to the compare function as its third argument), `latent_shape`
-    /// [C, H, W] (default: the UNet's in_channels and sample_size), `time_ids` (SDXL, [6];
-    /// default `sdxl_time_ids(policy.unet)`), `reward_fn` (a closure `|candidates [K, B, C, H,
-    /// W], t [B]| -> scores [K, B]` used instead of the LRM: a random or pixel-judge control, or
-    /// any other step-level reward).
+    /// the LRM's with its own. Besides the options listed below, `opts` may hold `rng` (a
+    /// shared Rng, instead of `seed`: its stream advances), `compare_opts` (passed to the
+    /// compare function as its third argument), `time_ids` (SDXL, [6]; default
+    /// `sdxl_time_ids(policy.unet)`) and `reward_fn` (a closure `|candidates [K, B, C, H, W],
+    /// t [B]| -> scores [K, B]` used instead of the LRM: a random or pixel-judge control, or any
+    /// other step-level reward).
     /// `compare_fn` (e.g. `Fn("cmp::preference_compare")` or a closure) is called at every
     /// diverting step with (scores [K, B], t [B], compare_opts) and must return
     /// `#{indices: [2, B] ints (best; worst), valid: [B]}`.

@@ -34,14 +34,10 @@ pub mod training_api {
     use crate::script::error::{OrScriptError, ScriptResult};
     use crate::script::Host;
 
-    /// One LPO optimizer step on `records` (a Records batch). Options (defaults): `beta` 500,
-    /// `eps` 0.1, `eta` 1.0 (the sampling eta), `train_cfg` true (guide the log-prob
-    /// predictions with `guidance_scale` 5.0, as sampling; false = cond only), `micro_batch`
-    /// (at most this many records per backward pass; default the whole batch; one optimizer
-    /// step per call; gradients the optimizer held before are dropped). Policy and reference
-    /// predict once per micro-batch for both winner and loser. Returns `#{loss, ratio_win,
-    /// ratio_lose, lp_win, lp_lose, lp_win_ref, lp_lose_ref, implicit_acc, margin, grad_norm,
-    /// lr, step, pairs}`.
+    /// One LPO optimizer step on `records` (a Records batch), with the options listed below.
+    /// Gradients the optimizer held before are dropped; policy and reference predict once per
+    /// micro-batch for both winner and loser. Returns `#{loss, ratio_win, ratio_lose, lp_win,
+    /// lp_lose, lp_win_ref, lp_lose_ref, implicit_acc, margin, grad_norm, lr, step, pairs}`.
     #[rhai_fn(return_raw)]
     pub fn lpo_train_step(
         ctx: NativeCallContext,
