@@ -8,6 +8,7 @@
 //! [`to_map`] turns a result struct into the map a script sees, and [`option_docs`] lists the
 //! options for `lpo fns` and docs/API.md.
 
+use crate::script::suggest::did_you_mean;
 use rhai::{Dynamic, Map};
 use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
@@ -86,7 +87,7 @@ pub fn from_map_with<T: DeserializeOwned + JsonSchema>(
             if unknown.len() > 1 { "s" } else { "" },
             unknown
                 .iter()
-                .map(|k| format!("`{k}`"))
+                .map(|k| format!("`{k}`{}", did_you_mean(k, &accepted)))
                 .collect::<Vec<_>>()
                 .join(", "),
             accepted.join(", ")
@@ -479,7 +480,7 @@ mod tests {
         let m = map(&[("bta", Dynamic::from(1_i64))]);
         let err = from_map::<Opts>(&m, "lpo_loss").unwrap_err();
         assert!(
-            err.contains("unknown option `bta`")
+            err.contains("unknown option `bta` (did you mean `beta`?)")
                 && err.contains("accepted: beta, clip, k, mode, name"),
             "{err}"
         );
