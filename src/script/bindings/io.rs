@@ -4,9 +4,9 @@ use rhai::plugin::*;
 
 #[export_module]
 pub mod io_api {
-    use crate::script::convert::{tensors_from_map, tensors_to_map};
     use rhai::{Array, Dynamic, Map};
 
+    use crate::script::convert::{tensors_from_map, tensors_to_map};
     use crate::script::error::{OrScriptError, ScriptResult};
     use crate::script::Host;
     use crate::tensor::io;

@@ -61,8 +61,9 @@ pub mod optim_api {
     use rhai::{Array, Dynamic, Map};
 
     use crate::optim::{AdamW, AdamWConfig, Params};
-    use crate::script::convert::tensor_from_dynamic;
-    use crate::script::convert::{dynamic_f64, tensors_from_map, tensors_to_map};
+    use crate::script::convert::{
+        dynamic_f64, tensor_from_dynamic, tensors_from_map, tensors_to_map,
+    };
     use crate::script::error::{OrScriptError, ScriptResult};
     use crate::script::Host;
 
