@@ -8,12 +8,13 @@
 //! [`to_map`] turns a result struct into the map a script sees, and [`option_docs`] lists the
 //! options for `lpo fns` and docs/API.md.
 
-use crate::script::suggest::did_you_mean;
 use rhai::{Dynamic, Map};
 use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
+
+use crate::script::suggest::did_you_mean;
 
 /// One declared option, as the docs show it.
 #[derive(Debug, Clone, PartialEq)]

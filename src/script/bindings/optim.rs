@@ -26,16 +26,11 @@ mod helpers {
     use rhai::Map;
 
     use super::ScriptOptimizer;
-    use crate::optim::{AdamW, AdamWConfig, AdamWOptions, StepInfo};
-    use crate::script::declared::{from_map, to_map};
+    use crate::optim::{AdamW, AdamWConfig, AdamWOptions};
+    use crate::script::declared::from_map;
 
     pub(super) fn lock(o: &ScriptOptimizer) -> std::sync::MutexGuard<'_, AdamW> {
         o.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// `#{grad_norm, lr, step}`.
-    pub(super) fn info_map(info: StepInfo) -> Result<Map, String> {
-        to_map(&info)
     }
 
     /// `adamw`'s options, checked.
@@ -60,7 +55,7 @@ pub mod optim_api {
     use candle_core::Tensor;
     use rhai::{Array, Dynamic, Map};
 
-    use crate::optim::{AdamW, AdamWConfig, Params};
+    use crate::optim::{AdamW, Params};
     use crate::script::convert::{
         dynamic_f64, tensor_from_dynamic, tensors_from_map, tensors_to_map,
     };
@@ -162,8 +157,7 @@ pub mod optim_api {
     /// AdamW with the default options (`adamw(params, #{})`).
     #[rhai_fn(return_raw, name = "adamw")]
     pub fn adamw_default(ctx: NativeCallContext, params: Params) -> ScriptResult<ScriptOptimizer> {
-        let opt = AdamW::new(params, AdamWConfig::default()).or_script(&ctx)?;
-        Ok(std::sync::Arc::new(std::sync::Mutex::new(opt)))
+        adamw(ctx, params, Map::new())
     }
 
     /// AdamW (decoupled weight decay) over `params`; options `#{lr, betas, eps, weight_decay,
@@ -212,7 +206,7 @@ pub mod optim_api {
     #[rhai_fn(return_raw, name = "step")]
     pub fn step(ctx: NativeCallContext, opt: &mut ScriptOptimizer) -> ScriptResult<Map> {
         let info = lock(opt).step().or_script(&ctx)?;
-        info_map(info).or_script(&ctx)
+        crate::script::declared::to_map(&info).or_script(&ctx)
     }
 
     /// `backward(loss)` then `step()`.
@@ -226,7 +220,7 @@ pub mod optim_api {
         let mut o = lock(opt);
         o.backward(&loss, 1.0).or_script(&ctx)?;
         let info = o.step().or_script(&ctx)?;
-        info_map(info).or_script(&ctx)
+        crate::script::declared::to_map(&info).or_script(&ctx)
     }
 
     /// Drop the accumulated gradients.
